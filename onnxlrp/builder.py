@@ -1,0 +1,163 @@
+"""The relevance walk: from the explained logits back to the model input, one emitter call per node."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import linear, pooling, routing  # noqa: F401  (they register their emitters)
+from .batchnorm import fold_batchnorm
+from .composite import Composite
+from .errors import LrpError
+from .model import canonicalize, ir_version_for, opset_of, reinfer
+from .ops import Ops, Tensor
+from .registry import FAMILIES, Unsupported, computed
+from .signs import nonnegative_tensors
+
+EXPLAIN = ("logit", "logodds", "onehot")
+TARGET, RELEVANCE = "target", "relevance"
+HEADS = ("Softmax", "LogSoftmax")
+
+
+class Builder:
+    """Holds what emitters may ask for: the op writer, the rule of each node, the non-negative tensors."""
+
+    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops):
+        self.ops = ops
+        self.composite = composite
+        self._nonnegative = nonnegative_tensors(graph)
+        self._first_linear = next((n for n in graph.nodes if n.op in linear.LINEAR_OPS), None)
+
+    def rule(self, node: gs.Node) -> tuple[str, dict]:
+        return self.composite.rule_for(node, self._first_linear)
+
+    def nonnegative(self, tensor: Tensor) -> bool:
+        return tensor.name in self._nonnegative
+
+    def walk(self, graph: gs.Graph, logits: gs.Variable, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
+        """Propagate `seed` from `logits` to every tensor it depends on; return the relevance left at the graph's
+        inputs (contributions per tensor name)."""
+        relevance: dict[str, list[Tensor]] = {logits.name: [seed]}
+        problems: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for node in list(reversed(graph.nodes)):
+            upper = [self.ops.add_all(relevance.pop(t.name)) if t.name in relevance else None for t in node.outputs]
+            if all(r is None for r in upper):
+                continue
+            self.ops.scope = f"lrp/{node.name}"
+            try:
+                if node.op not in FAMILIES:
+                    raise Unsupported("unsupported op type")
+                lower = FAMILIES[node.op].emit(self, node, upper)
+            except Unsupported as reason:
+                problems[(node.op, str(reason))].append(node.name)
+                lower = list(node.inputs)  # keep walking, so that every problem is reported at once
+            for tensor, contribution in zip(node.inputs, lower):
+                if contribution is not None and computed(tensor):
+                    relevance.setdefault(tensor.name, []).append(contribution)
+        if problems:
+            details = "; ".join(f"{op} ({', '.join(repr(n) for n in names)}): {reason}"
+                                for (op, reason), names in problems.items())
+            raise LrpError(f"{source}: cannot explain {sum(map(len, problems.values()))} node(s): {details}")
+        return relevance
+
+
+def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
+          source: str = "model") -> onnx.ModelProto:
+    """Return a model that computes the original outputs plus `relevance` for the class given in `target`."""
+    if explain not in EXPLAIN:
+        raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
+    if explain == "logodds":
+        raise LrpError("--explain logodds is not implemented yet; use logit or onehot")
+    source_ir = model.ir_version
+    graph = canonicalize(model)
+    fold_batchnorm(graph)
+    graph.cleanup().toposort()
+    graph = _at_opset(reinfer(graph), _needed_opset(graph, opset_of(model)), source)
+    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
+    if taken:
+        raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
+    x = _model_input(graph, source)
+    shown = _classifier_output(graph, output, source)
+    logits = _logits(shown)
+    classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
+    if not isinstance(classes, int):
+        raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
+
+    ops = Ops(graph, graph.opset, np.dtype(x.dtype))
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[_batch(x)])
+    builder = Builder(graph, composite, ops)
+    seed = _seed(ops, logits, target, classes, explain)
+    relevance = builder.walk(graph, logits, seed, source)
+    if x.name not in relevance:
+        raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
+    result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[ops.add_all(relevance[x.name])],
+                               outputs=[result]))
+    graph.inputs.append(target)
+    graph.outputs.append(result)
+    built = gs.export_onnx(graph, do_type_check=False)
+    built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
+    built.ir_version = ir_version_for(built, source_ir)
+    return built
+
+
+def _needed_opset(graph: gs.Graph, opset: int) -> int:
+    return max([opset] + [FAMILIES[n.op].min_opset(n) for n in graph.nodes if n.op in FAMILIES])
+
+
+def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
+    """Convert the graph to a newer opset when an emitter needs one (e.g. ScatterElements with reduction)."""
+    if graph.opset >= opset:
+        return graph
+    try:
+        converted = onnx.version_converter.convert_version(gs.export_onnx(graph, do_type_check=False), opset)
+    except Exception as error:  # the converter raises several types
+        raise LrpError(f"{source}: needs opset {opset} for its relevance ops and could not be converted "
+                       f"from opset {graph.opset} ({str(error).splitlines()[0]})") from None
+    return reinfer(gs.import_onnx(converted))
+
+
+def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
+    for tensor in graph.inputs:
+        if tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating):
+            return tensor
+    raise LrpError(f"{source}: the model has no floating-point input to explain")
+
+
+def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:
+    """The output named `name`, or the first floating-point output of shape [N, C]."""
+    if name is not None:
+        chosen = next((t for t in graph.outputs if t.name == name), None)
+        if chosen is None:
+            raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+        return chosen
+    for tensor in graph.outputs:
+        if (tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+                and tensor.shape is not None and len(tensor.shape) == 2):
+            return tensor
+    raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
+
+
+def _logits(output: gs.Variable) -> gs.Variable:
+    """The tensor before a trailing Softmax/LogSoftmax (and Identity), so that the logits are explained."""
+    tensor = output
+    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
+
+
+def _batch(x: gs.Variable):
+    return x.shape[0] if x.shape else "N"
+
+
+def _seed(ops: Ops, logits: Tensor, target: Tensor, classes: int, explain: str) -> Tensor:
+    """The relevance at the logits: one-hot of the target (the predicted class where target < 0), times the
+    logit for `logit`."""
+    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
+    chosen = ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target)
+    labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
+    hot = ops("Cast", ops("Equal", ops.unsqueeze(chosen, [1]), labels),
+              to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
+    return hot if explain == "onehot" else ops("Mul", hot, logits)

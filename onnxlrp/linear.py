@@ -1,0 +1,112 @@
+"""Linear layers (Gemm, MatMul by a constant, Conv, ConvTranspose): a forward pass, its input-gradient, and
+the emitter that applies any rule of rules.py to them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .model import constant
+from .ops import Ops, Tensor
+from .registry import Context, Unsupported, computed, family
+from .rules import RULES, propagate
+
+LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat", "wsquare", "norm")
+
+
+@dataclass
+class Dense:
+    """y = x @ weight + bias with weight [K, M] (Gemm after canonicalisation, or a MatMul by a constant)."""
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+    _transposed: dict = field(default_factory=dict)
+
+    def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
+        if _rank(x) == 2:
+            return ops("Gemm", *[x, ops.const(weight)] + ([ops.const(bias)] if bias is not None else []))
+        product = ops("MatMul", x, ops.const(weight))
+        return product if bias is None else ops("Add", product, ops.const(bias))
+
+    def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
+        key = id(weight)
+        if key not in self._transposed:
+            self._transposed[key] = (weight, ops.const(weight.T))
+        return ops("MatMul", s, self._transposed[key][1])
+
+    def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
+        features = self.weight.shape[0]
+        return ops.const(np.broadcast_to(values.reshape(-1), (1, features)).copy())
+
+
+@dataclass
+class Convolution:
+    """Conv and ConvTranspose; the input-gradient of one is the other with the same weight and attributes."""
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+    in_shape: list[int]
+    out_shape: list[int]
+
+    @property
+    def transposed(self) -> bool:
+        return self.node.op == "ConvTranspose"
+
+    def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
+        inputs = [x, ops.const(weight)] + ([ops.const(bias)] if bias is not None else [])
+        return ops(self.node.op, *inputs, **self.node.attrs)
+
+    def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
+        kernel = list(weight.shape[2:])
+        if not self.transposed:
+            return ops.transposed_conv(s, ops.const(weight), self.node.attrs, self.in_shape[2:],
+                                       self.out_shape[2:], kernel)
+        # With the ConvTranspose's pads and strides (output_padding < stride), the Conv lands on the input's shape.
+        attrs = {k: v for k, v in self.node.attrs.items() if k != "output_padding"}
+        return ops("Conv", s, ops.const(weight), **attrs)
+
+    def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
+        per_channel = values.reshape((1, -1) + (1,) * (len(self.in_shape) - 2))
+        return ops.const(np.broadcast_to(per_channel, (1,) + tuple(self.in_shape[1:])).copy())
+
+
+def linear_layer(node: gs.Node) -> Dense | Convolution:
+    """The canonical form of a linear node, or Unsupported with the reason."""
+    x = node.inputs[0]
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or not computed(x):
+        raise Unsupported("a linear layer needs a computed input and a constant weight "
+                          "(a product of two computed tensors is not supported)")
+    bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    weight = weight.astype(np.float64)
+    bias = bias.astype(np.float64) if bias is not None else None
+    if node.op in ("Gemm", "MatMul"):
+        if weight.ndim != 2:
+            raise Unsupported(f"MatMul by a constant of rank {weight.ndim} is not supported")
+        return Dense(node, weight, bias)
+    in_shape, out_shape = x.shape, node.outputs[0].shape
+    if not _static(in_shape, 1) or not _static(out_shape, 1):
+        raise Unsupported("convolutions need static channel and spatial dimensions")
+    return Convolution(node, weight, bias, list(in_shape), list(out_shape))
+
+
+@family("linear", LINEAR_OPS, ("epsilon",) + tuple(r for r in LINEAR_RULES if r != "epsilon"))
+def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    layer = linear_layer(node)
+    name, params = ctx.rule(node)
+    x = node.inputs[0]
+    lower = propagate(ctx.ops, layer, x, node.outputs[0], relevance[0], RULES[name], params, ctx.nonnegative(x))
+    return [lower] + [None] * (len(node.inputs) - 1)
+
+
+def _static(shape, start: int) -> bool:
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape[start:])
+
+
+def _rank(tensor: Tensor) -> int | None:
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.ndim
+    return len(tensor.shape) if tensor.shape is not None else None

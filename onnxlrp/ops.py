@@ -1,0 +1,115 @@
+"""A small writer that appends ONNX ops to a graph: the vocabulary every emitter speaks."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+Tensor = gs.Tensor
+
+
+class Ops:
+    """Appends nodes to a graph; calling it with an op type adds one node and returns its output(s).
+
+    Constants are cached by value identity, so the weight a forward pass and its transpose share is stored once.
+    """
+
+    def __init__(self, graph: gs.Graph, opset: int, dtype: np.dtype = np.dtype(np.float32)):
+        self.graph = graph
+        self.opset = opset
+        self.dtype = np.dtype(dtype)
+        self.scope = "lrp"
+        self._ids = itertools.count()
+        self._arrays: dict[int, tuple[np.ndarray, gs.Constant]] = {}
+        self._scalars: dict[tuple, gs.Constant] = {}
+
+    def __call__(self, op: str, *inputs: Tensor, outputs: int = 1, **attrs) -> gs.Variable | list[gs.Variable]:
+        name = f"{self.scope}/{op}_{next(self._ids)}"
+        results = [gs.Variable(name if i == 0 else f"{name}:{i}") for i in range(outputs)]
+        self.graph.nodes.append(gs.Node(op, name, attrs, list(inputs), results))
+        return results[0] if outputs == 1 else results
+
+    def const(self, values: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
+        """A constant of the model's float type (or `dtype`), stored once per array."""
+        key = id(values)
+        if key not in self._arrays:
+            array = np.ascontiguousarray(values, dtype=dtype or self.dtype)
+            self._arrays[key] = (values, gs.Constant(f"{self.scope}/const_{next(self._ids)}", array))
+        return self._arrays[key][1]
+
+    def scalar(self, value: float, dtype: np.dtype | None = None) -> gs.Constant:
+        """A scalar constant, shared by all ops that use the same value and type."""
+        dtype = np.dtype(dtype or self.dtype)
+        key = (float(value), dtype.str)
+        if key not in self._scalars:
+            self._scalars[key] = gs.Constant(f"lrp/scalar_{next(self._ids)}", np.array(value, dtype=dtype))
+        return self._scalars[key]
+
+    def ints(self, values: Sequence[int]) -> gs.Constant:
+        return gs.Constant(f"{self.scope}/ints_{next(self._ids)}", np.array(values, dtype=np.int64))
+
+    # Opset-dependent forms.
+    def reduce_sum(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
+        if self.opset >= 13:
+            return self("ReduceSum", x, self.ints(axes), keepdims=int(keepdims))
+        return self("ReduceSum", x, axes=list(axes), keepdims=int(keepdims))
+
+    def unsqueeze(self, x: Tensor, axes: Sequence[int]) -> gs.Variable:
+        if self.opset >= 13:
+            return self("Unsqueeze", x, self.ints(axes))
+        return self("Unsqueeze", x, axes=list(axes))
+
+    def slice(self, x: Tensor, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int]) -> gs.Variable:
+        return self("Slice", x, self.ints(starts), self.ints(ends), self.ints(axes))
+
+    def reshape_like(self, x: Tensor, like: Tensor) -> gs.Variable:
+        return self("Reshape", x, self("Shape", like))
+
+    # Building blocks of the rules.
+    def positive(self, x: Tensor) -> gs.Variable:
+        return self("Relu", x)
+
+    def negative(self, x: Tensor) -> gs.Variable:
+        return self("Min", x, self.scalar(0.0))
+
+    def add_all(self, terms: Sequence[Tensor]) -> Tensor:
+        total = terms[0]
+        for term in terms[1:]:
+            total = self("Add", total, term)
+        return total
+
+    def divide_stabilized(self, numerator: Tensor, z: Tensor, epsilon: float, sign: int | None = None) -> gs.Variable:
+        """numerator / (z + epsilon * sign0(z)) with sign0(0) = +1; epsilon = 0 guards 0/0 to 0.
+
+        `sign` is the known sign of z (+1 for z >= 0, -1 for z <= 0), which saves the sign computation.
+        """
+        if epsilon == 0:
+            return self("Where", self("Equal", z, self.scalar(0.0)), self.scalar(0.0), self("Div", numerator, z))
+        if sign is not None:
+            return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
+        shift = self("Where", self("Less", z, self.scalar(0.0)), self.scalar(-epsilon), self.scalar(epsilon))
+        return self("Div", numerator, self("Add", z, shift))
+
+    def transposed_conv(self, s: Tensor, weight: gs.Constant, attrs: dict, in_spatial: Sequence[int],
+                        out_spatial: Sequence[int], kernel: Sequence[int]) -> gs.Variable:
+        """The input-gradient of a Conv (or pooling window sum): a ConvTranspose that yields the input's shape.
+
+        Symmetric pads go into the ConvTranspose itself; asymmetric pads (which CUDA would run on the CPU) and
+        windows past the padded input (ceil_mode) use an unpadded ConvTranspose and a Slice.
+        """
+        rank = len(in_spatial)
+        strides = list(attrs.get("strides", [1] * rank))
+        dilations = list(attrs.get("dilations", [1] * rank))
+        pads = list(attrs.get("pads", [0] * 2 * rank))
+        begins, ends = pads[:rank], pads[rank:]
+        full = [(o - 1) * st + (k - 1) * d + 1 for o, st, k, d in zip(out_spatial, strides, kernel, dilations)]
+        residual = [n + b + e - f for n, b, e, f in zip(in_spatial, begins, ends, full)]
+        common = dict(strides=strides, dilations=dilations, group=attrs.get("group", 1))
+        if begins == ends and all(r >= 0 for r in residual):
+            return self("ConvTranspose", s, weight, pads=pads, output_padding=residual, **common)
+        padding = [min(max(r, 0), st - 1) for r, st in zip(residual, strides)]
+        result = self("ConvTranspose", s, weight, pads=[0] * 2 * rank, output_padding=padding, **common)
+        axes = list(range(2, 2 + rank))
+        return self.slice(result, begins, [b + n for b, n in zip(begins, in_spatial)], axes)

@@ -1,0 +1,177 @@
+"""Pooling and spatial reductions: `norm` through the rule skeleton, and MaxPool's winner-take-all."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .model import constant
+from .ops import Ops, Tensor
+from .registry import Context, Unsupported, family
+from .rules import RULES, propagate
+
+WINDOW_ATTRS = ("kernel_shape", "strides", "pads", "ceil_mode")
+
+
+@dataclass
+class Window:
+    """A sliding-window sum or average over each channel (AveragePool, or MaxPool treated as sum pooling)."""
+    attrs: dict
+    in_shape: list[int]
+    out_shape: list[int]
+    average: bool
+    weight = None
+    bias = None
+
+    @property
+    def kernel(self) -> list[int]:
+        return list(self.attrs["kernel_shape"])
+
+    def counts(self, include_pad: bool) -> np.ndarray:
+        """How many input positions each window covers, [1, 1, *out_spatial] (as ONNX Runtime counts them)."""
+        rank = len(self.kernel)
+        strides = self.attrs.get("strides", [1] * rank)
+        pads = self.attrs.get("pads", [0] * 2 * rank)
+        per_axis = []
+        for axis in range(rank):
+            size, kernel, stride = self.in_shape[2 + axis], self.kernel[axis], strides[axis]
+            starts = np.arange(self.out_shape[2 + axis]) * stride - pads[axis]
+            ends = np.minimum(starts + kernel, size + pads[rank + axis])
+            if not include_pad:
+                starts, ends = np.maximum(starts, 0), np.minimum(ends, size)
+            per_axis.append(ends - starts)
+        grid = np.ones(self.out_shape[2:], dtype=np.float64)
+        for axis, count in enumerate(per_axis):
+            grid = grid * count.reshape([-1 if a == axis else 1 for a in range(rank)])
+        return grid.reshape([1, 1] + list(grid.shape))
+
+    def forward(self, ops: Ops, x: Tensor, weight=None, bias=None) -> Tensor:
+        mean = ops("AveragePool", x, count_include_pad=1, **self.attrs)
+        return mean if self.average else ops("Mul", mean, ops.const(self.counts(True)))
+
+    def backward(self, ops: Ops, s: Tensor, weight=None) -> Tensor:
+        if self.average:
+            include_pad = bool(self.attrs.get("count_include_pad", 0))
+            s = ops("Mul", s, ops.const(1.0 / self.counts(include_pad)))
+        channels = self.in_shape[1]
+        ones = np.ones([channels, 1] + self.kernel)
+        return ops.transposed_conv(s, ops.const(ones), {**self.attrs, "group": channels}, self.in_shape[2:],
+                                   self.out_shape[2:], self.kernel)
+
+    def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
+        raise Unsupported("pooling has no weights for rules with constant inputs")
+
+
+@dataclass
+class Reduction:
+    """A mean or sum over some axes (GlobalAveragePool, ReduceMean, ReduceSum)."""
+    axes: list[int]
+    keepdims: bool
+    divisor: float
+    weight = None
+    bias = None
+
+    def forward(self, ops: Ops, x: Tensor, weight=None, bias=None) -> Tensor:
+        total = ops.reduce_sum(x, self.axes, self.keepdims)
+        return total if self.divisor == 1 else ops("Div", total, ops.scalar(self.divisor))
+
+    def backward(self, ops: Ops, s: Tensor, weight=None) -> Tensor:
+        expanded = s if self.keepdims else ops.unsqueeze(s, self.axes)
+        return expanded if self.divisor == 1 else ops("Div", expanded, ops.scalar(self.divisor))
+
+    def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
+        raise Unsupported("reductions have no weights for rules with constant inputs")
+
+
+def _static_shapes(node: gs.Node) -> tuple[list[int], list[int]]:
+    shapes = [node.inputs[0].shape, node.outputs[0].shape]
+    if any(s is None or any(not isinstance(d, int) for d in s[1:]) for s in shapes):
+        raise Unsupported("pooling needs static channel and spatial dimensions")
+    return list(shapes[0]), list(shapes[1])
+
+
+def _window(node: gs.Node, average: bool) -> Window:
+    rank = len(node.attrs["kernel_shape"])
+    if any(d != 1 for d in node.attrs.get("dilations", [1] * rank)):
+        raise Unsupported("dilated pooling windows are not supported")
+    attrs = {k: node.attrs[k] for k in WINDOW_ATTRS if k in node.attrs}
+    if average:
+        attrs["count_include_pad"] = node.attrs.get("count_include_pad", 0)
+    return Window(attrs, *_static_shapes(node), average=average)
+
+
+def _reduction(node: gs.Node) -> Reduction:
+    shape = node.inputs[0].shape
+    rank = len(shape) if shape is not None else None
+    if node.op == "GlobalAveragePool":
+        axes, keepdims = list(range(2, rank)) if rank else None, True
+    else:
+        if len(node.inputs) > 1:
+            values = constant(node.inputs[1])
+            axes = None if values is None else [int(a) for a in values]
+        else:
+            axes = node.attrs.get("axes")
+        keepdims = bool(node.attrs.get("keepdims", 1))
+    if rank is None or not axes:
+        raise Unsupported("reductions need a known rank and constant axes")
+    axes = sorted(a % rank for a in axes)
+    if 0 in axes:
+        raise Unsupported("a reduction over the batch axis is not supported")
+    sizes = [shape[a] for a in axes]
+    if node.op == "ReduceSum":
+        divisor = 1.0
+    elif all(isinstance(s, int) for s in sizes):
+        divisor = float(np.prod(sizes))
+    else:
+        raise Unsupported("a mean over dynamic axes is not supported")
+    return Reduction(axes, keepdims, divisor)
+
+
+def _norm(ctx: Context, node: gs.Node, layer, relevance: Tensor) -> list[Tensor | None]:
+    _, params = ctx.rule(node)
+    x = node.inputs[0]
+    lower = propagate(ctx.ops, layer, x, node.outputs[0], relevance, RULES["norm"], params, ctx.nonnegative(x))
+    return [lower] + [None] * (len(node.inputs) - 1)
+
+
+@family("average pooling", ("AveragePool",), ("norm",))
+def emit_average_pool(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return _norm(ctx, node, _window(node, average=True), relevance[0])
+
+
+@family("reduction", ("GlobalAveragePool", "ReduceMean", "ReduceSum"), ("norm",))
+def emit_reduction(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return _norm(ctx, node, _reduction(node), relevance[0])
+
+
+def _overlapping(node: gs.Node) -> bool:
+    kernel = node.attrs.get("kernel_shape", [])
+    strides = node.attrs.get("strides", [1] * len(kernel))
+    dilations = node.attrs.get("dilations", [1] * len(kernel))
+    return any(s < (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
+
+
+@family("max pooling", ("MaxPool",), ("wta", "norm"), min_opset=lambda node: 16 if _overlapping(node) else 0)
+def emit_max_pool(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    name, params = ctx.rule(node)
+    if name == "norm":
+        window = _window(node, average=False)
+        x = node.inputs[0]
+        sums = window.forward(ctx.ops, x)
+        return [propagate(ctx.ops, window, x, sums, relevance[0], RULES["norm"], params, ctx.nonnegative(x))]
+    return [_winner_take_all(ctx.ops, node, relevance[0])]
+
+
+def _winner_take_all(ops: Ops, node: gs.Node, relevance: Tensor) -> Tensor:
+    """All relevance of a window to its arg-max input; overlapping windows add up (the gradient of MaxPool)."""
+    if len(node.outputs) < 2:
+        node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
+    x, indices = node.inputs[0], node.outputs[1]
+    flat = ops.ints([-1])
+    zeros = ops("ConstantOfShape", ops("Shape", ops("Reshape", x, flat)))
+    reduction = {"reduction": "add"} if _overlapping(node) else {}
+    scattered = ops("ScatterElements", zeros, ops("Reshape", indices, flat), ops("Reshape", relevance, flat),
+                    axis=0, **reduction)
+    return ops.reshape_like(scattered, x)

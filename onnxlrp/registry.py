@@ -1,0 +1,54 @@
+"""The registry of op families: which op types an emitter handles and which rules it accepts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
+
+import onnx_graphsurgeon as gs
+
+from .ops import Ops, Tensor
+
+
+class Unsupported(Exception):
+    """A node the emitter of its op type cannot explain (the builder collects these and reports them all)."""
+
+
+class Context(Protocol):
+    """What an emitter may ask of the builder."""
+    ops: Ops
+
+    def rule(self, node: gs.Node) -> tuple[str, Mapping[str, object]]: ...
+
+    def nonnegative(self, tensor: Tensor) -> bool: ...
+
+
+Emit = Callable[[Context, gs.Node, Sequence[Tensor | None]], Sequence[Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Op types that share an emitter. `rules[0]` is the default when no composite entry matches."""
+    name: str
+    op_types: tuple[str, ...]
+    rules: tuple[str, ...]
+    emit: Emit
+    min_opset: Callable[[gs.Node], int] = lambda node: 0
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family(name: str, op_types: Sequence[str], rules: Sequence[str],
+           min_opset: Callable[[gs.Node], int] | None = None) -> Callable[[Emit], Emit]:
+    """Register the decorated function as the emitter of `op_types`."""
+    def register(emit: Emit) -> Emit:
+        entry = Family(name, tuple(op_types), tuple(rules), emit, *( [min_opset] if min_opset else []))
+        for op_type in op_types:
+            FAMILIES[op_type] = entry
+        return emit
+    return register
+
+
+def computed(tensor: Tensor | None) -> bool:
+    """Whether a node input is computed from the model input (a Variable), not a constant."""
+    return isinstance(tensor, gs.Variable)

@@ -1,0 +1,1 @@
+"""Composite presets (TOML), shipped inside the wheel as `onnxlrp.presets`."""
