@@ -86,6 +86,8 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
     if node.op in ("Gemm", "MatMul"):
         if weight.ndim != 2:
             raise Unsupported(f"MatMul by a constant of rank {weight.ndim} is not supported")
+        if node.attrs or (bias is not None and bias.shape != weight.shape[1:]):
+            raise Unsupported("Gemm with a C that is not a per-feature constant bias is not supported")
         return Dense(node, weight, bias)
     in_shape, out_shape = x.shape, node.outputs[0].shape
     if not _static(in_shape, 1) or not _static(out_shape, 1):

@@ -146,11 +146,11 @@ def _canonical_gemm(graph: gs.Graph) -> None:
             weight = weight.T
         out_features = weight.shape[1]
         inputs = [node.inputs[0], _constant_like(node.inputs[1], weight, "weight")]
-        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        if len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant(node.inputs[2])
-            if bias is None:
-                continue
-            bias = np.broadcast_to(bias.astype(np.float64) * node.attrs.get("beta", 1.0), (out_features,))
+            if bias is None or not _is_bias(bias, out_features):
+                continue  # a computed or per-sample C: the emitter refuses the node
+            bias = np.broadcast_to(bias.reshape(-1) * np.float64(node.attrs.get("beta", 1.0)), (out_features,))
             inputs.append(_constant_like(node.inputs[2], bias, "bias"))
         if node.attrs.get("transA", 0):
             transposed = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype)
@@ -173,7 +173,7 @@ def _fuse_matmul_add(graph: gs.Graph) -> None:
         if add is not None and add.op == "Add" and output not in graph.outputs:
             other = next(t for t in add.inputs if t is not output) if add.inputs.count(output) == 1 else None
             if other is not None and constant(other) is not None and _is_bias(other.values, weight.shape[1]):
-                bias = np.broadcast_to(other.values, (weight.shape[1],))
+                bias = np.broadcast_to(other.values.reshape(-1), (weight.shape[1],))
                 inputs.append(_constant_like(other, bias, "bias"))
                 replace(node.outputs, [add.outputs[0]])
                 add.outputs.clear()

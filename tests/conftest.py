@@ -1,0 +1,60 @@
+"""Shared helpers: building small ONNX graphs with numpy weights, and running models in ONNX Runtime (CPU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlrp
+
+ort.set_default_logger_severity(3)
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: dict, outputs=None) -> list[np.ndarray]:
+    return session(model).run(outputs, feeds)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def explain(model: onnx.ModelProto, composite: str = "epsilon", explain: str = "logit", **params) -> onnx.ModelProto:
+    return onnxlrp.build(model, onnxlrp.load_composite(composite).with_params(params), explain=explain)
+
+
+def make_model(nodes, input_shape, output_shape, initializers=(), opset=17, output="logits") -> onnx.ModelProto:
+    """A float32 model with input `input` of `input_shape` (first dim symbolic) and one output."""
+    graph = helper.make_graph(
+        nodes, "test",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape[1:]])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", *output_shape[1:]])],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in dict(initializers).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def finite_difference_gradient(model: onnx.ModelProto, x: np.ndarray, target: int, step: float = 1e-2,
+                               output: str | None = None) -> np.ndarray:
+    """d logit[target] / d x for one sample, by forward differences (exact for piecewise-linear nets)."""
+    names = [output] if output else None
+    base = run(model, {"input": x}, names)[0][0, target]
+    shifted = x + step * np.eye(x.size, dtype=np.float32).reshape(x.size, *x.shape[1:])
+    return ((run(model, {"input": shifted}, names)[0][:, target] - base) / step).reshape(x.shape)

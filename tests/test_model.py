@@ -1,0 +1,137 @@
+"""Canonicalisation and BatchNorm folding: the built model computes the same outputs, and uniform LRP-0 on it
+equals gradient x input of the original model (an independent check of every emitter's backward pass)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxlrp
+from conftest import explain, finite_difference_gradient, make_model, relative_error, run
+
+
+def constant_node(name, values):
+    return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                            value=numpy_helper.from_array(np.asarray(values, dtype=np.float32)))
+
+
+def batchnorm(rng, name, channels, init):
+    for part, values in (("scale", rng.uniform(0.5, 1.5, channels)), ("bias", rng.normal(size=channels) * 0.1),
+                         ("mean", rng.normal(size=channels) * 0.1), ("var", rng.uniform(0.5, 1.5, channels))):
+        init[f"{name}_{part}"] = values
+    return [f"{name}_{p}" for p in ("scale", "bias", "mean", "var")]
+
+
+def dense_idioms(rng):
+    """transA/transB/alpha/beta, weights from Constant nodes, Identity, Dropout, MatMul+Add, Softmax head."""
+    w0 = rng.normal(size=(16, 12)) / 4  # stored transposed: transB = 1
+    nodes = [
+        constant_node("w0", w0), constant_node("c0", rng.normal(size=(1, 16)) * 0.1),
+        helper.make_node("Transpose", ["input"], ["xt"], name="transpose", perm=[1, 0]),
+        helper.make_node("Gemm", ["xt", "w0", "c0"], ["z0"], name="gemm", transA=1, transB=1, alpha=0.7, beta=1.5),
+        helper.make_node("BatchNormalization", ["z0"] + batchnorm(rng, "bn", 16, init := {}), ["n0"], name="bn"),
+        helper.make_node("Relu", ["n0"], ["a0"], name="relu"),
+        helper.make_node("Identity", ["a0"], ["i0"], name="identity"),
+        helper.make_node("Dropout", ["i0"], ["d0"], name="dropout"),
+        helper.make_node("MatMul", ["d0", "w1"], ["m1"], name="matmul"),
+        helper.make_node("Add", ["m1", "b1"], ["logits"], name="add"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=1),
+    ]
+    init.update(w1=rng.normal(size=(16, 5)) / 4, b1=rng.normal(size=5) * 0.1)
+    return make_model(nodes, [1, 12], [1, 5], init, output="probs")
+
+
+def conv_idioms(rng):
+    """Conv1d with auto_pad, depthwise conv + BN, ConvTranspose with output_shape + BN, global pooling."""
+    init = {"w0": rng.normal(size=(4, 2, 3)) / 3, "b0": rng.normal(size=4) * 0.1,
+            "wd": rng.normal(size=(4, 1, 3)) / 2,
+            "wt": rng.normal(size=(4, 3, 4)) / 3,
+            "wf": rng.normal(size=(6, 3)) / 2}
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv", auto_pad="SAME_LOWER", strides=[2]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "wd"], ["c1"], name="depthwise", group=4, pads=[1, 1]),
+        helper.make_node("BatchNormalization", ["c1"] + batchnorm(rng, "bn1", 4, init), ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("ConvTranspose", ["r1", "wt"], ["t2"], name="deconv", group=1, strides=[2],
+                         output_shape=[13]),
+        helper.make_node("BatchNormalization", ["t2"] + batchnorm(rng, "bn2", 6, init), ["n2"], name="bn2"),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf"], ["logits"], name="head"),
+    ]
+    init["wt"] = rng.normal(size=(4, 6, 3)) / 3
+    return make_model(nodes, [1, 2, 11], [1, 3], init)
+
+
+def conv3d(rng):
+    init = {"w0": rng.normal(size=(3, 1, 2, 3, 3)) / 3, "w1": rng.normal(size=(3 * 2 * 2 * 2, 2)) / 3}
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv3d", strides=[1, 2, 2], dilations=[1, 1, 2]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu"),
+        helper.make_node("MaxPool", ["r0"], ["p0"], name="pool", kernel_shape=[2, 2, 2], strides=[2, 2, 2],
+                         ceil_mode=1),
+        helper.make_node("Constant", [], ["shape"], name="shape", value=numpy_helper.from_array(np.array([-1, 24]))),
+        helper.make_node("Reshape", ["p0", "shape"], ["f"], name="reshape"),
+        helper.make_node("Gemm", ["f", "w1"], ["logits"], name="head"),
+    ]
+    return make_model(nodes, [1, 1, 4, 7, 9], [1, 2], init)
+
+
+IDIOMS = {"dense": (dense_idioms, [12], "probs"), "conv": (conv_idioms, [2, 11], "logits"),
+          "conv3d": (conv3d, [1, 4, 7, 9], "logits")}
+
+
+@pytest.mark.parametrize("idiom", IDIOMS)
+def test_outputs_kept_and_zero_rule_is_gradient_times_input(idiom, rng):
+    factory, shape, output = IDIOMS[idiom]
+    source = factory(rng)
+    x = rng.normal(size=[1, *shape]).astype(np.float32)
+    model = explain(source, "zero")
+    expected = run(source, {"input": x})[0]
+    produced, relevance = run(model, {"input": x, "target": np.array([1])}, [output, "relevance"])
+    np.testing.assert_allclose(produced, expected, rtol=1e-5, atol=1e-6)
+    # The explained tensor is the logits, before the Softmax.
+    logits_output = "logits" if idiom != "dense" else None
+    if idiom == "dense":
+        probe = onnx.ModelProto()
+        probe.CopyFrom(source)
+        probe.graph.output[0].name = "logits"
+        probe.graph.node.pop()  # drop the Softmax: explain what the built model explains
+        source = probe
+    gradient = finite_difference_gradient(source, x, 1, output=logits_output)
+    assert relative_error(relevance, x * gradient) < 1e-3
+
+
+def test_batchnorm_is_folded(rng):
+    model = explain(conv_idioms(rng), "epsilon")
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+
+
+def test_unfoldable_batchnorm_passes_relevance(rng):
+    init = {"w": rng.normal(size=(3, 4)) / 2}
+    nodes = [helper.make_node("BatchNormalization", ["input"] + batchnorm(rng, "bn", 3, init), ["n"], name="bn"),
+             helper.make_node("Gemm", ["n", "w"], ["logits"], name="dense")]
+    source = make_model(nodes, [1, 3], [1, 4], init)
+    x = rng.normal(size=[2, 3]).astype(np.float32)
+    _, relevance = run(explain(source, "zero"), {"input": x})
+    normalized = run(make_model(nodes[:1], [1, 3], [1, 3], init, output="n"), {"input": x})[0]
+    logits = run(source, {"input": x})[0]
+    # LRP-0 on the dense layer, then `pass` through the BatchNormalization.
+    expected = normalized * init["w"][:, logits.argmax(1)].T
+    np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_external_data_model(tmp_path, rng):
+    from test_rules import relu_mlp
+    source = relu_mlp(rng, bias=True)
+    path = tmp_path / "external.onnx"
+    onnx.save(onnx.ModelProto.FromString(source.SerializeToString()), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="external.data", size_threshold=0)
+    assert (tmp_path / "external.data").stat().st_size > 0
+    x = rng.normal(size=[2, 12]).astype(np.float32)
+    from_file = run(explain(onnxlrp.load(path), "epsilon"), {"input": x})[1]
+    in_memory = run(explain(source, "epsilon"), {"input": x})[1]
+    np.testing.assert_array_equal(from_file, in_memory)

@@ -1,0 +1,116 @@
+"""Properties of the rules (LRP.md §7) on small graphs built here with numpy weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxlrp
+from conftest import explain, finite_difference_gradient, make_model, relative_error, run
+
+
+def relu_mlp(rng, bias: bool):
+    sizes = [12, 16, 10, 4]
+    nodes, init, previous = [], {}, "input"
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        init[f"w{i}"] = rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)
+        inputs = [previous, f"w{i}"]
+        if bias:
+            init[f"b{i}"] = rng.normal(size=n_out) * 0.1
+            inputs.append(f"b{i}")
+        last = i == len(sizes) - 2
+        out = "logits" if last else f"z{i}"
+        nodes.append(helper.make_node("Gemm", inputs, [out], name=f"dense{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"a{i}"], name=f"relu{i}"))
+            previous = f"a{i}"
+    return make_model(nodes, [1, sizes[0]], [1, sizes[-1]], init)
+
+
+def relu_cnn(rng, bias: bool):
+    """Conv (stride 2, asymmetric pads), overlapping MaxPool, AveragePool, 1-D flatten and a dense head."""
+    init = {"w0": rng.normal(size=(4, 2, 3, 3)) / 3, "w1": rng.normal(size=(6, 4, 3, 3)) / 6,
+            "wd": rng.normal(size=(6 * 2 * 2, 3)) / 5}
+    if bias:
+        init.update(b0=rng.normal(size=4) * 0.1, b1=rng.normal(size=6) * 0.1, bd=rng.normal(size=3) * 0.1)
+    b = (lambda name: [name]) if bias else (lambda name: [])
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"] + b("b0"), ["c0"], name="conv0", pads=[1, 1, 0, 0], strides=[2, 2]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("MaxPool", ["r0"], ["p0"], name="pool0", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p0", "w1"] + b("b1"), ["c1"], name="conv1", auto_pad="SAME_UPPER", kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("AveragePool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p1"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wd"] + b("bd"), ["logits"], name="dense"),
+    ]
+    return make_model(nodes, [1, 2, 9, 8], [1, 3], init)
+
+
+NETS = {"mlp": (relu_mlp, [12]), "cnn": (relu_cnn, [2, 9, 8])}
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_zero_rule_conserves_the_logit_without_biases(net, rng):
+    factory, shape = NETS[net]
+    model = explain(factory(rng, bias=False), "zero")
+    x = rng.normal(size=[5, *shape]).astype(np.float32)
+    target = np.array([0, 1, 2, 1, -1])
+    logits, relevance = run(model, {"input": x, "target": target})
+    chosen = np.where(target < 0, logits.argmax(1), target)
+    explained = logits[np.arange(5), chosen]
+    # 1e-5 of the logits' scale: float32 sums, and pooling's `norm` keeps its 1e-6 stabilizer.
+    np.testing.assert_allclose(relevance.reshape(5, -1).sum(1), explained, rtol=0, atol=1e-5 * np.abs(logits).max())
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_uniform_zero_is_gradient_times_input(net, rng):
+    """Checked against a finite-difference gradient of the original model (biases included)."""
+    factory, shape = NETS[net]
+    source = factory(rng, bias=True)
+    x = rng.normal(size=[1, *shape]).astype(np.float32)
+    _, relevance = run(explain(source, "zero"), {"input": x, "target": np.array([1])})
+    assert relative_error(relevance, x * finite_difference_gradient(source, x, 1)) < 1e-3
+
+
+def test_alpha1_beta0_equals_zplus(rng):
+    source = relu_cnn(rng, bias=True)
+    x = rng.normal(size=[2, 2, 9, 8]).astype(np.float32)
+    _, zplus = run(explain(source, "zplus"), {"input": x})
+    _, alpha_beta = run(explain(source, "alpha2_beta1", alpha=1.0, beta=0.0), {"input": x})
+    assert relative_error(alpha_beta, zplus) < 1e-6
+
+
+def test_zero_inputs_get_zero_relevance(rng):
+    x = rng.normal(size=[3, 12]).astype(np.float32)
+    x[:, [2, 7]] = 0
+    _, relevance = run(explain(relu_mlp(rng, bias=True), "epsilon"), {"input": x})
+    assert np.all(relevance[:, [2, 7]] == 0) and np.all(relevance[:, [0, 1]] != 0)
+
+
+def test_epsilon_reuses_the_forward_pre_activation(rng):
+    source = relu_mlp(rng, bias=True)
+    model = explain(source, "epsilon")
+    assert [n.op_type for n in model.graph.node].count("Gemm") == 3  # no recomputed forward pass
+
+
+def test_negative_parts_are_dropped_after_relu(rng):
+    """z+ needs x- only where the input may be negative: the first layer, not after a ReLU."""
+    model = explain(relu_cnn(rng, bias=True), "zplus")
+    scopes = {n.name.split("/")[1] for n in model.graph.node if n.op_type == "Min"}
+    assert scopes == {"conv0"}
+
+
+def test_larger_epsilon_absorbs_more_relevance(rng):
+    source = relu_mlp(rng, bias=False)
+    x = rng.normal(size=[4, 12]).astype(np.float32)
+    totals = [np.abs(run(explain(source, "epsilon", epsilon=e), {"input": x})[1]).sum() for e in (1e-6, 1.0)]
+    assert totals[1] < 0.9 * totals[0]
+
+
+def test_flat_spreads_relevance_uniformly_over_a_dense_input(rng):
+    source = relu_mlp(rng, bias=True)
+    x = rng.normal(size=[2, 12]).astype(np.float32)
+    logits, relevance = run(explain(source, "epsilon_plus_flat"), {"input": x})
+    # The first layer is dense and flat: every input feature gets the same share.
+    np.testing.assert_allclose(relevance, np.repeat(relevance[:, :1], 12, axis=1), rtol=1e-5)
