@@ -46,7 +46,6 @@ def conv_idioms(rng):
     """Conv1d with auto_pad, depthwise conv + BN, ConvTranspose with output_shape + BN, global pooling."""
     init = {"w0": rng.normal(size=(4, 2, 3)) / 3, "b0": rng.normal(size=4) * 0.1,
             "wd": rng.normal(size=(4, 1, 3)) / 2,
-            "wt": rng.normal(size=(4, 3, 4)) / 3,
             "wf": rng.normal(size=(6, 3)) / 2}
     nodes = [
         helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv", auto_pad="SAME_LOWER", strides=[2]),
@@ -54,7 +53,7 @@ def conv_idioms(rng):
         helper.make_node("Conv", ["r0", "wd"], ["c1"], name="depthwise", group=4, pads=[1, 1]),
         helper.make_node("BatchNormalization", ["c1"] + batchnorm(rng, "bn1", 4, init), ["n1"], name="bn1"),
         helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
-        helper.make_node("ConvTranspose", ["r1", "wt"], ["t2"], name="deconv", group=1, strides=[2],
+        helper.make_node("ConvTranspose", ["r1", "wt"], ["t2"], name="deconv", group=2, strides=[2],
                          output_shape=[13]),
         helper.make_node("BatchNormalization", ["t2"] + batchnorm(rng, "bn2", 6, init), ["n2"], name="bn2"),
         helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
@@ -62,7 +61,7 @@ def conv_idioms(rng):
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wf"], ["logits"], name="head"),
     ]
-    init["wt"] = rng.normal(size=(4, 6, 3)) / 3
+    init["wt"] = rng.normal(size=(4, 3, 3)) / 3  # grouped: 2 groups of 2 -> 3 channels
     return make_model(nodes, [1, 2, 11], [1, 3], init)
 
 
@@ -135,3 +134,15 @@ def test_external_data_model(tmp_path, rng):
     from_file = run(explain(onnxlrp.load(path), "epsilon"), {"input": x})[1]
     in_memory = run(explain(source, "epsilon"), {"input": x})[1]
     np.testing.assert_array_equal(from_file, in_memory)
+
+
+def test_old_opset_with_overlapping_max_pool_is_converted(rng):
+    """Overlapping MaxPool windows need ScatterElements with reduction (opset 16): older models are converted."""
+    from test_rules import relu_cnn
+    modern = relu_cnn(np.random.default_rng(1), bias=True)
+    old = relu_cnn(np.random.default_rng(1), bias=True, opset=11)
+    x = rng.normal(size=[2, 2, 9, 8]).astype(np.float32)
+    built = explain(old, "epsilon_plus")
+    assert built.opset_import[0].version == 16
+    np.testing.assert_allclose(run(built, {"input": x})[1], run(explain(modern, "epsilon_plus"), {"input": x})[1],
+                               rtol=1e-6, atol=1e-9)

@@ -27,7 +27,7 @@ def relu_mlp(rng, bias: bool):
     return make_model(nodes, [1, sizes[0]], [1, sizes[-1]], init)
 
 
-def relu_cnn(rng, bias: bool):
+def relu_cnn(rng, bias: bool, opset: int = 17):
     """Conv (stride 2, asymmetric pads), overlapping MaxPool, AveragePool, 1-D flatten and a dense head."""
     init = {"w0": rng.normal(size=(4, 2, 3, 3)) / 3, "w1": rng.normal(size=(6, 4, 3, 3)) / 6,
             "wd": rng.normal(size=(6 * 2 * 2, 3)) / 5}
@@ -44,7 +44,7 @@ def relu_cnn(rng, bias: bool):
         helper.make_node("Flatten", ["p1"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wd"] + b("bd"), ["logits"], name="dense"),
     ]
-    return make_model(nodes, [1, 2, 9, 8], [1, 3], init)
+    return make_model(nodes, [1, 2, 9, 8], [1, 3], init, opset=opset)
 
 
 NETS = {"mlp": (relu_mlp, [12]), "cnn": (relu_cnn, [2, 9, 8])}
@@ -114,3 +114,25 @@ def test_flat_spreads_relevance_uniformly_over_a_dense_input(rng):
     logits, relevance = run(explain(source, "epsilon_plus_flat"), {"input": x})
     # The first layer is dense and flat: every input feature gets the same share.
     np.testing.assert_allclose(relevance, np.repeat(relevance[:, :1], 12, axis=1), rtol=1e-5)
+
+
+def single_dense(rng):
+    init = {"w": rng.normal(size=(6, 3)), "b": rng.normal(size=3)}
+    return make_model([helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="dense")], [1, 6], [1, 3],
+                      init), init
+
+
+def test_wsquare_and_flat_on_a_dense_layer(rng, tmp_path):
+    source, init = single_dense(rng)
+    x = rng.normal(size=[2, 6]).astype(np.float32)
+    logits = run(source, {"input": x})[0]
+    target = np.array([0, 2])
+    explained = logits[np.arange(2), target][:, None]
+    squares = init["w"] ** 2
+    expected = {"wsquare": explained * (squares / (squares.sum(0) + init["b"] ** 2))[:, target].T,
+                "flat": np.repeat(explained / 6, 6, axis=1)}
+    for rule, values in expected.items():
+        path = tmp_path / f"{rule}.toml"
+        path.write_text(f'[[layers]]\nop_types = ["Gemm"]\nrule = "{rule}"\n')
+        _, relevance = run(explain(source, str(path)), {"input": x, "target": target})
+        np.testing.assert_allclose(relevance, values, rtol=1e-5, atol=1e-7)
