@@ -15,8 +15,8 @@ from .model import canonicalize, ir_version_for, opset_of, reinfer
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed
 from .signs import nonnegative_tensors
+from .top import EXPLAIN, start
 
-EXPLAIN = ("logit", "logodds", "onehot")
 TARGET, RELEVANCE = "target", "relevance"
 HEADS = ("Softmax", "LogSoftmax")
 
@@ -36,10 +36,10 @@ class Builder:
     def nonnegative(self, tensor: Tensor) -> bool:
         return tensor.name in self._nonnegative
 
-    def walk(self, graph: gs.Graph, logits: gs.Variable, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
-        """Propagate `seed` from `logits` to every tensor it depends on; return the relevance left at the graph's
-        inputs (contributions per tensor name)."""
-        relevance: dict[str, list[Tensor]] = {logits.name: [seed]}
+    def walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
+        """Propagate `seed` from tensor `top` to every tensor it depends on; return the relevance that reached
+        the graph's inputs (contributions per tensor name)."""
+        relevance: dict[str, list[Tensor]] = {top.name: [seed]}
         problems: dict[tuple[str, str], list[str]] = defaultdict(list)
         for node in list(reversed(graph.nodes)):
             upper = [self.ops.add_all(relevance.pop(t.name)) if t.name in relevance else None for t in node.outputs]
@@ -68,8 +68,6 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
-    if explain == "logodds":
-        raise LrpError("--explain logodds is not implemented yet; use logit or onehot")
     source_ir = model.ir_version
     graph = canonicalize(model)
     fold_batchnorm(graph)
@@ -88,8 +86,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     ops = Ops(graph, graph.opset, np.dtype(x.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[_batch(x)])
     builder = Builder(graph, composite, ops)
-    seed = _seed(ops, logits, target, classes, explain)
-    relevance = builder.walk(graph, logits, seed, source)
+    relevance = builder.walk(graph, *start(builder, logits, target, classes, explain), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=x.shape)
@@ -150,14 +147,3 @@ def _logits(output: gs.Variable) -> gs.Variable:
 
 def _batch(x: gs.Variable):
     return x.shape[0] if x.shape else "N"
-
-
-def _seed(ops: Ops, logits: Tensor, target: Tensor, classes: int, explain: str) -> Tensor:
-    """The relevance at the logits: one-hot of the target (the predicted class where target < 0), times the
-    logit for `logit`."""
-    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
-    chosen = ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target)
-    labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
-    hot = ops("Cast", ops("Equal", ops.unsqueeze(chosen, [1]), labels),
-              to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
-    return hot if explain == "onehot" else ops("Mul", hot, logits)

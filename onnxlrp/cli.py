@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .builder import EXPLAIN, build
+from .builder import build
+from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError
 from .model import load, save_atomic

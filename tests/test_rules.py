@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -136,3 +137,46 @@ def test_wsquare_and_flat_on_a_dense_layer(rng, tmp_path):
         path.write_text(f'[[layers]]\nop_types = ["Gemm"]\nrule = "{rule}"\n')
         _, relevance = run(explain(source, str(path)), {"input": x, "target": target})
         np.testing.assert_allclose(relevance, values, rtol=1e-5, atol=1e-7)
+
+
+def stabilized(z, epsilon):
+    return z + epsilon * np.where(z >= 0, 1.0, -1.0)
+
+
+def numpy_epsilon_lrp_logodds(model, x, target, epsilon=1e-6):
+    """LRP.md §5 written out in float64 numpy for a Gemm/Relu chain: pairwise differences on the last layer."""
+    weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    layers = [(weights[n.input[1]], weights[n.input[2]]) for n in model.graph.node if n.op_type == "Gemm"]
+    activations = [x.astype(np.float64)]
+    for w, b in layers[:-1]:
+        activations.append(np.maximum(activations[-1] @ w + b, 0))
+    w, b = layers[-1]
+    logits = activations[-1] @ w + b
+    relevance_rows = []
+    for n, c in enumerate(target):
+        a = activations[-1][n]
+        others = [k for k in range(w.shape[1]) if k != c]
+        w_pairs, b_pairs = w[:, [c]] - w[:, others], b[c] - b[others]
+        z = a @ w_pairs + b_pairs
+        softmin = np.exp(-z - (-z).max()) / np.exp(-z - (-z).max()).sum()
+        relevance = a * (w_pairs @ (z * softmin / stabilized(z, epsilon)))
+        for (w_low, b_low), a_low in zip(reversed(layers[:-1]), reversed(activations[:-1])):
+            z_low = a_low[n] @ w_low + b_low
+            relevance = a_low[n] * (w_low @ (relevance / stabilized(z_low, epsilon)))
+        relevance_rows.append(relevance)
+    return np.array(relevance_rows), logits
+
+
+def test_logodds_matches_the_pairwise_formula(rng):
+    source = relu_mlp(rng, bias=True)
+    x = rng.normal(size=[4, 12]).astype(np.float32)
+    target = np.array([0, 3, 1, 2])
+    model = explain(source, "epsilon", explain="logodds")
+    _, relevance = run(model, {"input": x, "target": target})
+    expected, _ = numpy_epsilon_lrp_logodds(source, x, target)
+    assert relative_error(relevance, expected) < 1e-4
+
+
+def test_logodds_refuses_a_top_layer_rule_it_cannot_express(rng):
+    with pytest.raises(onnxlrp.LrpError, match="logodds supports the epsilon or zero rule"):
+        explain(relu_mlp(rng, bias=True), "zplus", explain="logodds")

@@ -1,0 +1,70 @@
+"""The top layer (LRP.md §5): which class is explained and the relevance the walk starts from."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import LrpError
+from .linear import Dense, linear_layer
+from .ops import Ops, Tensor
+from .registry import Context, Unsupported
+from .rules import RULES
+
+EXPLAIN = ("logit", "logodds", "onehot")
+LOGODDS_RULES = ("epsilon", "zero")
+
+
+def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
+    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0."""
+    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
+    chosen = ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target)
+    labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
+    return ops("Cast", ops("Equal", ops.unsqueeze(chosen, [1]), labels),
+               to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
+
+
+def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str) -> tuple[Tensor, Tensor]:
+    """The tensor where the walk starts and its relevance."""
+    ops = ctx.ops
+    ops.scope = "lrp/top"
+    hot = one_hot_target(ops, logits, target, classes)
+    if explain == "onehot":
+        return logits, hot
+    if explain == "logit":
+        return logits, ops("Mul", hot, logits)
+    return _logodds(ctx, logits, hot)
+
+
+def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Tensor]:
+    """Explain log(P(c) / (1 - P(c))) through the last dense layer, replaced by the differences
+    z_c' = y_c - y_c' and a reverse log-sum-exp pooling that gives R_c' = z_c' * softmin_c'(z).
+
+    With the epsilon (or zero) rule on that layer, the rule over the weights w_c - w_c' is
+    R = a * (w_c * sum(s) - W s), s = R_c' / stab(z_c'), which needs no per-class weight copies.
+    """
+    producer = logits.inputs[0] if logits.inputs else None
+    try:
+        layer = linear_layer(producer) if producer is not None else None
+    except Unsupported:
+        layer = None
+    if not isinstance(layer, Dense):
+        raise LrpError("--explain logodds needs the logits to come straight from a dense layer (Gemm or MatMul)")
+    rule, params = ctx.rule(producer)
+    if rule not in LOGODDS_RULES:
+        raise LrpError(f"--explain logodds supports the {' or '.join(LOGODDS_RULES)} rule on the last layer "
+                       f"'{producer.name}' (the composite gives it {rule})")
+    ops = ctx.ops
+    chosen_logit = ops.reduce_sum(ops("Mul", hot, logits), [1])
+    differences = ops("Sub", chosen_logit, logits)  # z_c' = y_c - y_c', 0 at c' = c
+    exponents = ops("Where", ops("Cast", hot, to=onnx.TensorProto.BOOL), ops.scalar(-np.inf),
+                    ops("Neg", differences))
+    weights = ops("Softmax", exponents, axis=1)  # softmin over c' != c
+    pair_relevance = ops("Mul", differences, weights)
+    epsilon = {**params, **RULES[rule].fixed}["epsilon"]
+    s = ops.divide_stabilized(pair_relevance, differences, epsilon)
+    transposed = ops.const(layer.weight.T)
+    chosen_weight = ops("MatMul", hot, transposed)  # the row w_c of each sample
+    gradient = ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), ops("MatMul", s, transposed))
+    x = producer.inputs[0]
+    return x, ops("Mul", x, gradient)
