@@ -40,9 +40,9 @@ def fold_batchnorm(graph: gs.Graph) -> None:
 
 def _scale_outputs(producer: gs.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Multiply the weight of each output channel (or feature) by its factor."""
-    if producer.op == "Gemm":
+    if producer.op == "Gemm" and not producer.attrs.get("transB", 0):
         return weight * scale[None, :]
-    if producer.op == "Conv":
+    if producer.op in ("Conv", "Gemm"):  # output channels (features) first
         return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
     groups = producer.attrs.get("group", 1)
     grouped = weight.reshape((groups, weight.shape[0] // groups) + weight.shape[1:])

@@ -11,7 +11,7 @@ from . import linear, pooling, routing  # noqa: F401  (they register their emitt
 from .batchnorm import fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
-from .model import canonicalize, ir_version_for, opset_of, reinfer
+from .model import canonicalize, infer_shapes, ir_version_for, opset_of
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed
 from .signs import nonnegative_tensors
@@ -72,7 +72,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     graph = canonicalize(model)
     fold_batchnorm(graph)
     graph.cleanup().toposort()
-    graph = _at_opset(reinfer(graph), _needed_opset(graph, opset_of(model)), source)
+    infer_shapes(graph)
+    graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
     taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
@@ -113,7 +114,9 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
     except Exception as error:  # the converter raises several types
         raise LrpError(f"{source}: needs opset {opset} for its relevance ops and could not be converted "
                        f"from opset {graph.opset} ({str(error).splitlines()[0]})") from None
-    return reinfer(gs.import_onnx(converted))
+    graph = gs.import_onnx(converted)
+    infer_shapes(graph)
+    return graph
 
 
 def _model_input(graph: gs.Graph, source: str) -> gs.Variable:

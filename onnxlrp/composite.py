@@ -67,7 +67,7 @@ class Composite:
         return rule, {**DEFAULTS, **self.params, **(entry.params if entry else {})}
 
 
-def presets() -> list[str]:
+def preset_names() -> list[str]:
     """Names of the composites shipped in `rules/`."""
     return sorted(p.name[:-5] for p in resources.files("onnxlrp.presets").iterdir() if p.name.endswith(".toml"))
 
@@ -79,10 +79,10 @@ def load_composite(name_or_path: str) -> Composite:
         if not path.is_file():
             raise LrpError(f"{path}: no such composite file")
         text, name = path.read_text(), str(path)
-    elif name_or_path in presets():
+    elif name_or_path in preset_names():
         text, name = resources.files("onnxlrp.presets").joinpath(f"{name_or_path}.toml").read_text(), name_or_path
     else:
-        raise LrpError(f"unknown composite '{name_or_path}' (presets: {', '.join(presets())}; or a .toml file)")
+        raise LrpError(f"unknown composite '{name_or_path}' (presets: {', '.join(preset_names())}; or a .toml file)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -19,23 +19,43 @@ LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat
 
 @dataclass
 class Dense:
-    """y = x @ weight + bias with weight [K, M] (Gemm after canonicalisation, or a MatMul by a constant)."""
+    """y = x @ weight + bias with weight [K, M] (Gemm after canonicalisation, or a MatMul by a constant).
+
+    Constants keep the layout the model stores (`rows`: [M, K], a Gemm with transB), and the forward pass and
+    its input-gradient are Gemms over the same constant with and without transB: no transposed copy. The
+    unmodified weight is the model's own initializer.
+    """
     node: gs.Node
     weight: np.ndarray
     bias: np.ndarray | None
-    _transposed: dict = field(default_factory=dict)
+    rows: bool = False
+    _stored: dict = field(default_factory=dict)
+
+    @property
+    def matrix(self) -> bool:
+        """Whether the layer's input is a batch of vectors (rank 2), the case Gemm covers."""
+        shape = self.node.inputs[0].shape
+        return shape is not None and len(shape) == 2
+
+    def stored(self, ops: Ops, weight: np.ndarray) -> gs.Constant:
+        """`weight` as a constant in the model's layout."""
+        if weight is self.weight:
+            return self.node.inputs[1]
+        if id(weight) not in self._stored:
+            self._stored[id(weight)] = (weight, ops.const(weight.T if self.rows else weight))
+        return self._stored[id(weight)][1]
 
     def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
-        if _rank(x) == 2:
-            return ops("Gemm", *[x, ops.const(weight)] + ([ops.const(bias)] if bias is not None else []))
+        if self.matrix:
+            inputs = [x, self.stored(ops, weight)] + ([ops.const(bias)] if bias is not None else [])
+            return ops("Gemm", *inputs, transB=int(self.rows))
         product = ops("MatMul", x, ops.const(weight))
         return product if bias is None else ops("Add", product, ops.const(bias))
 
     def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
-        key = id(weight)
-        if key not in self._transposed:
-            self._transposed[key] = (weight, ops.const(weight.T))
-        return ops("MatMul", s, self._transposed[key][1])
+        if self.matrix:
+            return ops("Gemm", s, self.stored(ops, weight), transB=int(not self.rows))
+        return ops("MatMul", s, ops.const(weight.T))
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
         features = self.weight.shape[0]
@@ -55,18 +75,22 @@ class Convolution:
     def transposed(self) -> bool:
         return self.node.op == "ConvTranspose"
 
+    def stored(self, ops: Ops, weight: np.ndarray) -> gs.Constant:
+        """`weight` as a constant; the unmodified weight is the model's own initializer."""
+        return self.node.inputs[1] if weight is self.weight else ops.const(weight)
+
     def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
-        inputs = [x, ops.const(weight)] + ([ops.const(bias)] if bias is not None else [])
+        inputs = [x, self.stored(ops, weight)] + ([ops.const(bias)] if bias is not None else [])
         return ops(self.node.op, *inputs, **self.node.attrs)
 
     def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
         kernel = list(weight.shape[2:])
         if not self.transposed:
-            return ops.transposed_conv(s, ops.const(weight), self.node.attrs, self.in_shape[2:],
+            return ops.transposed_conv(s, self.stored(ops, weight), self.node.attrs, self.in_shape[2:],
                                        self.out_shape[2:], kernel)
         # With the ConvTranspose's pads and strides (output_padding < stride), the Conv lands on the input's shape.
         attrs = {k: v for k, v in self.node.attrs.items() if k != "output_padding"}
-        return ops("Conv", s, ops.const(weight), **attrs)
+        return ops("Conv", s, self.stored(ops, weight), **attrs)
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
         per_channel = values.reshape((1, -1) + (1,) * (len(self.in_shape) - 2))
@@ -81,14 +105,14 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
         raise Unsupported("a linear layer needs a computed input and a constant weight "
                           "(a product of two computed tensors is not supported)")
     bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    weight = weight.astype(np.float64)
-    bias = bias.astype(np.float64) if bias is not None else None
     if node.op in ("Gemm", "MatMul"):
         if weight.ndim != 2:
             raise Unsupported(f"MatMul by a constant of rank {weight.ndim} is not supported")
-        if node.attrs or (bias is not None and bias.shape != weight.shape[1:]):
+        rows = bool(node.attrs.get("transB", 0))
+        weight = weight.T if rows else weight  # a view: [K, M] for the rules, no copy
+        if set(node.attrs) - {"transB"} or (bias is not None and bias.shape != weight.shape[1:]):
             raise Unsupported("Gemm with a C that is not a per-feature constant bias is not supported")
-        return Dense(node, weight, bias)
+        return Dense(node, weight, bias, rows)
     in_shape, out_shape = x.shape, node.outputs[0].shape
     if not _static(in_shape, 1) or not _static(out_shape, 1):
         raise Unsupported("convolutions need static channel and spatial dimensions")
@@ -107,8 +131,3 @@ def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
 def _static(shape, start: int) -> bool:
     return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape[start:])
 
-
-def _rank(tensor: Tensor) -> int | None:
-    if isinstance(tensor, gs.Constant):
-        return tensor.values.ndim
-    return len(tensor.shape) if tensor.shape is not None else None

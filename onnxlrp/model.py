@@ -16,6 +16,8 @@ logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 MIN_OPSET = 11
+# Constants with more elements than this stay out of shape inference (only their shape matters there).
+LIGHT_LIMIT = 4096
 REMOVABLE = {"Identity", "Dropout"}
 # Protobuf's limit for one file; larger models keep their weights in an external data file.
 MAX_SINGLE_FILE = 2**31 - 2**24
@@ -49,18 +51,46 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     """
     if opset_of(model) < MIN_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_OPSET)
-    graph = gs.import_onnx(_with_shapes(model))
+    graph = gs.import_onnx(model)
+    infer_shapes(graph)
     graph.fold_constants(error_ok=True)
     graph.cleanup()
     for rewrite in (_remove_identities, _canonical_gemm, _fuse_matmul_add, _explicit_pads):
         rewrite(graph)
     graph.cleanup().toposort()
+    infer_shapes(graph)
     return graph
 
 
-def reinfer(graph: gs.Graph) -> gs.Graph:
-    """Re-import a rewritten graph with freshly inferred shapes."""
-    return gs.import_onnx(_with_shapes(gs.export_onnx(graph, do_type_check=False)))
+def infer_shapes(graph: gs.Graph) -> None:
+    """Give every variable of the graph its inferred shape and type.
+
+    Inference runs on a copy whose large weights are graph inputs of the same shape, so that no weight is
+    serialized: this is what keeps building large models fast.
+    """
+    light = graph.copy()
+    stand_ins: dict[str, gs.Variable] = {}
+    for node in light.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
+                if tensor.name not in stand_ins:
+                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
+                node.inputs[index] = stand_ins[tensor.name]
+    light.inputs.extend(stand_ins.values())
+    exported = gs.export_onnx(light, do_type_check=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(exported, data_prop=True)
+    except Exception as error:  # inference errors come as several exception types
+        raise LrpError(f"shape inference failed on the model ({_first_line(error)})") from None
+    tensors = graph.tensors()
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):
+            kind = info.type.tensor_type
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type) if kind.elem_type else tensor.dtype
+            if kind.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in kind.shape.dim]
 
 
 def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
@@ -91,13 +121,6 @@ def ir_version_for(model: onnx.ModelProto, source_ir: int) -> int:
     """
     opset = opset_of(model)
     return max(source_ir, min(ir for _, ir, ops, *_ in onnx.helper.VERSION_TABLE if ops >= opset))
-
-
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as error:  # inference errors come as several exception types
-        raise LrpError(f"shape inference failed on the model ({_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -136,29 +159,30 @@ def _remove_identities(graph: gs.Graph) -> None:
 
 
 def _canonical_gemm(graph: gs.Graph) -> None:
-    """Rewrite Gemm as y = A @ W + b with constant W [K, M], b [M], alpha = beta = 1, no transposes."""
+    """Rewrite Gemm as y = A @ B + C (B given as B^T with transB = 1) with constant B, a per-feature bias C,
+    alpha = beta = 1 and no transA. The weight keeps its layout: no copy of a large matrix."""
     for node in [n for n in graph.nodes if n.op == "Gemm"]:
         weight = constant(node.inputs[1])
         if weight is None or constant(node.inputs[0]) is not None:
             continue  # left for the emitter to refuse with the node's name
-        weight = weight.astype(np.float64) * node.attrs.get("alpha", 1.0)
-        if node.attrs.get("transB", 0):
-            weight = weight.T
-        out_features = weight.shape[1]
-        inputs = [node.inputs[0], _constant_like(node.inputs[1], weight, "weight")]
+        transposed = bool(node.attrs.get("transB", 0))
+        out_features = weight.shape[0 if transposed else 1]
+        alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+        inputs = [node.inputs[0], node.inputs[1] if alpha == 1 else _constant_like(
+            node.inputs[1], weight.astype(np.float64) * alpha, "weight")]
         if len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant(node.inputs[2])
             if bias is None or not _is_bias(bias, out_features):
                 continue  # a computed or per-sample C: the emitter refuses the node
-            bias = np.broadcast_to(bias.reshape(-1) * np.float64(node.attrs.get("beta", 1.0)), (out_features,))
+            bias = np.broadcast_to(bias.reshape(-1) * np.float64(beta), (out_features,))
             inputs.append(_constant_like(node.inputs[2], bias, "bias"))
         if node.attrs.get("transA", 0):
-            transposed = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype)
+            swapped = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype)
             graph.nodes.append(gs.Node("Transpose", f"{node.name}/transA", {"perm": [1, 0]},
-                                       [node.inputs[0]], [transposed]))
-            inputs[0] = transposed
+                                       [node.inputs[0]], [swapped]))
+            inputs[0] = swapped
         replace(node.inputs, inputs)
-        node.attrs = {}
+        node.attrs = {"transB": 1} if transposed else {}
 
 
 def _fuse_matmul_add(graph: gs.Graph) -> None:

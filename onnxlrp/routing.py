@@ -1,5 +1,5 @@
-"""Layers that move relevance without a rule: elementwise activations, reshaping, transposes, concatenation,
-arithmetic with constants, and sums of two computed tensors."""
+"""Layers that move relevance without a rule: elementwise activations, reshaping, transposes, slicing and
+concatenation, arithmetic with constants, gates, and sums of two computed tensors."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,8 +7,9 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .model import constant
+from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
-from .ops import Tensor
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh",
                "Clip", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu")
@@ -19,7 +20,12 @@ def _first_only(relevance: Tensor, node: gs.Node) -> list[Tensor | None]:
     return [relevance] + [None] * (len(node.inputs) - 1)
 
 
-@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization"), ("pass",))
+GATES = ("Sigmoid", "HardSigmoid")
+# How far up a chain of one-input ops a Mul operand is searched for the other operand (x * f(x) activations).
+ACTIVATION_DEPTH = 8
+
+
+@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization", "Cast"), ("pass",))
 def emit_pass(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Elementwise layers (and BatchNormalization that could not be folded) pass relevance unchanged."""
     return _first_only(relevance[0], node)
@@ -56,6 +62,8 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
     flags = [computed(t) for t in node.inputs]
     if flags.count(True) == 1:
         return [relevance[0] if flag else None for flag in flags]
+    if node.op == "Mul":
+        return _gated(node, relevance[0])
     if node.op not in ("Add", "Sub"):
         raise Unsupported(f"{node.op} of two computed tensors is not supported")
     a, b = node.inputs
@@ -66,3 +74,125 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
     s = ops.divide_stabilized(relevance[0], node.outputs[0], params["stabilizer"])
     lower_b = ops("Mul", b, s)
     return [ops("Mul", a, s), lower_b if node.op == "Add" else ops("Neg", lower_b)]
+
+
+def _gated(node: gs.Node, relevance: Tensor) -> list[Tensor | None]:
+    """Mul of a signal and a gate: all relevance to the signal (Montavon 2019 §10.4).
+
+    The gate is a Sigmoid/HardSigmoid output (squeeze-and-excitation), or a function of the other operand
+    alone, which makes the Mul one decomposed activation: SiLU x*sigmoid(x), GELU, HardSwish, Mish.
+    """
+    a, b = node.inputs
+    for signal, gate in ((a, b), (b, a)):
+        if _derived_from(gate, signal) or (_producer_op(gate) in GATES and _producer_op(signal) not in GATES):
+            if signal.shape is None or list(signal.shape) != list(node.outputs[0].shape or []):
+                raise Unsupported("a gated Mul whose signal is broadcast is not supported")
+            return [relevance if t is signal else None for t in node.inputs]
+    raise Unsupported("Mul of two computed tensors that is not a gate is not supported")
+
+
+def _producer_op(tensor: Tensor) -> str | None:
+    return tensor.inputs[0].op if tensor.inputs else None
+
+
+def _derived_from(tensor: Tensor, source: Tensor) -> bool:
+    """Whether `tensor` comes from `source` through a short chain of ops with one computed input each."""
+    for _ in range(ACTIVATION_DEPTH):
+        if not tensor.inputs:
+            return False
+        sources = [t for t in tensor.inputs[0].inputs if computed(t)]
+        if len(sources) != 1:
+            return False
+        tensor = sources[0]
+        if tensor is source:
+            return True
+    return False
+
+
+def _static_dims(tensor: Tensor, what: str) -> list[int]:
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+        raise Unsupported(f"{what} needs static non-batch dimensions")
+    return list(shape)
+
+
+def _constant_ints(node: gs.Node, index: int, what: str) -> list[int] | None:
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    values = constant(node.inputs[index])
+    if values is None:
+        raise Unsupported(f"{what} must be constant")
+    return [int(v) for v in np.atleast_1d(values)]
+
+
+def _zeros_like(ops: Ops, tensor: Tensor) -> Tensor:
+    return ops("ConstantOfShape", ops("Shape", tensor))
+
+
+@family("slice", ("Slice",), ("pass",))
+def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
+    shape = _static_dims(node.inputs[0], "Slice")
+    starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
+    axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
+    steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
+    if any(step != 1 for step in steps):
+        raise Unsupported("Slice with steps other than 1 is not supported")
+    rank = len(shape)
+    pads = [0] * (2 * rank)
+    for start, end, axis in zip(starts, ends, axes):
+        axis %= rank
+        if axis == 0:
+            raise Unsupported("Slice along the batch axis is not supported")
+        size = shape[axis]
+        start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
+        pads[axis], pads[rank + axis] = start, size - max(end, start)
+    lower = ctx.ops("Pad", relevance[0], ctx.ops.ints(pads))
+    return [lower] + [None] * (len(node.inputs) - 1)
+
+
+@family("split", ("Split",), ("pass",))
+def emit_split(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The relevance of the parts, concatenated back (zeros for parts nothing explained)."""
+    parts = [r if r is not None else _zeros_like(ctx.ops, out) for r, out in zip(relevance, node.outputs)]
+    lower = ctx.ops("Concat", *parts, axis=node.attrs.get("axis", 0))
+    return [lower] + [None] * (len(node.inputs) - 1)
+
+
+@family("pad", ("Pad",), ("pass",))
+def emit_pad(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Relevance of the padding is dropped; the input gets the relevance of its own positions."""
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = _constant_ints(node, 1, "Pad pads")
+    axes = _constant_ints(node, 3, "Pad axes")
+    if mode != "constant" or any(p < 0 for p in pads):
+        raise Unsupported(f"Pad in {mode} mode or with negative pads is not supported")
+    shape = _static_dims(node.inputs[0], "Pad")
+    half = len(pads) // 2
+    axes = [a % len(shape) for a in axes] if axes else list(range(half))
+    starts = [pads[i] for i in range(half)]
+    ends = [pads[i] + shape[a] for i, a in enumerate(axes)]
+    return [ctx.ops.slice(relevance[0], starts, ends, axes)] + [None] * (len(node.inputs) - 1)
+
+
+@family("gather", ("Gather",), ("pass",))
+def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Gather of constant indices along one axis: each gathered element's relevance returns to its source
+    (repeated indices add up), as a product with a one-hot matrix."""
+    indices = constant(node.inputs[1])
+    if indices is None or indices.ndim > 1:
+        raise Unsupported("Gather needs constant scalar or 1-D indices")
+    shape = _static_dims(node.inputs[0], "Gather")
+    axis = node.attrs.get("axis", 0) % len(shape)
+    if axis == 0:
+        raise Unsupported("Gather along the batch axis is not supported")
+    ops = ctx.ops
+    upper = ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
+    positions = np.atleast_1d(indices) % shape[axis]
+    selection = np.zeros((positions.size, shape[axis]))
+    selection[np.arange(positions.size), positions] = 1
+    to_last = [a for a in range(len(shape)) if a != axis] + [axis]
+    moved = ops("MatMul", ops("Transpose", upper, perm=to_last), ops.const(selection))
+    lower = ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
+    return [lower, None]
