@@ -52,7 +52,9 @@ class Builder:
                 lower = FAMILIES[node.op].emit(self, node, upper)
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
-                lower = list(node.inputs)  # keep walking, so that every problem is reported at once
+                # Keep walking through the float inputs, so that every problem is reported at once.
+                lower = [t if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating) else None
+                         for t in node.inputs]
             for tensor, contribution in zip(node.inputs, lower):
                 if contribution is not None and computed(tensor):
                     relevance.setdefault(tensor.name, []).append(contribution)

@@ -51,6 +51,8 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
 
 def main() -> None:
     """Entry point: run the CLI, turning our errors and click's usage errors into one line on stderr."""
+    import onnxruntime
+    onnxruntime.set_default_logger_severity(3)  # constant folding's sessions would log optimizer notes
     try:
         cli.main(standalone_mode=False)
     except LrpError as error:

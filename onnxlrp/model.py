@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from .errors import LrpError
 
@@ -55,6 +56,9 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     infer_shapes(graph)
     graph.fold_constants(error_ok=True)
     graph.cleanup()
+    _fold_batch_independent(graph)
+    graph.cleanup()
+    infer_shapes(graph)
     for rewrite in (_remove_identities, _canonical_gemm, _fuse_matmul_add, _explicit_pads):
         rewrite(graph)
     graph.cleanup().toposort()
@@ -62,11 +66,43 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def _fold_batch_independent(graph: gs.Graph) -> None:
+    """Fold the integer tensors computed from shapes (torch's chunk sizes, split points) that come out the same
+    for batch sizes 1 and 2: with a symbolic batch size, constant folding cannot see that they are constant.
+
+    The values are observed by running the shape computations in ONNX Runtime on zero inputs.
+    """
+    inputs = [t for t in graph.inputs if t.shape and not isinstance(t.shape[0], int)]
+    shaped = [n for n in graph.nodes if n.op in ("Shape", "Size")]
+    if not inputs or not shaped or any(not isinstance(d, int) for t in graph.inputs for d in t.shape[1:]):
+        return
+    candidates = [t for t in graph.tensors().values()
+                  if isinstance(t, gs.Variable) and t.inputs and t.dtype is not None
+                  and np.issubdtype(np.dtype(t.dtype), np.integer) and t not in graph.inputs]
+    if not candidates:
+        return
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in candidates]
+    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    observed = [dict(zip(names, session.run(names, {t.name: np.zeros([batch] + list(t.shape[1:]), t.dtype)
+                                                     for t in graph.inputs})))
+                for batch in (1, 2)]
+    for tensor in candidates:
+        first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
+        if first is not None and second is not None and first.size < 64 and np.array_equal(first, second):
+            tensor.to_constant(first)
+            tensor.inputs.clear()
+
+
 def infer_shapes(graph: gs.Graph) -> None:
     """Give every variable of the graph its inferred shape and type.
 
     Inference runs on a copy whose large weights are graph inputs of the same shape, so that no weight is
-    serialized: this is what keeps building large models fast.
+    serialized: this is what keeps building large models fast. Dimensions after the first that stay unknown
+    with a symbolic batch size (a Reshape to -1 of a computed shape) come from a second pass with batch 1.
     """
     light = graph.copy()
     stand_ins: dict[str, gs.Variable] = {}
@@ -78,19 +114,44 @@ def infer_shapes(graph: gs.Graph) -> None:
                 node.inputs[index] = stand_ins[tensor.name]
     light.inputs.extend(stand_ins.values())
     exported = gs.export_onnx(light, do_type_check=False)
+    tensors = graph.tensors()
+    for name, dtype, shape in _inferred(exported):
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Variable):
+            tensor.dtype = dtype or tensor.dtype
+            tensor.shape = shape if shape is not None else tensor.shape
+    if not any(_unknown_after_batch(t) for t in tensors.values()):
+        return
+    for value in exported.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in stand_ins and dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    for name, _, shape in _inferred(exported):
+        tensor = tensors.get(name)
+        if _unknown_after_batch(tensor) and shape is not None and len(shape) == len(tensor.shape):
+            tensor.shape = tensor.shape[:1] + shape[1:]
+
+
+def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
+    return (isinstance(tensor, gs.Variable) and tensor.shape is not None
+            and any(not isinstance(d, int) for d in tensor.shape[1:]))
+
+
+def _inferred(model: onnx.ModelProto) -> list[tuple[str, np.dtype | None, list | None]]:
+    """(name, type, shape) of every value that onnx's shape inference (with data propagation) can tell."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(exported, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as error:  # inference errors come as several exception types
         raise LrpError(f"shape inference failed on the model ({_first_line(error)})") from None
-    tensors = graph.tensors()
+    found = []
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        tensor = tensors.get(info.name)
-        if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):
+        if info.type.HasField("tensor_type"):
             kind = info.type.tensor_type
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type) if kind.elem_type else tensor.dtype
-            if kind.HasField("shape"):
-                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                for d in kind.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type) if kind.elem_type else None
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in kind.shape.dim] if kind.HasField("shape") else None
+            found.append((info.name, dtype, shape))
+    return found
 
 
 def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
