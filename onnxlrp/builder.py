@@ -8,12 +8,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import linear, pooling, routing  # noqa: F401  (they register their emitters)
-from .batchnorm import fold_batchnorm
+from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
 from .model import canonicalize, infer_shapes, ir_version_for, opset_of
 from .ops import Ops, Tensor
-from .registry import FAMILIES, Unsupported, computed
+from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start
 
@@ -53,8 +53,7 @@ class Builder:
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
                 # Keep walking through the float inputs, so that every problem is reported at once.
-                lower = [t if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating) else None
-                         for t in node.inputs]
+                lower = [t if floating(t) else None for t in node.inputs]
             for tensor, contribution in zip(node.inputs, lower):
                 if contribution is not None and computed(tensor):
                     relevance.setdefault(tensor.name, []).append(contribution)
@@ -71,8 +70,10 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
+    declared_outputs = {value.name: value for value in model.graph.output}
     graph = canonicalize(model)
     fold_batchnorm(graph)
+    fold_affine(graph)
     graph.cleanup().toposort()
     infer_shapes(graph)
     graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
@@ -86,7 +87,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if not isinstance(classes, int):
         raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
 
-    ops = Ops(graph, graph.opset, np.dtype(x.dtype))
+    ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[_batch(x)])
     builder = Builder(graph, composite, ops)
     relevance = builder.walk(graph, *start(builder, logits, target, classes, explain), source)
@@ -98,6 +99,9 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     graph.inputs.append(target)
     graph.outputs.append(result)
     built = gs.export_onnx(graph, do_type_check=False)
+    for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
+        if value.name in declared_outputs:
+            value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     return built
@@ -123,21 +127,22 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
 
 def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
     for tensor in graph.inputs:
-        if tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating):
+        if floating(tensor):
             return tensor
     raise LrpError(f"{source}: the model has no floating-point input to explain")
 
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:
-    """The output named `name`, or the first floating-point output of shape [N, C]."""
+    """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
     if name is not None:
         chosen = next((t for t in graph.outputs if t.name == name), None)
         if chosen is None:
             raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
         return chosen
-    for tensor in graph.outputs:
-        if (tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
-                and tensor.shape is not None and len(tensor.shape) == 2):
+    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
+    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
+    for tensor in list(graph.outputs) + zipped:
+        if floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2:
             return tensor
     raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ops import Ops, Tensor
@@ -52,3 +53,11 @@ def family(name: str, op_types: Sequence[str], rules: Sequence[str],
 def computed(tensor: Tensor | None) -> bool:
     """Whether a node input is computed from the model input (a Variable), not a constant."""
     return isinstance(tensor, gs.Variable)
+
+
+def floating(tensor: Tensor | None) -> bool:
+    """Whether a tensor is known to hold floating-point values (sequences and maps are not)."""
+    try:
+        return tensor is not None and tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+    except TypeError:
+        return False

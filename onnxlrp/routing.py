@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .model import constant
 from .ops import Ops, Tensor
-from .registry import Context, Unsupported, computed, family
+from .registry import Context, Unsupported, computed, family, floating
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh",
                "Clip", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu")
@@ -25,10 +26,20 @@ GATES = ("Sigmoid", "HardSigmoid")
 ACTIVATION_DEPTH = 8
 
 
-@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization", "Cast"), ("pass",))
+@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization"), ("pass",))
 def emit_pass(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Elementwise layers (and BatchNormalization that could not be folded) pass relevance unchanged."""
     return _first_only(relevance[0], node)
+
+
+@family("cast", ("Cast",), ("pass",))
+def emit_cast(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Relevance passes, in the type of the cast's input (a double model input cast to float)."""
+    source = node.inputs[0]
+    if not floating(source):
+        raise Unsupported("a Cast from a non-float type carries no relevance")
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(source.dtype))
+    return [ctx.ops("Cast", relevance[0], to=dtype)]
 
 
 @family("reshape", RESHAPES, ("pass",))

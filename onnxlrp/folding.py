@@ -1,0 +1,103 @@
+"""Folding what follows a linear layer into it (in float64): BatchNormalization, as Zennit's canonizer does,
+and per-channel arithmetic with constants."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .model import constant, replace
+
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+
+
+def fold_batchnorm(graph: gs.Graph) -> None:
+    """Merge every BatchNormalization that directly follows a Conv, ConvTranspose or Gemm into it.
+
+    A BatchNormalization that cannot be folded stays in the graph and later gets the `pass` rule.
+    """
+    graph_outputs = {id(t) for t in graph.outputs}
+    for norm in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        producer = norm.inputs[0].inputs[0] if norm.inputs[0].inputs else None
+        params = [constant(t) for t in norm.inputs[1:5]]
+        if (producer is None or producer.op not in FOLDABLE or len(norm.outputs) != 1
+                or any(p is None for p in params) or len(norm.inputs[0].outputs) != 1
+                or id(norm.inputs[0]) in graph_outputs or constant(producer.inputs[1]) is None):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + norm.attrs.get("epsilon", 1e-5))
+        weight, bias = _parameters(producer, len(scale))
+        _absorb(norm, producer, _scale_outputs(producer, weight, scale), (bias - mean) * scale + beta)
+
+
+def _parameters(producer: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A linear node's weight and bias in float64 (zeros where it has no bias)."""
+    weight = producer.inputs[1].values.astype(np.float64)
+    has_bias = len(producer.inputs) > 2 and isinstance(producer.inputs[2], gs.Constant)
+    return weight, producer.inputs[2].values.astype(np.float64) if has_bias else np.zeros(channels)
+
+
+def _absorb(folded: gs.Node, producer: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give the linear node the folded parameters (in its weight's type) and the folded node's output."""
+    dtype = producer.inputs[1].values.dtype
+    weights = gs.Constant(f"{folded.name}/folded_weight", weight.astype(dtype))
+    biases = gs.Constant(f"{folded.name}/folded_bias", bias.astype(dtype))
+    replace(producer.inputs, [producer.inputs[0], weights, biases])
+    replace(producer.outputs, [folded.outputs[0]])
+    folded.outputs.clear()
+    folded.inputs.clear()
+
+
+def _scale_outputs(producer: gs.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Multiply the weight of each output channel (or feature) by its factor."""
+    if producer.op == "Gemm" and not producer.attrs.get("transB", 0):
+        return weight * scale[None, :]
+    if producer.op in ("Conv", "Gemm"):  # output channels (features) first
+        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    groups = producer.attrs.get("group", 1)
+    grouped = weight.reshape((groups, weight.shape[0] // groups) + weight.shape[1:])
+    factors = scale.reshape((groups, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+    return (grouped * factors).reshape(weight.shape)
+
+
+AFFINE = ("Mul", "Div", "Add", "Sub")
+
+
+def fold_affine(graph: gs.Graph) -> None:
+    """Merge a per-channel Mul, Div, Add or Sub by a constant that directly follows a Conv, ConvTranspose or
+    Gemm into it (a BatchNorm or bias that an exporter wrote as arithmetic, as tf2onnx does), repeatedly."""
+    graph_outputs = {id(t) for t in graph.outputs}
+    changed = True
+    while changed:
+        changed = False
+        for node in [n for n in graph.nodes if n.op in AFFINE and len(n.inputs) == 2]:
+            linear_output = next((t for t in node.inputs if t.inputs and t.inputs[0].op in FOLDABLE), None)
+            other = next((t for t in node.inputs if t is not linear_output), None)
+            if (linear_output is None or constant(other) is None or len(linear_output.outputs) != 1
+                    or id(linear_output) in graph_outputs or (node.op in ("Div", "Sub") and node.inputs[0] is not
+                                                              linear_output)):
+                continue
+            producer = linear_output.inputs[0]
+            factors = _per_channel(other.values, linear_output.shape, producer)
+            if factors is None or constant(producer.inputs[1]) is None:
+                continue
+            weight, bias = _parameters(producer, len(factors))
+            if node.op in ("Mul", "Div"):
+                scale = factors if node.op == "Mul" else 1.0 / factors
+                weight, bias = _scale_outputs(producer, weight, scale), bias * scale
+            else:
+                bias = bias + (factors if node.op == "Add" else -factors)
+            _absorb(node, producer, weight, bias)
+            changed = True
+
+
+def _per_channel(values: np.ndarray, shape, producer: gs.Node) -> np.ndarray | None:
+    """The constant as one value per output channel, if it only varies along axis 1 of the linear output."""
+    if shape is None or not isinstance(shape[1] if len(shape) > 1 else None, int):
+        return None
+    channels, rank = shape[1], len(shape)
+    if values.ndim > rank:
+        return None
+    padded = values.reshape((1,) * (rank - values.ndim) + values.shape)
+    if any(d != 1 for i, d in enumerate(padded.shape) if i != 1) or padded.shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(padded.reshape(-1).astype(np.float64), (channels,)).copy()
