@@ -146,3 +146,36 @@ def test_old_opset_with_overlapping_max_pool_is_converted(rng):
     assert built.opset_import[0].version == 16
     np.testing.assert_allclose(run(built, {"input": x})[1], run(explain(modern, "epsilon_plus"), {"input": x})[1],
                                rtol=1e-6, atol=1e-9)
+
+
+def decomposed_activation(kind: str, z: str, out: str) -> list:
+    """Activations as exporters write them out: x * f(x)."""
+    if kind == "gelu":  # torch: x * 0.5 * (1 + erf(x / sqrt(2)))
+        return [helper.make_node("Div", [z, "sqrt2"], [f"{z}_d"]), helper.make_node("Erf", [f"{z}_d"], [f"{z}_e"]),
+                helper.make_node("Add", [f"{z}_e", "one"], [f"{z}_a"]),
+                helper.make_node("Mul", [z, f"{z}_a"], [f"{z}_m"], name="gelu_product"),
+                helper.make_node("Mul", [f"{z}_m", "half"], [out])]
+    if kind == "silu":
+        return [helper.make_node("Sigmoid", [z], [f"{z}_s"]), helper.make_node("Mul", [z, f"{z}_s"], [out])]
+    return [helper.make_node("Add", [z, "three"], [f"{z}_p"]),  # hardswish: x * clip(x + 3, 0, 6) / 6
+            helper.make_node("Clip", [f"{z}_p", "zero", "six"], [f"{z}_c"]),
+            helper.make_node("Mul", [f"{z}_c", z], [f"{z}_m"]), helper.make_node("Div", [f"{z}_m", "six"], [out])]
+
+
+@pytest.mark.parametrize("kind,function", [
+    ("gelu", lambda z: z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2)))),
+    ("silu", lambda z: z / (1 + np.exp(-z))),
+    ("hardswish", lambda z: z * np.clip(z + 3, 0, 6) / 6)])
+def test_decomposed_activations_pass_relevance(kind, function, rng):
+    init = {"w1": rng.normal(size=(5, 7)), "w2": rng.normal(size=(7, 3)), "sqrt2": np.sqrt(2.0), "one": 1.0,
+            "half": 0.5, "three": 3.0, "zero": 0.0, "six": 6.0}
+    nodes = [helper.make_node("Gemm", ["input", "w1"], ["z1"], name="dense1"),
+             *decomposed_activation(kind, "z1", "a1"),
+             helper.make_node("Gemm", ["a1", "w2"], ["logits"], name="dense2")]
+    source = make_model(nodes, [1, 5], [1, 3], init)
+    x = rng.normal(size=[2, 5]).astype(np.float32)
+    logits, relevance = run(explain(source, "zero"), {"input": x})
+    z1 = x.astype(np.float64) @ init["w1"]
+    hidden = function(z1) * init["w2"][:, logits.argmax(1)].T  # LRP-0 on dense2, seeded with the logit
+    expected = x * ((hidden / z1) @ init["w1"].T)  # the activation passes; LRP-0 on dense1
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6)

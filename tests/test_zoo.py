@@ -1,0 +1,127 @@
+"""Every CNN family and exporter: torchvision architectures (fixtures/zoo, weights drawn from a seed), the
+dynamo and older TorchScript exporters, Keras through tf2onnx, scikit-learn through skl2onnx."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnxlrp
+from conftest import FIXTURES, explain, make_model, relative_error, run, session
+
+sys.path.insert(0, str(FIXTURES))
+from seeded import materialize  # noqa: E402
+
+ZOO = FIXTURES / "zoo"
+MANIFEST = json.loads((ZOO / "manifest.json").read_text())
+MODELS = {**MANIFEST["families"], **MANIFEST["variants"]}
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+IMAGENET_BOUNDS = {"low": tuple((0 - MEAN) / STD), "high": tuple((1 - MEAN) / STD)}
+# Rules whose denominators are sums of non-negative terms only absorb relevance (biases, stabilizer), never
+# amplify it; the epsilon and alpha-beta presets may legitimately do both on random weights.
+ABSORBING = ("epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "zplus", "gamma")
+
+
+@functools.lru_cache(maxsize=2)
+def zoo_model(file: str) -> onnx.ModelProto:
+    return materialize(onnxlrp.load(ZOO / file))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_family_builds_with_every_preset(name):
+    info = MODELS[name]
+    model = zoo_model(info["file"])
+    x = np.random.default_rng(0).normal(size=(1, 3, info["side"], info["side"])).astype(np.float32)
+    for composite in onnxlrp.preset_names():
+        built = explain(model, composite, **IMAGENET_BOUNDS)
+        logits, relevance = run(built, {"input": x}, ["logits", "relevance"])
+        explained = logits.max()
+        assert relevance.shape == x.shape
+        assert np.all(np.isfinite(relevance)) and np.abs(relevance).sum() > 0, composite
+        if composite in ABSORBING:
+            ratio = relevance.sum() / explained
+            assert 0.01 < ratio < 1.1, f"{composite}: sum of relevance / logit = {ratio:.3g}"
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+@pytest.mark.parametrize("name", sorted(MANIFEST["parity"]))
+def test_zoo_matches_zennit(name, composite):
+    """ResNets with Zennit's ResNetCanonizer; DenseNet-121 and MobileNetV2 with the fixture script's
+    canonizers (residual sums and pooling as modules, BatchNorm merged where it follows a convolution)."""
+    info = MANIFEST["parity"][name]
+    data = np.load(ZOO / info["references"])
+    built = explain(zoo_model(info["file"]), composite, **IMAGENET_BOUNDS)
+    logits, relevance = run(built, {"input": data["input"], "target": data["target"]}, ["logits", "relevance"])
+    np.testing.assert_allclose(logits, data["logits"], rtol=1e-4, atol=1e-4 * np.abs(data["logits"]).max())
+    assert relative_error(relevance, data[f"relevance/{composite}"]) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["resnet18_opset11", "resnet18_opset13"])
+def test_older_opsets_give_the_same_relevance(variant):
+    """The same ResNet-18 (same initializer names, so the same weights) exported at opsets 11, 13 and 17."""
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    reference = run(explain(zoo_model("resnet18.onnx"), "epsilon_plus_flat"), {"input": x})[1]
+    old = zoo_model(MODELS[variant]["file"])
+    built = explain(old, "epsilon_plus_flat")
+    # Overlapping max pooling needs ScatterElements with reduction: opset 16 at least.
+    assert built.opset_import[0].version == max(16, old.opset_import[0].version)
+    assert relative_error(run(built, {"input": x})[1], reference) < 1e-5
+
+
+def test_keras_and_torch_twins_give_the_same_relevance():
+    """One network and its weights, built in Keras (tf2onnx: NHWC input, Transpose pairs, BatchNorm as Mul/Add,
+    MatMul+Add, Softmax) and in torch: the same relevance up to the input layout."""
+    twins = FIXTURES / "twins"
+    data = np.load(twins / "keras_cnn.npz")
+    keras, torch = (onnxlrp.load(twins / f"{name}.onnx") for name in ("keras_cnn", "torch_cnn"))
+    x, target = data["input"], np.array([-1, 2, 5])
+    for composite in onnxlrp.preset_names():
+        built_keras, built_torch = explain(keras, composite), explain(torch, composite)
+        probabilities, from_keras = run(built_keras, {"input": x.transpose(0, 2, 3, 1), "target": target})
+        from_torch = run(built_torch, {"input": x, "target": target})[1]
+        np.testing.assert_allclose(probabilities, data["probabilities"], rtol=1e-4, atol=1e-6)
+        assert relative_error(from_keras.transpose(0, 3, 1, 2), from_torch) < 1e-4, composite
+
+
+def test_sklearn_mlp_explains_its_logits():
+    """MLPClassifier through skl2onnx: the ZipMap and label outputs are kept, the logits before the Softmax
+    are explained; LRP-0 equals gradient x input of the network written out in numpy."""
+    data = np.load(ZOO / "sklearn_mlp.npz")
+    x = data["input"]
+    built = explain(onnxlrp.load(ZOO / "sklearn_mlp.onnx"), "zero")
+    labels, probabilities, relevance = session(built).run(None, {"X": x})
+    activations, gradients = x.astype(np.float64), []
+    for i in range(3):
+        pre = activations @ data[f"coefs_{i}"] + data[f"intercepts_{i}"]
+        gradients.append(pre > 0)
+        activations = np.maximum(pre, 0) if i < 2 else pre
+    chosen = activations.argmax(1)
+    np.testing.assert_array_equal(labels, chosen)
+    np.testing.assert_allclose([p[int(c)] for p, c in zip(probabilities, chosen)],
+                               data["probabilities"][np.arange(len(x)), chosen], rtol=1e-5)
+    expected = []
+    for n, c in enumerate(chosen):
+        upstream = data["coefs_2"][:, c] * gradients[1][n]
+        upstream = data["coefs_1"] @ upstream * gradients[0][n]
+        expected.append(x[n] * (data["coefs_0"] @ upstream))
+    assert relative_error(relevance, np.array(expected)) < 1e-5
+
+
+def test_attention_and_layer_norm_are_refused_by_name():
+    init = {"scale": np.ones(8), "w": np.ones((8, 3))}
+    nodes = [helper.make_node("LayerNormalization", ["input", "scale"], ["normed"], name="ln"),
+             helper.make_node("Transpose", ["normed"], ["keys"], name="keys", perm=[1, 0]),
+             helper.make_node("MatMul", ["normed", "keys"], ["scores"], name="attention"),
+             helper.make_node("MatMul", ["scores", "normed"], ["mixed"], name="mix"),
+             helper.make_node("Gemm", ["mixed", "w"], ["logits"], name="head")]
+    model = make_model(nodes, [1, 8], [1, 3], init)
+    with pytest.raises(onnxlrp.LrpError) as error:
+        explain(model, "epsilon")
+    message = str(error.value)
+    assert "MatMul ('mix', 'attention'): a linear layer needs a computed input and a constant weight" in message
+    assert "LayerNormalization ('ln'): unsupported op type" in message
