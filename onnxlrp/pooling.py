@@ -48,7 +48,7 @@ class Window:
         return grid.reshape([1, 1] + list(grid.shape))
 
     def forward(self, ops: Ops, x: Tensor, weight=None, bias=None) -> Tensor:
-        mean = ops("AveragePool", x, count_include_pad=1, **self.attrs)
+        mean = ops("AveragePool", x, **{**self.attrs, "count_include_pad": 1})
         return mean if self.average else ops("Mul", mean, ops.const(self.counts(True)))
 
     def backward(self, ops: Ops, s: Tensor, weight=None) -> Tensor:

@@ -33,7 +33,7 @@ class Family:
     op_types: tuple[str, ...]
     rules: tuple[str, ...]
     emit: Emit
-    min_opset: Callable[[gs.Node], int] = lambda node: 0
+    min_opset: Callable[[gs.Node], int]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -43,7 +43,7 @@ def family(name: str, op_types: Sequence[str], rules: Sequence[str],
            min_opset: Callable[[gs.Node], int] | None = None) -> Callable[[Emit], Emit]:
     """Register the decorated function as the emitter of `op_types`."""
     def register(emit: Emit) -> Emit:
-        entry = Family(name, tuple(op_types), tuple(rules), emit, *( [min_opset] if min_opset else []))
+        entry = Family(name, tuple(op_types), tuple(rules), emit, min_opset or (lambda node: 0))
         for op_type in op_types:
             FAMILIES[op_type] = entry
         return emit

@@ -132,3 +132,28 @@ def test_bad_composite_files(tmp_path):
         (tmp_path / file).write_text(text)
         result = onnxlrp("build", FIXTURES / "mlp_ts.onnx", "-o", tmp_path / "out.onnx", "--composite", tmp_path / file)
         assert_one_line_error(result, file, fragment)
+
+
+def test_classifier_output_picks_the_explained_output(tmp_path):
+    rng = np.random.default_rng(5)
+    init = {"w_aux": rng.normal(size=(6, 4)), "w": rng.normal(size=(6, 3))}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["input", "w_aux"], ["aux"], name="aux_head"),
+         helper.make_node("Gemm", ["input", "w"], ["logits"], name="head")], "two_heads",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", k]) for n, k in (("aux", 4), ("logits", 3))],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "two_heads.onnx"
+    onnx.save(model, str(path))
+    x = rng.normal(size=(2, 6)).astype(np.float32)
+    relevance = {}
+    for label, extra in (("default", []), ("chosen", ["--classifier-output", "logits"])):
+        out = tmp_path / f"{label}.onnx"
+        assert onnxlrp("build", path, "-o", out, "--composite", "zero", *extra).returncode == 0
+        relevance[label] = run(onnx.load(str(out)), {"input": x, "target": np.array([0, 1])}, ["relevance"])[0]
+    for label, weight in (("default", init["w_aux"]), ("chosen", init["w"])):  # LRP-0 of one dense layer
+        np.testing.assert_allclose(relevance[label], x * weight[:, [0, 1]].T, rtol=1e-5, atol=1e-6)
+    assert_one_line_error(onnxlrp("build", path, "-o", tmp_path / "x.onnx", "--classifier-output", "nope"),
+                          "no output named 'nope'", "aux, logits")

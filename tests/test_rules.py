@@ -181,3 +181,26 @@ def test_logodds_matches_the_pairwise_formula(rng):
 def test_logodds_refuses_a_top_layer_rule_it_cannot_express(rng):
     with pytest.raises(onnxlrp.LrpError, match="logodds supports the epsilon or zero rule"):
         explain(relu_mlp(rng, bias=True), "zplus", explain="logodds")
+
+
+def test_max_pool_as_sum_pooling_when_the_composite_says_norm(rng, tmp_path):
+    init = {"w": rng.normal(size=(2 * 2 * 2, 3))}
+    nodes = [helper.make_node("MaxPool", ["input"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w"], ["logits"], name="dense")]
+    source = make_model(nodes, [1, 2, 4, 4], [1, 3], init)
+    composite = tmp_path / "norm_pool.toml"
+    composite.write_text('[[layers]]\nop_types = ["MaxPool"]\nrule = "norm"\n\n'
+                         '[[layers]]\nop_types = ["Gemm"]\nrule = "zero"\n')
+    x = rng.uniform(0.1, 1.0, size=[1, 2, 4, 4]).astype(np.float32)
+    logits, relevance = run(explain(source, str(composite)), {"input": x})
+    c = logits.argmax()
+    pooled = x.reshape(2, 2, 2, 2, 2).max(axis=(2, 4))
+    upper = (pooled.reshape(-1) * init["w"][:, c]).reshape(2, 2, 2)  # LRP-0 on the dense layer
+    sums = x.reshape(2, 2, 2, 2, 2).sum(axis=(2, 4))
+    share = np.repeat(np.repeat(upper / sums, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(relevance[0], x[0] * share, rtol=1e-4, atol=1e-7)
+    # The default, winner-take-all, gives each window's relevance to its maximum only.
+    _, winners = run(explain(source, "zero"), {"input": x})
+    assert np.count_nonzero(winners) == 8
+    np.testing.assert_allclose(winners.sum(), relevance.sum(), rtol=1e-5)
