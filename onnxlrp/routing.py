@@ -182,9 +182,12 @@ def emit_pad(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) ->
     shape = _static_dims(node.inputs[0], "Pad")
     half = len(pads) // 2
     axes = [a % len(shape) for a in axes] if axes else list(range(half))
-    starts = [pads[i] for i in range(half)]
-    ends = [pads[i] + shape[a] for i, a in enumerate(axes)]
-    return [ctx.ops.slice(relevance[0], starts, ends, axes)] + [None] * (len(node.inputs) - 1)
+    padded = [(a, pads[i]) for i, a in enumerate(axes) if pads[i] or pads[half + i]]
+    if any(a == 0 for a, _ in padded):
+        raise Unsupported("Pad along the batch axis is not supported")
+    lower = ctx.ops.slice(relevance[0], [p for _, p in padded], [p + shape[a] for a, p in padded],
+                          [a for a, _ in padded]) if padded else relevance[0]
+    return [lower] + [None] * (len(node.inputs) - 1)
 
 
 @family("gather", ("Gather",), ("pass",))

@@ -179,3 +179,24 @@ def test_decomposed_activations_pass_relevance(kind, function, rng):
     hidden = function(z1) * init["w2"][:, logits.argmax(1)].T  # LRP-0 on dense2, seeded with the logit
     expected = x * ((hidden / z1) @ init["w1"].T)  # the activation passes; LRP-0 on dense1
     np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_routing_ops_send_relevance_back_where_it_came_from(rng):
+    """Pad, Slice, Split, Gather (a repeated index) and Concat are linear: LRP-0 is gradient x input."""
+    ints = {"pads": [0, 0, 1, 0, 0, 2], "starts": [1], "ends": [8], "axes": [2], "split": [3, 4],
+            "indices": [0, 3, 3]}
+    nodes = [helper.make_node("Constant", [], [k], name=k, value=numpy_helper.from_array(np.array(v, np.int64)))
+             for k, v in ints.items()]
+    nodes += [helper.make_node("Pad", ["input", "pads"], ["padded"], name="pad"),
+              helper.make_node("Slice", ["padded", "starts", "ends", "axes"], ["sliced"], name="slice"),
+              helper.make_node("Split", ["sliced", "split"], ["left", "right"], name="split", axis=2),
+              helper.make_node("Gather", ["right", "indices"], ["gathered"], name="gather", axis=2),
+              helper.make_node("Concat", ["left", "gathered"], ["joined"], name="concat", axis=1),
+              helper.make_node("Flatten", ["joined"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "w"], ["logits"], name="head")]
+    source = make_model(nodes, [1, 2, 6], [1, 3], {"w": rng.normal(size=(12, 3))})
+    x = rng.normal(size=[1, 2, 6]).astype(np.float32)
+    _, relevance = run(explain(source, "zero"), {"input": x, "target": np.array([2])})
+    expected = x * finite_difference_gradient(source, x, 2)
+    assert relative_error(relevance, expected) < 1e-3
+    assert relevance[0, :, 3].any() and not relevance[0, :, 4:].any()  # x[..., 4:] is never gathered
