@@ -204,3 +204,14 @@ def test_max_pool_as_sum_pooling_when_the_composite_says_norm(rng, tmp_path):
     _, winners = run(explain(source, "zero"), {"input": x})
     assert np.count_nonzero(winners) == 8
     np.testing.assert_allclose(winners.sum(), relevance.sum(), rtol=1e-5)
+
+
+def test_max_pool_that_already_outputs_its_indices(rng):
+    """The dynamo exporter may keep MaxPool's Indices output; the winner-take-all rule reads it."""
+    plain = relu_cnn(np.random.default_rng(3), bias=True)
+    with_indices = relu_cnn(np.random.default_rng(3), bias=True)
+    pool = next(n for n in with_indices.graph.node if n.op_type == "MaxPool")
+    pool.output.append("pool_indices")
+    x = rng.normal(size=[2, 2, 9, 8]).astype(np.float32)
+    np.testing.assert_array_equal(run(explain(with_indices, "epsilon_plus"), {"input": x})[1],
+                                  run(explain(plain, "epsilon_plus"), {"input": x})[1])
