@@ -15,15 +15,13 @@ from .registry import Context, Unsupported, computed, family, floating
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh",
                "Clip", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu")
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+GATES = ("Sigmoid", "HardSigmoid")
+# How far up a chain of one-input ops a Mul operand is searched for the other operand (x * f(x) activations).
+ACTIVATION_DEPTH = 8
 
 
 def _first_only(relevance: Tensor, node: gs.Node) -> list[Tensor | None]:
     return [relevance] + [None] * (len(node.inputs) - 1)
-
-
-GATES = ("Sigmoid", "HardSigmoid")
-# How far up a chain of one-input ops a Mul operand is searched for the other operand (x * f(x) activations).
-ACTIVATION_DEPTH = 8
 
 
 @family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization"), ("pass",))
