@@ -161,17 +161,19 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as error:
         raise LrpError(f"internal error: the built graph is invalid ({_first_line(error)})") from None
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
         if model.ByteSize() > MAX_SINGLE_FILE:
             onnx.save(model, temporary, save_as_external_data=True, location=f"{path.name}.data")
         else:
             onnx.save(model, temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        raise LrpError(f"{path}: cannot write the model ({error.strerror or error})") from None
     finally:
-        if os.path.exists(temporary):
+        if temporary and os.path.exists(temporary):
             os.unlink(temporary)
 
 
