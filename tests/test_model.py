@@ -157,6 +157,9 @@ def decomposed_activation(kind: str, z: str, out: str) -> list:
                 helper.make_node("Mul", [f"{z}_m", "half"], [out])]
     if kind == "silu":
         return [helper.make_node("Sigmoid", [z], [f"{z}_s"]), helper.make_node("Mul", [z, f"{z}_s"], [out])]
+    if kind == "mish":  # x * tanh(softplus(x))
+        return [helper.make_node("Softplus", [z], [f"{z}_p"]), helper.make_node("Tanh", [f"{z}_p"], [f"{z}_t"]),
+                helper.make_node("Mul", [z, f"{z}_t"], [out])]
     return [helper.make_node("Add", [z, "three"], [f"{z}_p"]),  # hardswish: x * clip(x + 3, 0, 6) / 6
             helper.make_node("Clip", [f"{z}_p", "zero", "six"], [f"{z}_c"]),
             helper.make_node("Mul", [f"{z}_c", z], [f"{z}_m"]), helper.make_node("Div", [f"{z}_m", "six"], [out])]
@@ -165,6 +168,7 @@ def decomposed_activation(kind: str, z: str, out: str) -> list:
 @pytest.mark.parametrize("kind,function", [
     ("gelu", lambda z: z * 0.5 * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2)))),
     ("silu", lambda z: z / (1 + np.exp(-z))),
+    ("mish", lambda z: z * np.tanh(np.log1p(np.exp(z)))),
     ("hardswish", lambda z: z * np.clip(z + 3, 0, 6) / 6)])
 def test_decomposed_activations_pass_relevance(kind, function, rng):
     init = {"w1": rng.normal(size=(5, 7)), "w2": rng.normal(size=(7, 3)), "sqrt2": np.sqrt(2.0), "one": 1.0,
