@@ -73,9 +73,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     declared_outputs = {value.name: value for value in model.graph.output}
     graph = canonicalize(model)
     fold_batchnorm(graph)
-    fold_affine(graph)
+    fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
-    infer_shapes(graph)
     graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
     taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
     if taken:
