@@ -17,16 +17,24 @@ def fold_batchnorm(graph: gs.Graph) -> None:
     """
     graph_outputs = {id(t) for t in graph.outputs}
     for norm in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-        producer = norm.inputs[0].inputs[0] if norm.inputs[0].inputs else None
+        producer = _linear_producer(norm.inputs[0], graph_outputs)
         params = [constant(t) for t in norm.inputs[1:5]]
-        if (producer is None or producer.op not in FOLDABLE or len(norm.outputs) != 1
-                or any(p is None for p in params) or len(norm.inputs[0].outputs) != 1
-                or id(norm.inputs[0]) in graph_outputs or constant(producer.inputs[1]) is None):
+        if producer is None or len(norm.outputs) != 1 or any(p is None for p in params):
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + norm.attrs.get("epsilon", 1e-5))
         weight, bias = _parameters(producer, len(scale))
         _absorb(norm, producer, _scale_outputs(producer, weight, scale), (bias - mean) * scale + beta)
+
+
+def _linear_producer(tensor: gs.Tensor, graph_outputs: set[int]) -> gs.Node | None:
+    """The Conv, ConvTranspose or Gemm (with a constant weight) whose output `tensor` is, if the one node that
+    reads it can be folded into it."""
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    if (producer is None or producer.op not in FOLDABLE or len(tensor.outputs) != 1
+            or id(tensor) in graph_outputs or constant(producer.inputs[1]) is None):
+        return None
+    return producer
 
 
 def _parameters(producer: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,33 +72,27 @@ AFFINE = ("Mul", "Div", "Add", "Sub")
 
 def fold_affine(graph: gs.Graph) -> None:
     """Merge a per-channel Mul, Div, Add or Sub by a constant that directly follows a Conv, ConvTranspose or
-    Gemm into it (a BatchNorm or bias that an exporter wrote as arithmetic, as tf2onnx does), repeatedly."""
+    Gemm into it (a BatchNorm or bias that an exporter wrote as arithmetic, as tf2onnx does). One pass in
+    topological order folds whole chains: a folded node hands its output to the linear node."""
     graph_outputs = {id(t) for t in graph.outputs}
-    changed = True
-    while changed:
-        changed = False
-        for node in [n for n in graph.nodes if n.op in AFFINE and len(n.inputs) == 2]:
-            linear_output = next((t for t in node.inputs if t.inputs and t.inputs[0].op in FOLDABLE), None)
-            other = next((t for t in node.inputs if t is not linear_output), None)
-            if (linear_output is None or constant(other) is None or len(linear_output.outputs) != 1
-                    or id(linear_output) in graph_outputs or (node.op in ("Div", "Sub") and node.inputs[0] is not
-                                                              linear_output)):
-                continue
-            producer = linear_output.inputs[0]
-            factors = _per_channel(other.values, linear_output.shape, producer)
-            if factors is None or constant(producer.inputs[1]) is None:
-                continue
-            weight, bias = _parameters(producer, len(factors))
-            if node.op in ("Mul", "Div"):
-                scale = factors if node.op == "Mul" else 1.0 / factors
-                weight, bias = _scale_outputs(producer, weight, scale), bias * scale
-            else:
-                bias = bias + (factors if node.op == "Add" else -factors)
-            _absorb(node, producer, weight, bias)
-            changed = True
+    for node in [n for n in graph.nodes if n.op in AFFINE and len(n.inputs) == 2]:
+        data, other = node.inputs if constant(node.inputs[1]) is not None else node.inputs[::-1]
+        producer = _linear_producer(data, graph_outputs)
+        if producer is None or constant(other) is None or (node.op in ("Div", "Sub") and other is node.inputs[0]):
+            continue
+        factors = _per_channel(other.values, data.shape)
+        if factors is None:
+            continue
+        weight, bias = _parameters(producer, len(factors))
+        if node.op in ("Mul", "Div"):
+            scale = factors if node.op == "Mul" else 1.0 / factors
+            weight, bias = _scale_outputs(producer, weight, scale), bias * scale
+        else:
+            bias = bias + (factors if node.op == "Add" else -factors)
+        _absorb(node, producer, weight, bias)
 
 
-def _per_channel(values: np.ndarray, shape, producer: gs.Node) -> np.ndarray | None:
+def _per_channel(values: np.ndarray, shape) -> np.ndarray | None:
     """The constant as one value per output channel, if it only varies along axis 1 of the linear output."""
     if shape is None or not isinstance(shape[1] if len(shape) > 1 else None, int):
         return None

@@ -2,7 +2,7 @@
 the emitter that applies any rule of rules.py to them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +29,6 @@ class Dense:
     weight: np.ndarray
     bias: np.ndarray | None
     rows: bool = False
-    _stored: dict = field(default_factory=dict)
 
     @property
     def matrix(self) -> bool:
@@ -41,9 +40,7 @@ class Dense:
         """`weight` as a constant in the model's layout."""
         if weight is self.weight:
             return self.node.inputs[1]
-        if id(weight) not in self._stored:
-            self._stored[id(weight)] = (weight, ops.const(weight.T if self.rows else weight))
-        return self._stored[id(weight)][1]
+        return ops.const(weight.T if self.rows else weight, key=weight)
 
     def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
         if self.matrix:

@@ -55,32 +55,28 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(model)
     infer_shapes(graph)
     graph.fold_constants(error_ok=True)
-    graph.cleanup()
-    _fold_batch_independent(graph)
-    graph.cleanup()
-    infer_shapes(graph)
-    for rewrite in (_remove_identities, _canonical_gemm, _fuse_matmul_add, _explicit_pads):
-        rewrite(graph)
     graph.cleanup().toposort()
-    infer_shapes(graph)
+    if _fold_batch_independent(graph):
+        graph.cleanup()
+        infer_shapes(graph)
+    for rewrite in (_remove_identities, _canonical_gemm, _fuse_matmul_add, _explicit_pads):
+        rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
+    graph.cleanup().toposort()
     return graph
 
 
-def _fold_batch_independent(graph: gs.Graph) -> None:
-    """Fold the integer tensors computed from shapes (torch's chunk sizes, split points) that come out the same
-    for batch sizes 1 and 2: with a symbolic batch size, constant folding cannot see that they are constant.
+def _fold_batch_independent(graph: gs.Graph) -> bool:
+    """Fold the tensors computed from shapes alone (torch's chunk sizes, split points) that come out the same for
+    batch sizes 1 and 2: with a symbolic batch size, constant folding cannot see that they are constant.
 
-    The values are observed by running the shape computations in ONNX Runtime on zero inputs.
+    The values are observed by running the graph in ONNX Runtime on zero inputs. Returns whether any was folded.
     """
-    inputs = [t for t in graph.inputs if t.shape and not isinstance(t.shape[0], int)]
-    shaped = [n for n in graph.nodes if n.op in ("Shape", "Size")]
-    if not inputs or not shaped or any(not isinstance(d, int) for t in graph.inputs for d in t.shape[1:]):
-        return
-    candidates = [t for t in graph.tensors().values()
-                  if isinstance(t, gs.Variable) and t.inputs and t.dtype is not None
-                  and np.issubdtype(np.dtype(t.dtype), np.integer) and t not in graph.inputs]
+    dynamic = any(t.shape and not isinstance(t.shape[0], int) for t in graph.inputs)
+    if not dynamic or any(not isinstance(d, int) for t in graph.inputs for d in t.shape[1:]):
+        return False
+    candidates = _shape_derived(graph)
     if not candidates:
-        return
+        return False
     trial = graph.copy()
     tensors = trial.tensors()
     trial.outputs = [tensors[t.name] for t in candidates]
@@ -90,11 +86,25 @@ def _fold_batch_independent(graph: gs.Graph) -> None:
     observed = [dict(zip(names, session.run(names, {t.name: np.zeros([batch] + list(t.shape[1:]), t.dtype)
                                                      for t in graph.inputs})))
                 for batch in (1, 2)]
+    folded = False
     for tensor in candidates:
         first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
-        if first is not None and second is not None and first.size < 64 and np.array_equal(first, second):
+        if first is not None and second is not None and np.array_equal(first, second):
             tensor.to_constant(first)
             tensor.inputs.clear()
+            folded = True
+    return folded
+
+
+def _shape_derived(graph: gs.Graph) -> list[gs.Variable]:
+    """Small tensors computed from Shape/Size outputs and constants only (the graph is in topological order)."""
+    derived: set[str] = set()
+    for node in graph.nodes:
+        computed = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        if node.op in ("Shape", "Size") or (computed and all(t.name in derived for t in computed)):
+            derived.update(t.name for t in node.outputs)
+    return [t for t in graph.tensors().values() if t.name in derived and isinstance(t, gs.Variable)
+            and t.shape is not None and len(t.shape) <= 1 and t not in graph.outputs]
 
 
 def infer_shapes(graph: gs.Graph) -> None:
@@ -240,7 +250,9 @@ def _canonical_gemm(graph: gs.Graph) -> None:
             bias = np.broadcast_to(bias.reshape(-1) * np.float64(beta), (out_features,))
             inputs.append(_constant_like(node.inputs[2], bias, "bias"))
         if node.attrs.get("transA", 0):
-            swapped = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype)
+            shape = node.inputs[0].shape
+            swapped = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype,
+                                  shape=list(shape)[::-1] if shape is not None else None)
             graph.nodes.append(gs.Node("Transpose", f"{node.name}/transA", {"perm": [1, 0]},
                                        [node.inputs[0]], [swapped]))
             inputs[0] = swapped

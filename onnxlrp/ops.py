@@ -31,13 +31,14 @@ class Ops:
         self.graph.nodes.append(gs.Node(op, name, attrs, list(inputs), results))
         return results[0] if outputs == 1 else results
 
-    def const(self, values: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
-        """A constant of the model's float type (or `dtype`), stored once per array."""
-        key = id(values)
-        if key not in self._arrays:
+    def const(self, values: np.ndarray, dtype: np.dtype | None = None, key: object = None) -> gs.Constant:
+        """A constant of the model's float type (or `dtype`), stored once per array (or per `key`, for a view
+        such as a transpose that is made afresh each time)."""
+        owner = values if key is None else key
+        if id(owner) not in self._arrays:
             array = np.ascontiguousarray(values, dtype=dtype or self.dtype)
-            self._arrays[key] = (values, gs.Constant(f"{self.scope}/const_{next(self._ids)}", array))
-        return self._arrays[key][1]
+            self._arrays[id(owner)] = (owner, gs.Constant(f"{self.scope}/const_{next(self._ids)}", array))
+        return self._arrays[id(owner)][1]
 
     def scalar(self, value: float, dtype: np.dtype | None = None) -> gs.Constant:
         """A scalar constant, shared by all ops that use the same value and type."""

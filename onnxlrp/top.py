@@ -63,8 +63,7 @@ def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Te
     pair_relevance = ops("Mul", differences, weights)
     epsilon = {**params, **RULES[rule].fixed}["epsilon"]
     s = ops.divide_stabilized(pair_relevance, differences, epsilon)
-    transposed = ops.const(layer.weight.T)
-    chosen_weight = ops("MatMul", hot, transposed)  # the row w_c of each sample
-    gradient = ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), ops("MatMul", s, transposed))
+    chosen_weight = layer.backward(ops, hot, layer.weight)  # the row w_c of each sample
+    gradient = ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), layer.backward(ops, s, layer.weight))
     x = producer.inputs[0]
     return x, ops("Mul", x, gradient)

@@ -20,8 +20,7 @@ from seeded import materialize  # noqa: E402
 ZOO = FIXTURES / "zoo"
 MANIFEST = json.loads((ZOO / "manifest.json").read_text())
 MODELS = {**MANIFEST["families"], **MANIFEST["variants"]}
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-IMAGENET_BOUNDS = {"low": tuple((0 - MEAN) / STD), "high": tuple((1 - MEAN) / STD)}
+IMAGENET_BOUNDS = {k: tuple(v) for k, v in MANIFEST["bounds"].items()}
 # Every preset keeps the sum of relevance within two orders of magnitude of the logit. Rules whose denominators
 # are sums of non-negative terms only absorb relevance (biases, stabilizer), never amplify it; the epsilon and
 # alpha-beta presets may legitimately do both (alpha2_beta1 gives ~40x on EfficientNetV2's linear bottlenecks).
