@@ -11,7 +11,10 @@ from . import linear, pooling, routing  # noqa: F401  (they register their emitt
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
-from .model import canonicalize, infer_shapes, ir_version_for, opset_of
+from .canonical import canonicalize
+from .graph import opset_of
+from .io import ir_version_for
+from .shapes import infer_shapes
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors

@@ -11,7 +11,7 @@ from .builder import build
 from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError
-from .model import load, save_atomic
+from .io import load, save_atomic
 
 
 @click.group()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .model import constant, replace
+from .graph import constant, replace
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .model import constant
+from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 from .rules import RULES, propagate

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .model import constant
+from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family, floating
 

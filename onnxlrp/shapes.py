@@ -1,0 +1,112 @@
+"""Shapes: what onnx's inference can tell, and shape arithmetic that is the same for every batch size."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from .errors import LrpError
+from .io import first_line
+
+# Constants with more elements than this stay out of shape inference (only their shape matters there).
+LIGHT_LIMIT = 4096
+
+
+def infer_shapes(graph: gs.Graph) -> None:
+    """Give every variable of the graph its inferred shape and type.
+
+    Inference runs on a copy whose large weights are graph inputs of the same shape, so that no weight is
+    serialized: this is what keeps building large models fast. Dimensions after the first that stay unknown
+    with a symbolic batch size (a Reshape to -1 of a computed shape) come from a second pass with batch 1.
+    """
+    light = graph.copy()
+    stand_ins: dict[str, gs.Variable] = {}
+    for node in light.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
+                if tensor.name not in stand_ins:
+                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
+                node.inputs[index] = stand_ins[tensor.name]
+    light.inputs.extend(stand_ins.values())
+    exported = gs.export_onnx(light, do_type_check=False)
+    tensors = graph.tensors()
+    for name, dtype, shape in _inferred(exported):
+        tensor = tensors.get(name)
+        if isinstance(tensor, gs.Variable):
+            tensor.dtype = dtype or tensor.dtype
+            tensor.shape = shape if shape is not None else tensor.shape
+    if not any(_unknown_after_batch(t) for t in tensors.values()):
+        return
+    for value in exported.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in stand_ins and dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    for name, _, shape in _inferred(exported):
+        tensor = tensors.get(name)
+        if _unknown_after_batch(tensor) and shape is not None and len(shape) == len(tensor.shape):
+            tensor.shape = tensor.shape[:1] + shape[1:]
+
+
+def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
+    return (isinstance(tensor, gs.Variable) and tensor.shape is not None
+            and any(not isinstance(d, int) for d in tensor.shape[1:]))
+
+
+def _inferred(model: onnx.ModelProto) -> list[tuple[str, np.dtype | None, list | None]]:
+    """(name, type, shape) of every value that onnx's shape inference (with data propagation) can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as error:  # inference errors come as several exception types
+        raise LrpError(f"shape inference failed on the model ({first_line(error)})") from None
+    found = []
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if info.type.HasField("tensor_type"):
+            kind = info.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type) if kind.elem_type else None
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in kind.shape.dim] if kind.HasField("shape") else None
+            found.append((info.name, dtype, shape))
+    return found
+
+
+def fold_batch_independent(graph: gs.Graph) -> bool:
+    """Fold the tensors computed from shapes alone (torch's chunk sizes, split points) that come out the same for
+    batch sizes 1 and 2: with a symbolic batch size, constant folding cannot see that they are constant.
+
+    The values are observed by running the graph in ONNX Runtime on zero inputs. Returns whether any was folded.
+    """
+    dynamic = any(t.shape and not isinstance(t.shape[0], int) for t in graph.inputs)
+    if not dynamic or any(not isinstance(d, int) for t in graph.inputs for d in t.shape[1:]):
+        return False
+    candidates = _shape_derived(graph)
+    if not candidates:
+        return False
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in candidates]
+    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    observed = [dict(zip(names, session.run(names, {t.name: np.zeros([batch] + list(t.shape[1:]), t.dtype)
+                                                     for t in graph.inputs})))
+                for batch in (1, 2)]
+    folded = False
+    for tensor in candidates:
+        first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
+        if first is not None and second is not None and np.array_equal(first, second):
+            tensor.to_constant(first)
+            tensor.inputs.clear()
+            folded = True
+    return folded
+
+
+def _shape_derived(graph: gs.Graph) -> list[gs.Variable]:
+    """Small tensors computed from Shape/Size outputs and constants only (the graph is in topological order)."""
+    derived: set[str] = set()
+    for node in graph.nodes:
+        computed = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        if node.op in ("Shape", "Size") or (computed and all(t.name in derived for t in computed)):
+            derived.update(t.name for t in node.outputs)
+    return [t for t in graph.tensors().values() if t.name in derived and isinstance(t, gs.Variable)
+            and t.shape is not None and len(t.shape) <= 1 and t not in graph.outputs]
