@@ -14,6 +14,7 @@ from .errors import LrpError
 from .canonical import canonicalize
 from .graph import opset_of
 from .io import ir_version_for
+from .layers import LayerRelevance, expose, record
 from .shapes import infer_shapes
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
@@ -32,9 +33,11 @@ class Builder:
         self.composite = composite
         self._nonnegative = nonnegative_tensors(graph)
         self._first_linear = next((n for n in graph.nodes if n.op in linear.LINEAR_OPS), None)
+        self._order = tuple(graph.nodes)  # data-flow order, before the walk appends its nodes
+        self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
 
     def rule(self, node: gs.Node) -> tuple[str, dict]:
-        return self.composite.rule_for(node, self._first_linear)
+        return self.composite.rule_for(node, self._first_linear, self._order)
 
     def nonnegative(self, tensor: Tensor) -> bool:
         return tensor.name in self._nonnegative
@@ -53,6 +56,8 @@ class Builder:
                 if node.op not in FAMILIES:
                     raise Unsupported("unsupported op type")
                 lower = FAMILIES[node.op].emit(self, node, upper)
+                if node.op in linear.LINEAR_OPS:
+                    self.layers.append(LayerRelevance(node, self.rule(node)[0], upper[0], lower[0]))
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
                 # Keep walking through the float inputs, so that every problem is reported at once.
@@ -68,8 +73,9 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model") -> onnx.ModelProto:
-    """Return a model that computes the original outputs plus `relevance` for the class given in `target`."""
+          source: str = "model", layer_relevance: bool = False) -> onnx.ModelProto:
+    """Return a model that computes the original outputs plus `relevance` for the class given in `target`
+    (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
@@ -100,12 +106,15 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                                outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
+    layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
     built = gs.export_onnx(graph, do_type_check=False)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    if layers is not None:
+        record(built, layers, explain, logits.name, RELEVANCE, TARGET)
     return built
 
 

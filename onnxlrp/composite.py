@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,9 +14,11 @@ from .errors import LrpError
 from .registry import FAMILIES
 from .rules import DEFAULTS, RULES, check_params
 
-MATCH_KEYS = ("names", "op_types", "first_linear")
+MATCH_KEYS = ("names", "op_types", "first_linear", "index", "depth")
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # what `index` and `depth` count without op_types
 RULE_NAMES = tuple(RULES) + ("pass", "wta")
 VECTOR_PARAMS = ("low", "high")
+_EXTENDING: list[str] = []  # the composites being loaded through `extends`, to catch a circle
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,39 @@ class Entry:
     op_types: tuple[str, ...] = ()
     first_linear: bool | None = None
     params: Mapping[str, object] = field(default_factory=dict)
+    index: tuple[int, int] | None = None  # first and last position (inclusive, negative from the end)
+    depth: tuple[float, float] | None = None  # [low, high) fractions of the positions
 
-    def matches(self, node: gs.Node, first_linear: gs.Node | None) -> bool:
+    def matches(self, node: gs.Node, first_linear: gs.Node | None, order: Sequence[gs.Node] = ()) -> bool:
+        if not self._selects(node, first_linear):
+            return False
+        if self.index is None and self.depth is None:
+            return True
+        # Position among the nodes that the other criteria select (linear layers if no op_types), in data-flow order.
+        selected = [n for n in order if (self.op_types or n.op in LINEAR_OPS) and self._selects(n, first_linear)]
+        position = next((i for i, n in enumerate(selected) if n is node), None)
+        return position is not None and in_range(position, len(selected), self.index, self.depth)
+
+    def _selects(self, node: gs.Node, first_linear: gs.Node | None) -> bool:
         if self.names and not any(fnmatch.fnmatchcase(node.name, pattern) for pattern in self.names):
             return False
         if self.op_types and node.op not in self.op_types:
             return False
         return self.first_linear is None or (node is first_linear) == self.first_linear
+
+
+def in_range(position: int, count: int, index: tuple[int, int] | None, depth: tuple[float, float] | None) -> bool:
+    """Whether the `position`-th of `count` layers lies in the index range and in the depth range: its depth is
+    position / count, kept if low <= depth < high (so [0, 0.5] keeps the first ceil(count / 2) layers)."""
+    if index is not None:
+        first, last = (i + count if i < 0 else i for i in index)
+        if not first <= position <= last:
+            return False
+    if depth is not None:
+        low, high = depth
+        tolerance = 1e-9 * count  # so that 1/3 of 3 layers is exactly one layer
+        return low * count - tolerance <= position < high * count - tolerance
+    return True
 
 
 @dataclass(frozen=True)
@@ -52,14 +80,15 @@ class Composite:
     def with_params(self, overrides: Mapping[str, object]) -> "Composite":
         """Parameters given on the command line replace the composite's, in its defaults and in every entry."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        entries = tuple(Entry(e.rule, e.names, e.op_types, e.first_linear,
-                              {k: overrides.get(k, v) for k, v in e.params.items()}) for e in self.entries)
+        entries = tuple(replace(e, params={k: overrides.get(k, v) for k, v in e.params.items()})
+                        for e in self.entries)
         return Composite(self.name, entries, {**self.params, **overrides})
 
-    def rule_for(self, node: gs.Node, first_linear: gs.Node | None) -> tuple[str, dict]:
-        """The rule name and full parameter set for one node (its family's default if no entry matches)."""
+    def rule_for(self, node: gs.Node, first_linear: gs.Node | None, order: Sequence[gs.Node] = ()) -> tuple[str, dict]:
+        """The rule name and full parameter set for one node (its family's default if no entry matches); `order`,
+        the graph's nodes in data-flow order, gives the positions that `index` and `depth` entries count."""
         family = FAMILIES[node.op]
-        entry = next((e for e in self.entries if e.matches(node, first_linear)), None)
+        entry = next((e for e in self.entries if e.matches(node, first_linear, order)), None)
         rule = entry.rule if entry else family.rules[0]
         if rule not in family.rules:
             raise LrpError(f"composite {self.name}: rule '{rule}' does not apply to node '{node.name}' "
@@ -92,7 +121,7 @@ def load_composite(name_or_path: str) -> Composite:
 
 def parse_composite(name: str, data: Mapping[str, object]) -> Composite:
     """Validate the parsed TOML of a composite: every key known, every rule and op type real."""
-    unknown = set(data) - {"description", "params", "layers"}
+    unknown = set(data) - {"description", "params", "layers", "extends"}
     if unknown:
         raise LrpError(f"composite {name}: unknown top-level key(s) {', '.join(sorted(unknown))}")
     params = _params(name, "[params]", data.get("params", {}))
@@ -115,8 +144,53 @@ def parse_composite(name: str, data: Mapping[str, object]) -> Composite:
             raise LrpError(f"composite {name}: {where}: first_linear must be true or false")
         rule_params = {k: v for k, v in table.items() if k not in MATCH_KEYS + ("rule",)}
         entries.append(Entry(rule, tuple(_strings(name, where, table, "names")), op_types, first,
-                             _params(name, where, rule_params)))
+                             _params(name, where, rule_params), _index(name, where, table.get("index")),
+                             _depth(name, where, table.get("depth"))))
+    if "extends" in data:
+        base = _base(name, data["extends"])
+        return Composite(name, tuple(entries) + base.entries, {**base.params, **params})
     return Composite(name, tuple(entries), params)
+
+
+def _base(name: str, extends: object) -> Composite:
+    """The composite a file extends: a preset name, or a TOML file (a relative path starts at the file's folder)."""
+    if not isinstance(extends, str):
+        raise LrpError(f"composite {name}: extends must be a preset name or a file path")
+    reference = extends
+    if extends not in preset_names() or extends.endswith(".toml"):
+        reference = str(Path(name).parent / extends)
+    if _identity(reference) in _EXTENDING + [_identity(name)]:
+        raise LrpError(f"composite {name}: extends '{extends}' in a circle")
+    _EXTENDING.append(_identity(name))
+    try:
+        return load_composite(reference)
+    finally:
+        _EXTENDING.pop()
+
+
+def _identity(name: str) -> str:
+    return str(Path(name).resolve()) if Path(name).is_file() else name
+
+
+def _index(name: str, where: str, value: object) -> tuple[int, int] | None:
+    """`index = 3` or `index = [first, last]`: positions counted from 0, both ends included, negative from the end."""
+    if value is None:
+        return None
+    values = [value] * 2 if isinstance(value, int) else value
+    if not isinstance(values, list) or len(values) != 2 or not all(type(v) is int for v in values):
+        raise LrpError(f"composite {name}: {where}: index must be an integer or a list [first, last] of integers")
+    return values[0], values[1]
+
+
+def _depth(name: str, where: str, value: object) -> tuple[float, float] | None:
+    """`depth = [low, high]`: fractions of the positions, 0 <= low <= high <= 1."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or \
+            not 0 <= value[0] <= value[1] <= 1:
+        raise LrpError(f"composite {name}: {where}: depth must be a list [low, high] with 0 <= low <= high <= 1")
+    return float(value[0]), float(value[1])
 
 
 def _strings(name: str, where: str, table: Mapping, key: str) -> Sequence[str]:

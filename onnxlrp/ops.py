@@ -57,6 +57,11 @@ class Ops:
             return self("ReduceSum", x, self.ints(axes), keepdims=int(keepdims))
         return self("ReduceSum", x, axes=list(axes), keepdims=int(keepdims))
 
+    def reduce_mean(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
+        if self.opset >= 18:
+            return self("ReduceMean", x, self.ints(axes), keepdims=int(keepdims))
+        return self("ReduceMean", x, axes=list(axes), keepdims=int(keepdims))
+
     def unsqueeze(self, x: Tensor, axes: Sequence[int]) -> gs.Variable:
         if self.opset >= 13:
             return self("Unsqueeze", x, self.ints(axes))
@@ -81,17 +86,30 @@ class Ops:
             total = self("Add", total, term)
         return total
 
-    def divide_stabilized(self, numerator: Tensor, z: Tensor, epsilon: float, sign: int | None = None) -> gs.Variable:
+    def divide_stabilized(self, numerator: Tensor, z: Tensor, epsilon: float | Tensor,
+                          sign: int | None = None) -> gs.Variable:
         """numerator / (z + epsilon * sign0(z)) with sign0(0) = +1; epsilon = 0 guards 0/0 to 0.
 
         `sign` is the known sign of z (+1 for z >= 0, -1 for z <= 0), which saves the sign computation.
+        `epsilon` may be a tensor (one value per sample, see `scaled_epsilon`); a zero denominator then gives 0.
         """
+        if isinstance(epsilon, gs.Tensor):
+            shift = self("Where", self("Less", z, self.scalar(0.0)), self("Neg", epsilon), epsilon)
+            denominator = self("Add", z, shift)
+            return self("Where", self("Equal", denominator, self.scalar(0.0)), self.scalar(0.0),
+                        self("Div", numerator, denominator))
         if epsilon == 0:
             return self("Where", self("Equal", z, self.scalar(0.0)), self.scalar(0.0), self("Div", numerator, z))
         if sign is not None:
             return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
         shift = self("Where", self("Less", z, self.scalar(0.0)), self.scalar(-epsilon), self.scalar(epsilon))
         return self("Div", numerator, self("Add", z, shift))
+
+    def scaled_epsilon(self, z: Tensor, rank: int, epsilon: float, scale: float) -> gs.Variable:
+        """epsilon + scale * sqrt(mean of z**2 over all non-batch axes), shaped [N, 1, ...] to broadcast over z."""
+        rms = self("Sqrt", self.reduce_mean(self("Mul", z, z), list(range(1, rank))))
+        scaled = self("Mul", rms, self.scalar(scale))
+        return scaled if epsilon == 0 else self("Add", scaled, self.scalar(epsilon))
 
     def transposed_conv(self, s: Tensor, weight: gs.Constant, attrs: dict, in_spatial: Sequence[int],
                         out_spatial: Sequence[int], kernel: Sequence[int]) -> gs.Variable:

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import LrpError
 from .ops import Ops, Tensor
+from .registry import Unsupported
 
 Modifier = Callable[[np.ndarray, Mapping[str, float]], np.ndarray]
 
@@ -81,8 +82,8 @@ class Rule:
 
 PLAIN = Term("x")
 RULES: dict[str, Rule] = {rule.name: rule for rule in (
-    Rule("epsilon", (Group((PLAIN,)),), stabilizer="epsilon", params=("epsilon",)),
-    Rule("zero", (Group((PLAIN,)),), stabilizer="epsilon", fixed={"epsilon": 0.0}),
+    Rule("epsilon", (Group((PLAIN,)),), stabilizer="epsilon", params=("epsilon", "epsilon_scale")),
+    Rule("zero", (Group((PLAIN,)),), stabilizer="epsilon", fixed={"epsilon": 0.0, "epsilon_scale": 0.0}),
     Rule("norm", (Group((PLAIN,)),), params=("stabilizer",)),
     Rule("zplus", (Group((Term("pos", positive, positive), Term("neg", negative, None)), z_sign=1),),
          params=("stabilizer",)),
@@ -100,7 +101,8 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("wsquare", (Group((Term("ones", square, square),), z_sign=1),), params=("stabilizer",)),
 )}
 
-DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0}
+DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,
+            "epsilon_scale": 0.0}
 
 
 def check_params(rule: str, params: Mapping[str, object], where: str) -> None:
@@ -112,7 +114,7 @@ def check_params(rule: str, params: Mapping[str, object], where: str) -> None:
                            f"(got alpha={alpha}, beta={beta})")
     if rule == "gamma" and params["gamma"] < 0:
         raise LrpError(f"{where}: gamma must be >= 0 (got {params['gamma']})")
-    for name in ("epsilon", "stabilizer"):
+    for name in ("epsilon", "stabilizer", "epsilon_scale"):
         if name in RULES[rule].params and params[name] < 0:
             raise LrpError(f"{where}: {name} must be >= 0 (got {params[name]})")
     if rule == "zbox" and np.any(np.asarray(params["low"]) > np.asarray(params["high"])):
@@ -155,7 +157,7 @@ def propagate(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tens
         if group.gate:
             kept = ops("Greater" if group.gate == "pos" else "Less", output, ops.scalar(0.0))
             upper = ops("Where", kept, relevance, ops.scalar(0.0))
-        s = ops.divide_stabilized(upper, z, epsilon, group.z_sign)
+        s = ops.divide_stabilized(upper, z, _scaled(ops, z, output, epsilon, params, rule), group.z_sign)
         parts = []
         for term, weight in zip(terms, weights):
             c = layer.backward(ops, s, weight)
@@ -190,6 +192,17 @@ def _modifier_cache(params) -> Callable[[np.ndarray | None, Modifier | None], np
             cache[key] = modifier(values, params)
         return cache[key]
     return modified
+
+
+def _scaled(ops: Ops, z: Tensor, output: Tensor, epsilon: float, params, rule: Rule) -> float | Tensor:
+    """The stabilizer's epsilon; with `epsilon_scale` (epsilon rule) plus that many times the root mean square of z
+    over the non-batch axes of each sample, computed in the graph (Zennit's `Stabilizer(norm_scale=True)`)."""
+    scale = params.get("epsilon_scale", 0.0) if "epsilon_scale" in rule.params else 0.0
+    if not scale:
+        return epsilon
+    if output.shape is None:
+        raise Unsupported("epsilon_scale needs the rank of the layer's output")
+    return ops.scaled_epsilon(z, len(output.shape), epsilon, scale)
 
 
 def _scale(scale: str | float, params) -> float:
