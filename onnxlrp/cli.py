@@ -27,6 +27,8 @@ def cli() -> None:
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,
               help="A preset name or the path of a composite TOML file.")
 @click.option("--epsilon", type=float, help="Epsilon of the epsilon rule.")
+@click.option("--epsilon-scale", type=float,
+              help="Adds this many times the root mean square of each layer's pre-activation to epsilon.")
 @click.option("--gamma", type=float, help="Gamma of the gamma rule.")
 @click.option("--alpha", type=float, help="Alpha of the alpha-beta rule.")
 @click.option("--beta", type=float, help="Beta of the alpha-beta rule.")
@@ -35,8 +37,10 @@ def cli() -> None:
 @click.option("--explain", type=click.Choice(EXPLAIN), default="logit", show_default=True,
               help="What is explained: the target's logit, its log-odds, or a one-hot seed.")
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
+@click.option("--layer-relevance", is_flag=True,
+              help="Add an output `relevance/<node>` with the relevance at the input of every linear layer.")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  **rule_params) -> None:
+                  layer_relevance: bool, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -44,9 +48,21 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
         raise LrpError(f"{out}: the output folder does not exist")
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
-    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model)
+    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
+                  layer_relevance=layer_relevance)
     save_atomic(built, out)
     click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
+
+
+@cli.command("check")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="A .npy array or an image (default: a deterministic random input).")
+@click.option("--target", type=int, help="The class to explain (default: the predicted class).")
+def check_command(model: str, input_path: str | None, target: int | None) -> None:
+    """Run MODEL (built with --layer-relevance) and show, per linear layer, where relevance is lost."""
+    from .check import check
+    click.echo(check(model, input_path, target))
 
 
 def main() -> None:

@@ -54,6 +54,8 @@ def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Te
     if rule not in LOGODDS_RULES:
         raise LrpError(f"--explain logodds supports the {' or '.join(LOGODDS_RULES)} rule on the last layer "
                        f"'{producer.name}' (the composite gives it {rule})")
+    if rule == "epsilon" and params.get("epsilon_scale"):
+        raise LrpError(f"--explain logodds does not support epsilon_scale on the last layer '{producer.name}'")
     ops = ctx.ops
     chosen_logit = ops.reduce_sum(ops("Mul", hot, logits), [1])
     differences = ops("Sub", chosen_logit, logits)  # z_c' = y_c - y_c', 0 at c' = c
