@@ -156,9 +156,8 @@ def _base(name: str, extends: object) -> Composite:
     """The composite a file extends: a preset name, or a TOML file (a relative path starts at the file's folder)."""
     if not isinstance(extends, str):
         raise LrpError(f"composite {name}: extends must be a preset name or a file path")
-    reference = extends
-    if extends not in preset_names() or extends.endswith(".toml"):
-        reference = str(Path(name).parent / extends)
+    nearby = Path(name).parent / extends
+    reference = str(nearby) if extends.endswith(".toml") or nearby.exists() else extends
     if _identity(reference) in _EXTENDING + [_identity(name)]:
         raise LrpError(f"composite {name}: extends '{extends}' in a circle")
     _EXTENDING.append(_identity(name))
