@@ -114,7 +114,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     if layers is not None:
-        record(built, layers, explain, logits.name, RELEVANCE, TARGET)
+        record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
     return built
 
 

@@ -20,8 +20,9 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
     """The report as text: one table per sample, ending with the input's total against the explained value."""
     model = load(model_path)
     info = recorded(model, model_path)
-    x_info = next(i for i in model.graph.input if i.name not in (info["target"],)
-                  and i.name not in {t.name for t in model.graph.initializer})
+    x_info = next((i for i in model.graph.input if i.name == info["input"]), None)
+    if x_info is None:
+        raise LrpError(f"{model_path}: the recorded input '{info['input']}' is not an input of the model")
     notes = []
     if input_path is None:
         x = random_input(x_info, model_path)

@@ -11,11 +11,11 @@ from typing import Mapping, Sequence
 import onnx_graphsurgeon as gs
 
 from .errors import LrpError
+from .linear import LINEAR_OPS
 from .registry import FAMILIES
 from .rules import DEFAULTS, RULES, check_params
 
 MATCH_KEYS = ("names", "op_types", "first_linear", "index", "depth")
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # what `index` and `depth` count without op_types
 RULE_NAMES = tuple(RULES) + ("pass", "wta")
 VECTOR_PARAMS = ("low", "high")
 _EXTENDING: list[str] = []  # the composites being loaded through `extends`, to catch a circle

@@ -53,13 +53,13 @@ def expose(graph: gs.Graph, layers: Sequence[LayerRelevance]) -> list[dict]:
     return records
 
 
-def record(model: onnx.ModelProto, layers: list[dict], explain: str, logits: str, relevance: str,
-           target: str) -> None:
+def record(model: onnx.ModelProto, layers: list[dict], explain: str, explained_input: str, logits: str,
+           relevance: str, target: str) -> None:
     """Store the layer list and the names `onnxlrp check` needs in the model's metadata_props."""
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = json.dumps({"explain": explain, "logits": logits, "relevance": relevance, "target": target,
-                              "layers": layers})
+    entry.value = json.dumps({"explain": explain, "input": explained_input, "logits": logits,
+                              "relevance": relevance, "target": target, "layers": layers})
 
 
 def recorded(model: onnx.ModelProto, source: str) -> dict:

@@ -235,3 +235,13 @@ def test_circular_extends_between_two_files(tmp_path):
     composite_file(tmp_path, 'extends = "a.toml"\n', "b.toml")
     with pytest.raises(onnxlrp.LrpError, match="in a circle"):
         onnxlrp.load_composite(str(tmp_path / "a.toml"))
+
+
+def test_the_readme_example_of_extends(tmp_path):
+    """The extending file in README's "Your own composite" does what the text says."""
+    readme = (FIXTURES.parent / "README.md").read_text()
+    example = next(block for block in readme.split("```toml\n")[1:] if block.startswith('extends = "montavon2019"'))
+    composite = onnxlrp.load_composite(composite_file(tmp_path, example.split("```")[0]))
+    nodes = chain(["Conv"] * 7 + ["MaxPool", "Gemm"])
+    assert [r for _, r in rules_of(composite, nodes)] == \
+        ["zbox", "gamma", "gamma", "epsilon", "epsilon", "epsilon", "epsilon", "wta", "zero"]
