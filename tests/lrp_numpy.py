@@ -27,7 +27,8 @@ class Conv:
         p, k = self.pad, weight.shape[2]
         padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
         z = np.einsum("nchwij,ocij->nohw", sliding_window_view(padded, (k, k), axis=(2, 3)), weight)
-        return z + self.bias[None, :, None, None] if bias is True else z + bias[None, :, None, None] if bias is not None else z
+        bias = self.bias if bias is True else bias
+        return z if bias is None else z + bias[None, :, None, None]
 
     def backward(self, s, weight, shape):
         """The gradient of sum(s * forward(x)) with respect to x: each kernel tap scatters s back."""
@@ -46,8 +47,8 @@ class Dense:
 
     def forward(self, x, weight=None, bias=True):
         weight = self.weight if weight is None else weight
-        z = x @ weight.T
-        return z + self.bias if bias is True else z + bias if bias is not None else z
+        bias = self.bias if bias is True else bias
+        return x @ weight.T if bias is None else x @ weight.T + bias
 
     def backward(self, s, weight, shape):
         return s @ weight

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -14,9 +16,9 @@ import onnxlrp
 from conftest import FIXTURES, make_model, relative_error, run, session
 from lrp_numpy import lrp_chain
 from onnxlrp.check import check
-from onnxlrp.cli import cli
+from onnxlrp.cli import cli, main
 from onnxlrp.layers import METADATA_KEY, output_name
-from test_montavon import BOUNDS, VGG, build_vgg, conv_dense, montavon_rules
+from test_montavon import VGG, build_vgg, conv_dense, montavon_rules
 from test_rules import relu_cnn, relu_mlp
 
 VGG_LAYERS = ["/0/Conv", "/2/Conv", "/5/Conv", "/7/Conv", "/11/Gemm", "/14/Gemm"]
@@ -157,10 +159,8 @@ def test_check_logodds_compares_with_the_log_odds(tmp_path, rng):
     assert list(table("\n".join(report.splitlines()[:5]))) == ["conv0", "conv1"]
 
 
-def invoke(*args: str):
-    from onnxlrp.cli import main
-    import sys
-    from unittest import mock
+def invoke(*args: str) -> int:
+    """The exit code of `onnxlrp ARGS` run in this process (its stderr goes to capsys)."""
     with mock.patch.object(sys, "argv", ["onnxlrp", *args]):
         with pytest.raises(SystemExit) as exited:
             main()

@@ -10,7 +10,6 @@ from onnx import helper
 import onnxlrp
 from conftest import FIXTURES, make_model, relative_error, run
 from lrp_numpy import lrp_chain
-from onnxlrp import builder  # noqa: F401  (registers the emitters the composite checks rules against)
 
 VGG = np.load(FIXTURES / "vgg.npz")
 BOUNDS = {k: tuple(np.atleast_1d(VGG[k]).tolist()) for k in ("low", "high")}
@@ -108,6 +107,12 @@ def test_scaled_epsilon_on_the_command_line(tmp_path, rng):
     _, expected, _ = lrp_chain(onnx.load(source), x, np.array([-1, -1]),
                                {n: ("epsilon", params) for n in ("conv0", "conv1", "dense")})
     assert relative_error(relevance, expected) < 1e-5
+
+
+def test_logodds_refuses_a_scaled_epsilon_on_the_last_layer(rng):
+    chosen = onnxlrp.load_composite("epsilon").with_params({"epsilon_scale": 0.25})
+    with pytest.raises(onnxlrp.LrpError, match="logodds does not support epsilon_scale on the last layer 'dense'"):
+        onnxlrp.build(conv_dense(rng), chosen, explain="logodds")
 
 
 def test_negative_epsilon_scale_is_refused():
