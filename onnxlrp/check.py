@@ -83,7 +83,7 @@ def _sample_report(sample: int, info: dict, layers: list[dict], logits, relevanc
 def negative_share(relevance: np.ndarray) -> float:
     """The share of the relevance's absolute mass that is negative."""
     magnitude = float(np.sum(np.abs(relevance), dtype=np.float64))
-    return float(-np.sum(np.minimum(relevance, 0), dtype=np.float64)) / magnitude if magnitude else 0.0
+    return (0.0 - float(np.sum(np.minimum(relevance, 0), dtype=np.float64))) / magnitude if magnitude else 0.0
 
 
 def random_input(value: onnx.ValueInfoProto, source: str) -> np.ndarray:

@@ -197,3 +197,22 @@ def test_build_option_and_check_command(tmp_path, rng):
     rows = table("\n".join(result.output.splitlines()[1:]))
     assert [(name, row[1]) for name, row in rows.items()] == [("conv0", "zbox"), ("conv1", "gamma"),
                                                                  ("dense", "zero")]
+
+
+def test_check_shows_positive_biases_absorbing_relevance_under_zplus(tmp_path, rng):
+    """The chapter's warning case: large positive biases take most relevance under z+; in a chain the absorbed
+    amounts and the input's total add up to the logit."""
+    source = conv_dense(rng)
+    for initializer in source.graph.initializer:
+        if initializer.name.startswith("b"):
+            values = np.abs(onnx.numpy_helper.to_array(initializer)) * 10 + 1
+            initializer.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), initializer.name))
+    path = tmp_path / "lrp.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(source, onnxlrp.load_composite("zplus"), layer_relevance=True), path)
+    report = check(str(path))
+    logit = float(report.splitlines()[1].split()[-1])
+    absorbed = [float(row[3]) for row in table("\n".join(report.splitlines()[1:])).values()]
+    total = float(report.splitlines()[-1].split()[2])
+    np.testing.assert_allclose(total + sum(absorbed), logit, rtol=1e-4)
+    assert min(absorbed) > 0 and sum(absorbed) > 0.5 * logit
+    assert all(row[4] == "0.0%" for row in table("\n".join(report.splitlines()[1:])).values())  # z+: none negative
