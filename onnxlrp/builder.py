@@ -106,6 +106,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
     return built
 
 
