@@ -125,10 +125,14 @@ class Explainer:
         expected = self.input_shape
         fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n for d, n in zip(expected[1:], x.shape[1:]))
         if not fits:
-            shown = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in expected) + "]"
-            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input "
-                           f"'{self.input_name}' {shown}")
+            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.input_name}' "
+                           f"{self.shape_text}")
         return x.astype(self.input_dtype, copy=False)
+
+    @property
+    def shape_text(self) -> str:
+        """The model input's shape as users read it: [?, 3, 224, 224]."""
+        return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in self.input_shape) + "]"
 
     def check_target(self, target: int | np.ndarray | None, batch: int) -> np.ndarray:
         """One class per sample (negative: the predicted class); an LrpError for classes out of range."""

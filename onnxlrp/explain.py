@@ -139,17 +139,21 @@ def _read_array(path: Path, explainer: Explainer, index: int | None = None) -> n
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
         raise LrpError(f"{path}: not a readable .npy array ({str(error).splitlines()[0]})") from None
+    original = list(array.shape)
     if array.ndim == len(explainer.input_shape) - 1:
         array = array[None]
     elif index is not None:
         array = array[index:index + 1]
-    return explainer.check_input(np.array(array), str(path))
+    try:
+        return explainer.check_input(np.array(array), str(path))
+    except LrpError:
+        raise LrpError(f"{path}: shape {original} is neither one sample nor a batch of the model input "
+                       f"'{explainer.input_name}' {explainer.shape_text}") from None
 
 
 def _read_image(path: Path, explainer: Explainer, prep: Preprocessing | None) -> tuple[np.ndarray, Image.Image]:
     if prep is None:
-        shown = "[" + ", ".join(str(d) for d in explainer.input_shape) + "]"
-        raise LrpError(f"{path}: the model input '{explainer.input_name}' {shown} does not take pictures "
+        raise LrpError(f"{path}: the model input '{explainer.input_name}' {explainer.shape_text} does not take pictures "
                        "(give a preprocessed .npy array)")
     try:
         with Image.open(path) as opened:
