@@ -81,10 +81,10 @@ def report(model: onnx.ModelProto, composite: Composite, source: str) -> str:
 
 
 def table(rows_: list[Row]) -> str:
-    """The rows as aligned text columns."""
+    """The rows as aligned text columns (a node without a name shows as #position)."""
     header = ("node", "op type", "folded into it", "rule", "parameters")
-    lines = [(r.node, r.op_type, ", ".join(r.folded) or "-", r.rule,
-              " ".join(f"{k}={_number(v)}" for k, v in r.params.items()) or "-") for r in rows_]
+    lines = [(r.node or f"#{index}", r.op_type, ", ".join(r.folded) or "-", r.rule,
+              " ".join(f"{k}={_number(v)}" for k, v in r.params.items()) or "-") for index, r in enumerate(rows_)]
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines])
 
