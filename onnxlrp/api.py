@@ -96,11 +96,16 @@ class Explainer:
     """
 
     def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",
-                 composite: str | Path | Composite = "epsilon_plus_flat", explain: str = "logit",
+                 composite: str | Path | Composite | None = None, explain: str | None = None,
                  **rule_params: float | tuple[float, ...]):
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
         source = "model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-        self.model = model if is_built(model) else build(model, composite, explain, source=source, **rule_params)
+        if not is_built(model):
+            model = build(model, composite or "epsilon_plus_flat", explain or "logit", source=source, **rule_params)
+        elif composite is not None or explain is not None or rule_params:
+            raise LrpError(f"{source}: already computes relevance; a composite, explain or rule parameters "
+                           "apply to plain models only")
+        self.model = model
         self.session = open_session(self.model, device)
         inputs = [i for i in self.session.get_inputs() if i.name != builder.TARGET]
         if len(inputs) != 1:

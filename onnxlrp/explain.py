@@ -17,10 +17,9 @@ import click
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .api import Explainer, is_built
+from .api import Explainer
 from .errors import LrpError
 from .heatmap import heatmap
-from .io import load
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 NORMALIZE = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
@@ -263,10 +262,7 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
     size_values = _numbers("--size", size)
     if size_values is not None and (len(size_values) != 2 or any(v < 1 or v != int(v) for v in size_values)):
         raise LrpError(f"--size must be two positive integers H,W (got '{size}')")
-    loaded = load(model)
-    if composite is not None and is_built(loaded):
-        raise LrpError(f"{model}: already computes relevance; --composite applies to plain models")
-    explainer = Explainer(loaded, device=device, composite=composite or "epsilon_plus_flat")
+    explainer = Explainer(model, device=device, composite=composite)
     if labels_file is not None:
         explainer.labels = _labels(labels_file, explainer.classes)
     if target is not None and not 0 <= target < explainer.classes:

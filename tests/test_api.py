@@ -155,3 +155,10 @@ def test_heatmap_errors():
         onnxlrp.heatmap(np.ones((2, 2)), cmap="jet")
     with pytest.raises(onnxlrp.LrpError, match="not one sample"):
         onnxlrp.heatmap(np.ones((1, 1, 2, 2)))
+
+
+def test_explainer_refuses_build_options_for_a_built_model():
+    with pytest.raises(onnxlrp.LrpError, match="already computes relevance"):
+        onnxlrp.Explainer(DIGITS / "digits_epsilon_plus_flat.onnx", composite="zero")
+    with pytest.raises(onnxlrp.LrpError, match="already computes relevance"):
+        onnxlrp.Explainer(DIGITS / "digits_epsilon_plus_flat.onnx", epsilon=0.1)

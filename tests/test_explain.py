@@ -206,6 +206,7 @@ ERRORS = {
     "mean count": (lambda t, b: [SAMPLES[0], "--mean", "0.1,0.2"], ["--mean", "2 values"]),
     "bad scale": (lambda t, b: [SAMPLES[0], "--scale", "1/0"], ["--scale"]),
     "normalize and mean": (lambda t, b: [SAMPLES[0], "--normalize", "imagenet", "--mean", "0"], ["--normalize"]),
+    "composite for a built model": (lambda t, b: [SAMPLES[0], "--composite", "zero"], ["already computes relevance"]),
 }
 
 

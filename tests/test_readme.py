@@ -23,7 +23,7 @@ def test_python_api_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(tmp_path / "snippet.py"))
     printed = capsys.readouterr().out.split()
     assert printed[0] == "three" and printed[1:5] == ["(1,", "1,", "16,", "16)"]
-    heat = np.asarray(Image.open(tmp_path / "three.png"))
+    heat = np.asarray(Image.open(tmp_path / "three_heatmap.png"))
     assert heat.shape == (16, 16, 3) and heat.dtype == np.uint8
 
 
