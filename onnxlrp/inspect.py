@@ -11,7 +11,8 @@ from . import builder  # noqa: F401  (registers the emitters)
 from .canonical import canonicalize
 from .composite import Composite
 from .errors import LrpError
-from .folding import fold_affine, fold_batchnorm
+from .folding import AFFINE, fold_affine, fold_batchnorm
+from .linear import LINEAR_OPS
 from .registry import FAMILIES
 from .rules import RULES
 
@@ -32,7 +33,7 @@ def rows(model: onnx.ModelProto, composite: Composite) -> list[Row]:
     """The table of `inspect`, in the graph's topological order."""
     graph = canonicalize(model)
     folded = _fold(graph)
-    first_linear = next((n for n in graph.nodes if n.op in ("Gemm", "MatMul", "Conv", "ConvTranspose")), None)
+    first_linear = next((n for n in graph.nodes if n.op in LINEAR_OPS), None)
     table = []
     for node in graph.nodes:
         if node.op not in FAMILIES:
@@ -46,7 +47,7 @@ def rows(model: onnx.ModelProto, composite: Composite) -> list[Row]:
 
 def _fold(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
     """Fold as `build` does; return, per linear node, the names of the nodes folded into it."""
-    candidates = {id(n): n for n in graph.nodes if n.op in ("BatchNormalization", "Mul", "Div", "Add", "Sub")}
+    candidates = {id(n): n for n in graph.nodes if n.op in ("BatchNormalization",) + AFFINE}
     producers = {id(n): n.inputs[0].inputs[0] if n.inputs and n.inputs[0].inputs else None
                  for n in candidates.values()}
     for n in candidates.values():  # an affine constant may be either input
