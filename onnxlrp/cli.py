@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import explain as explaining, inspect as inspection
+from . import explain as explaining, inspection
 from .api import DEVICES
 from .builder import build
 from .heatmap import CMAPS

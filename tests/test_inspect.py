@@ -10,7 +10,7 @@ from onnx import helper
 
 from conftest import FIXTURES, make_model
 import onnxlrp
-from onnxlrp import inspect as inspection
+from onnxlrp import inspection
 
 
 def onnxlrp_cli(*args, cwd=None) -> subprocess.CompletedProcess:
