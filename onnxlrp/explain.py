@@ -270,7 +270,9 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
                        f"0 to {explainer.classes - 1})")
     prep = preprocessing(explainer, tuple(int(v) for v in size_values) if size_values else None, channels,
                          layout, _fraction(scale), mean_values, std_values)
-    items = samples(collect(inputs), explainer, prep)
+    files = collect(inputs)
+    items = samples(files, explainer, prep)
+    _keep_inputs(files, items, Path(outdir))
     staging = Staging(Path(outdir))
     lines = []
     try:
@@ -283,6 +285,16 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
     finally:
         staging.discard()
     return lines
+
+
+def _keep_inputs(files: Sequence[Path], items: Sequence[Sample], outdir: Path) -> None:
+    """Refuse an OUTDIR where a result would replace one of the inputs (a heatmap over its own picture)."""
+    sources = {path.resolve() for path in files}
+    for sample in items:
+        for suffix in (".npy", ".png"):
+            if (outdir / f"{sample.stem}{suffix}").resolve() in sources:
+                raise LrpError(f"{outdir}: writing {sample.stem}{suffix} there would replace an input; "
+                               "choose another output folder")
 
 
 def _progress(iterable: Iterator, length: int) -> Iterator:

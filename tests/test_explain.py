@@ -229,6 +229,13 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, broken, case, existing)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnxlrp-")]
 
 
+def test_results_never_replace_an_input(tmp_path):
+    picture = tmp_path / "eight.png"
+    picture.write_bytes(SAMPLES[0].read_bytes())
+    assert_one_line_error(onnxlrp_cli("explain", BUILT, tmp_path, "-o", tmp_path), "would replace an input")
+    assert picture.read_bytes() == SAMPLES[0].read_bytes() and sorted(tmp_path.iterdir()) == [picture]
+
+
 def test_pictures_for_a_model_without_pictures(tmp_path):
     model = tmp_path / "mlp_lrp.onnx"
     onnx.save(onnxlrp.build(FIXTURES / "mlp_ts.onnx"), str(model))
