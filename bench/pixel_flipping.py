@@ -119,7 +119,8 @@ def main() -> None:
         _, explanations[name] = onnxlrp.Explainer(DIGITS / "digits.onnx", composite=name).explain(x, predicted)
     explanations["gradient x input"] = gradient_times_input(plain, x, predicted)
     difference = explanations["zero"] - explanations["gradient x input"]
-    relative = np.sqrt((difference ** 2).sum(axis=(1, 2, 3)) / (explanations["gradient x input"] ** 2).sum(axis=(1, 2, 3)))
+    squares = lambda r: (r ** 2).sum(axis=(1, 2, 3))  # noqa: E731
+    relative = np.sqrt(squares(difference) / squares(explanations["gradient x input"]))
     print(f"uniform LRP-0 (zero) vs finite-difference gradient x input, relative L2 per digit: median "
           f"{np.median(relative):.3f}, largest {relative.max():.3f}")
 
@@ -136,7 +137,8 @@ def main() -> None:
     print("every preset drops the logit faster than a random order" if not slower
           else f"NOT faster than random: {', '.join(slower)}")
     if args.plot:
-        plot(curves, args.plot, f"pixel flipping on the digits CNN ({len(x)} test digits, removed pixels = {args.fill})")
+        plot(curves, args.plot,
+             f"pixel flipping on the digits CNN ({len(x)} test digits, removed pixels = {args.fill})")
         print(f"wrote {args.plot}")
 
 

@@ -33,7 +33,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for composite in COMPOSITES:
             explain(composite, Path(folder) / composite)
-            rows.append((TITLES.get(composite, composite), [cell(Path(folder) / composite / f"{name}.png") for name in ORDER]))
+            cells = [cell(Path(folder) / composite / f"{name}.png") for name in ORDER]
+            rows.append((TITLES.get(composite, composite), cells))
     grid = Image.new("RGB", (LEFT + len(ORDER) * (CELL + GAP), len(rows) * (CELL + GAP)), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for r, (title, cells) in enumerate(rows):

@@ -128,7 +128,8 @@ class Explainer:
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise LrpError(f"{where}: an array of {x.dtype} is not numeric")
         expected = self.input_shape
-        fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n for d, n in zip(expected[1:], x.shape[1:]))
+        fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n
+                                               for d, n in zip(expected[1:], x.shape[1:]))
         if not fits:
             raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.input_name}' "
                            f"{self.shape_text}")

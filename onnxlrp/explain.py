@@ -152,8 +152,8 @@ def _read_array(path: Path, explainer: Explainer, index: int | None = None) -> n
 
 def _read_image(path: Path, explainer: Explainer, prep: Preprocessing | None) -> tuple[np.ndarray, Image.Image]:
     if prep is None:
-        raise LrpError(f"{path}: the model input '{explainer.input_name}' {explainer.shape_text} does not take pictures "
-                       "(give a preprocessed .npy array)")
+        raise LrpError(f"{path}: the model input '{explainer.input_name}' {explainer.shape_text} does not take "
+                       "pictures (give a preprocessed .npy array)")
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -194,7 +194,8 @@ def describe(result: Result, explainer: Explainer, target: int | None) -> str:
     predicted = int(np.argmax(result.logits))
     explained = predicted if target is None or target < 0 else target
     named = lambda c: f"{c} ({explainer.label(c)})" if explainer.labels else str(c)  # noqa: E731
-    source = f"{result.sample.source}" + (f" [{result.sample.stem}]" if result.sample.stem != result.sample.source.stem else "")
+    sample = result.sample
+    source = f"{sample.source}" + (f" [{sample.stem}]" if sample.stem != sample.source.stem else "")
     return (f"{source}: predicted {named(predicted)}, explained {named(explained)}, "
             f"logit {result.logits[explained]:.6g}, relevance sum {float(result.relevance.sum(dtype=np.float64)):.6g}")
 
@@ -206,7 +207,8 @@ def write(result: Result, folder: Path, cmap: str, overlay: bool, prep: Preproce
     background = None
     if overlay:
         background = result.picture if result.picture is not None else _input_picture(result.x, channel_axis)
-    Image.fromarray(heatmap(result.relevance, cmap, background, channel_axis)).save(folder / f"{result.sample.stem}.png")
+    picture = heatmap(result.relevance, cmap, background, channel_axis)
+    Image.fromarray(picture).save(folder / f"{result.sample.stem}.png")
 
 
 def _input_picture(x: np.ndarray, channel_axis: int) -> np.ndarray:
