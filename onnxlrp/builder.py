@@ -115,6 +115,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     built.ir_version = ir_version_for(built, source_ir)
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
+    built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
     return built
 
 

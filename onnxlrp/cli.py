@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from . import explain as explaining, inspection
+from .api import DEVICES
 from .builder import build
+from .heatmap import CMAPS
 from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError
@@ -63,6 +66,47 @@ def check_command(model: str, input_path: str | None, target: int | None) -> Non
     """Run MODEL (built with --layer-relevance) and show, per linear layer, where relevance is lost."""
     from .check import check
     click.echo(check(model, input_path, target))
+@cli.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input; created if missing.")
+@click.option("--target", type=int, help="Class to explain for every input (default: each one's predicted class).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="cuda only runs where ONNX Runtime's CUDA provider really loads.")
+@click.option("--cmap", type=click.Choice(CMAPS), default="bwr", show_default=True, help="Heatmap colormap.")
+@click.option("--overlay", is_flag=True, help="Blend the heatmap over the (preprocessed) picture.")
+@click.option("--size", help="H,W the pictures are cropped to, when the model's input size is dynamic.")
+@click.option("--normalize", type=click.Choice(sorted(explaining.NORMALIZE)), help="A preset --mean and --std.")
+@click.option("--mean", help="Per-channel mean subtracted after scaling (comma-separated).")
+@click.option("--std", help="Per-channel standard deviation divided by after the mean (comma-separated).")
+@click.option("--scale", default="1/255", show_default=True, help="Factor applied to pixel values first.")
+@click.option("--channels", type=click.Choice(("rgb", "bgr")), default="rgb", show_default=True)
+@click.option("--layout", type=click.Choice(("nchw", "nhwc")), help="Input layout (default: from the model).")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
+              help="Class names, one per line (default: from the model's metadata, if any).")
+@click.option("--composite", help="Rules to build MODEL with, when it is a plain model (not built yet).")
+def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: int | None, batch_size: int,
+                    device: str, cmap: str, overlay: bool, size: str | None, normalize: str | None,
+                    mean: str | None, std: str | None, scale: str, channels: str, layout: str | None,
+                    labels_file: str | None, composite: str | None) -> None:
+    """Explain each INPUT (images, folders of them, .npy arrays) with MODEL; write relevance and heatmaps."""
+    lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
+                                      cmap=cmap, overlay=overlay, size=size, normalize=normalize, mean=mean,
+                                      std=std, scale=scale, channels=channels, layout=layout,
+                                      labels_file=labels_file, composite=composite)
+    for line in lines:
+        click.echo(line)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--composite", default="epsilon_plus_flat", show_default=True,
+              help="A preset name or the path of a composite TOML file.")
+def inspect_command(model: str, composite: str) -> None:
+    """Show the rule and parameters each node of MODEL gets, folded BatchNorms, unsupported ops. Writes nothing."""
+    click.echo(inspection.report(load(model), load_composite(composite), model))
 
 
 def main() -> None:

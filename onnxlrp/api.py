@@ -1,0 +1,167 @@
+"""The Python API: build a model from a path or a proto in one call, and explain numpy arrays with it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import builder
+from .composite import Composite, load_composite, parse_value
+from .errors import LrpError
+from .io import load
+from .rules import DEFAULTS
+
+DEVICES = ("cpu", "cuda")
+# Metadata keys that exporters use for class names: a JSON list, a JSON object {"0": name}, or "a,b,c".
+LABEL_KEYS = ("labels", "classes", "class_names", "id2label")
+
+
+def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | Composite = "epsilon_plus_flat",
+          explain: str = "logit", output: str | None = None, source: str | None = None,
+          **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
+    """The model with a `target` input and a `relevance` output. `composite` is a preset name, a TOML path or a
+    Composite; `rule_params` (epsilon, gamma, alpha, beta, low, high, stabilizer) override the composite's."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, source = model_or_path, source or "model"
+    else:
+        model, source = load(model_or_path), source or str(model_or_path)
+    unknown = sorted(set(rule_params) - set(DEFAULTS))
+    if unknown:
+        raise LrpError(f"unknown rule parameter(s) {', '.join(unknown)} (parameters: {', '.join(DEFAULTS)})")
+    overrides = {k: parse_value(k, list(v) if isinstance(v, tuple) else v, k)
+                 for k, v in rule_params.items() if v is not None}
+    chosen = composite if isinstance(composite, Composite) else load_composite(str(composite))
+    built = builder.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
+                          output=output, source=source)
+    return built
+
+
+def is_built(model: onnx.ModelProto) -> bool:
+    """Whether the model already computes relevance (has the `relevance` output)."""
+    return any(value.name == builder.RELEVANCE for value in model.graph.output)
+
+
+def open_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
+    """An ONNX Runtime session that logs only errors (no warning about the `target` default) on the chosen
+    device; CUDA is requested only for device="cuda" and must really load."""
+    if device not in DEVICES:
+        raise LrpError(f"device must be one of {', '.join(DEVICES)} (got '{device}')")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cpu":
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise LrpError("--device cuda: this ONNX Runtime has no CUDA provider (install onnxruntime-gpu), "
+                       "or use --device cpu")
+    ort.set_default_logger_severity(4)  # a provider that fails to load logs its own lines; we say it once
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    finally:
+        ort.set_default_logger_severity(3)
+    if "CUDAExecutionProvider" not in session.get_providers():
+        raise LrpError("--device cuda: the CUDA provider of ONNX Runtime did not load (it needs an NVIDIA GPU and "
+                       "the CUDA and cuDNN versions of its onnxruntime-gpu build); use --device cpu")
+    return session
+
+
+def metadata_labels(model: onnx.ModelProto, classes: int) -> list[str] | None:
+    """Class names stored in the model's metadata under one of LABEL_KEYS, if there are `classes` of them."""
+    props = {p.key: p.value for p in model.metadata_props}
+    for key in LABEL_KEYS:
+        if key not in props:
+            continue
+        try:
+            value = json.loads(props[key])
+        except ValueError:
+            value = [v.strip() for v in props[key].split(",")]
+        if isinstance(value, dict):
+            try:
+                value = [value[k] for k in sorted(value, key=int)]
+            except ValueError:
+                continue
+        if isinstance(value, list) and len(value) == classes:
+            return [str(v) for v in value]
+    return None
+
+
+class Explainer:
+    """Runs a built model (or builds a plain one first) on numpy arrays and returns logits and relevance.
+
+    >>> explainer = Explainer("model_lrp.onnx")
+    >>> logits, relevance = explainer.explain(x)            # x: a batch shaped like the model input
+    """
+
+    def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",
+                 composite: str | Path | Composite | None = None, explain: str | None = None,
+                 **rule_params: float | tuple[float, ...]):
+        model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
+        source = "model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+        if not is_built(model):
+            model = build(model, composite or "epsilon_plus_flat", explain or "logit", source=source, **rule_params)
+        elif composite is not None or explain is not None or rule_params:
+            raise LrpError(f"{source}: already computes relevance; a composite, explain or rule parameters "
+                           "apply to plain models only")
+        self.model = model
+        self.session = open_session(self.model, device)
+        inputs = [i for i in self.session.get_inputs() if i.name != builder.TARGET]
+        if len(inputs) != 1:
+            raise LrpError(f"{source}: Explainer takes models with one input (this one has "
+                           f"{', '.join(i.name for i in inputs)})")
+        self.input_name = inputs[0].name
+        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        self.input_dtype = np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32))
+        outputs = [o for o in self.session.get_outputs() if o.name != builder.RELEVANCE]
+        scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2), None)
+        if scores is None or not isinstance(scores.shape[1], int):
+            raise LrpError(f"{source}: no output of shape [N, C] among {', '.join(o.name for o in outputs)}")
+        self.logits_name: str = scores.name
+        self.classes: int = scores.shape[1]
+        self.labels: list[str] | None = metadata_labels(self.model, self.classes)
+
+    def check_input(self, x: np.ndarray, where: str = "input") -> np.ndarray:
+        """`x` as a batch of the model's input type, or an LrpError naming the shape the model takes."""
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise LrpError(f"{where}: an array of {x.dtype} is not numeric")
+        expected = self.input_shape
+        fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n
+                                               for d, n in zip(expected[1:], x.shape[1:]))
+        if not fits:
+            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.input_name}' "
+                           f"{self.shape_text}")
+        return x.astype(self.input_dtype, copy=False)
+
+    @property
+    def shape_text(self) -> str:
+        """The model input's shape as users read it: [?, 3, 224, 224]."""
+        return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in self.input_shape) + "]"
+
+    def check_target(self, target: int | np.ndarray | None, batch: int) -> np.ndarray:
+        """One class per sample (negative: the predicted class); an LrpError for classes out of range."""
+        chosen = np.full(batch, -1, dtype=np.int64) if target is None else np.asarray(target, dtype=np.int64)
+        chosen = np.broadcast_to(chosen, (batch,)).copy() if chosen.ndim == 0 else chosen
+        if chosen.shape != (batch,):
+            raise LrpError(f"target: expected one class per sample ({batch}), got shape {list(chosen.shape)}")
+        if np.any(chosen >= self.classes):
+            raise LrpError(f"target: class {int(chosen.max())} is out of range (the model has "
+                           f"{self.classes} classes, 0 to {self.classes - 1})")
+        return chosen
+
+    def explain(self, x: np.ndarray, target: int | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [N, C] and relevance (x's shape) of the batch `x` for class `target` (an int for all samples,
+        one per sample, or None / negative for the predicted class)."""
+        x = self.check_input(x)
+        chosen = self.check_target(target, len(x))
+        logits, relevance = self.session.run([self.logits_name, builder.RELEVANCE],
+                                             {self.input_name: x, builder.TARGET: chosen})
+        return logits, relevance
+
+    def label(self, index: int) -> str | None:
+        return self.labels[index] if self.labels else None
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
