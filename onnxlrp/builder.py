@@ -32,12 +32,11 @@ class Builder:
         self.ops = ops
         self.composite = composite
         self._nonnegative = nonnegative_tensors(graph)
-        self._first_linear = next((n for n in graph.nodes if n.op in linear.LINEAR_OPS), None)
-        self._order = tuple(graph.nodes)  # data-flow order, before the walk appends its nodes
+        self._rule = composite.assign(graph)
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
 
     def rule(self, node: gs.Node) -> tuple[str, dict]:
-        return self.composite.rule_for(node, self._first_linear, self._order)
+        return self._rule(node)
 
     def nonnegative(self, tensor: Tensor) -> bool:
         return tensor.name in self._nonnegative

@@ -6,7 +6,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import onnx_graphsurgeon as gs
 
@@ -83,6 +83,13 @@ class Composite:
         entries = tuple(replace(e, params={k: overrides.get(k, v) for k, v in e.params.items()})
                         for e in self.entries)
         return Composite(self.name, entries, {**self.params, **overrides})
+
+    def assign(self, graph: gs.Graph) -> Callable[[gs.Node], tuple[str, dict]]:
+        """The rule lookup of one graph, with its first linear layer and data-flow order taken now (before the
+        walk appends relevance nodes)."""
+        order = tuple(graph.nodes)
+        first_linear = next((n for n in order if n.op in LINEAR_OPS), None)
+        return lambda node: self.rule_for(node, first_linear, order)
 
     def rule_for(self, node: gs.Node, first_linear: gs.Node | None, order: Sequence[gs.Node] = ()) -> tuple[str, dict]:
         """The rule name and full parameter set for one node (its family's default if no entry matches); `order`,

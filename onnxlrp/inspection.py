@@ -12,7 +12,6 @@ from .canonical import canonicalize
 from .composite import Composite
 from .errors import LrpError
 from .folding import AFFINE, fold_affine, fold_batchnorm
-from .linear import LINEAR_OPS
 from .registry import FAMILIES
 from .rules import RULES
 
@@ -33,13 +32,13 @@ def rows(model: onnx.ModelProto, composite: Composite) -> list[Row]:
     """The table of `inspect`, in the graph's topological order."""
     graph = canonicalize(model)
     folded = _fold(graph)
-    first_linear = next((n for n in graph.nodes if n.op in LINEAR_OPS), None)
+    rule_of = composite.assign(graph)
     table = []
     for node in graph.nodes:
         if node.op not in FAMILIES:
             table.append(Row(node.name, node.op, folded.get(node.name, ()), UNSUPPORTED, {}))
             continue
-        rule, params = composite.rule_for(node, first_linear)
+        rule, params = rule_of(node)
         used = {k: params[k] for k in RULES[rule].params} if rule in RULES else {}
         table.append(Row(node.name, node.op, folded.get(node.name, ()), rule, {**used, **_fixed(rule)}))
     return table

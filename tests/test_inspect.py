@@ -28,14 +28,14 @@ def test_rows_show_folding_rules_and_parameters():
                                                                                "stabilizer": 1e-6}
     assert by_name["/4/Conv"].folded == ("/5/BatchNormalization (BatchNormalization)",)
     assert by_name["/4/Conv"].rule == "gamma" and by_name["/4/Conv"].params["gamma"] == 0.5
-    assert by_name["/14/Gemm"].rule == "epsilon" and by_name["/14/Gemm"].params == {"epsilon": 1e-6}
+    assert by_name["/14/Gemm"].rule == "epsilon" and by_name["/14/Gemm"].params == {"epsilon": 1e-6, "epsilon_scale": 0.0}
     assert by_name["/3/MaxPool"].rule == "wta" and by_name["/2/Relu"].rule == "pass"
     assert by_name["/7/AveragePool"].rule == "norm"
 
 
 def test_zero_rule_shows_its_fixed_epsilon():
     rows = inspection.rows(onnxlrp.load(FIXTURES / "mlp_ts.onnx"), onnxlrp.load_composite("zero"))
-    assert rows[0].rule == "zero" and rows[0].params == {"epsilon": 0.0}
+    assert rows[0].rule == "zero" and rows[0].params == {"epsilon": 0.0, "epsilon_scale": 0.0}
 
 
 def test_command_prints_the_table_and_writes_nothing(tmp_path):
@@ -45,7 +45,7 @@ def test_command_prints_the_table_and_writes_nothing(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[0].split() == ["node", "op", "type", "folded", "into", "it", "rule", "parameters"]
     assert lines[1].split() == ["/0/Conv", "Conv", "-", "zplus", "stabilizer=1e-06"]
-    assert lines[-2].split() == ["/12/Gemm", "Gemm", "-", "epsilon", "epsilon=1e-06"]
+    assert lines[-2].split() == ["/12/Gemm", "Gemm", "-", "epsilon", "epsilon=1e-06", "epsilon_scale=0"]
     assert lines[-1] == "build: every node is supported (composite epsilon_plus)"
     assert len(lines) == 1 + 12 + 1
     assert list(tmp_path.iterdir()) == []
