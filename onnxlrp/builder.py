@@ -14,7 +14,7 @@ from .errors import LrpError
 from .canonical import canonicalize
 from .graph import opset_of
 from .io import ir_version_for
-from .shapes import infer_shapes
+from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
@@ -68,13 +68,18 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model") -> onnx.ModelProto:
-    """Return a model that computes the original outputs plus `relevance` for the class given in `target`."""
+          source: str = "model", input_shape: str | None = None) -> onnx.ModelProto:
+    """Return a model that computes the original outputs plus `relevance` for the class given in `target`.
+
+    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
     declared_outputs = {value.name: value for value in model.graph.output}
+    if input_shape is not None:
+        model = with_input_shape(model, parse_input_shape(input_shape), source)
     graph = canonicalize(model)
+    require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()

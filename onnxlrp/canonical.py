@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import LrpError
 from .graph import constant, opset_of, replace
-from .shapes import fold_batch_independent, infer_shapes
+from .shapes import fold_batch_independent, infer_shapes, observe_shapes
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
@@ -19,7 +19,8 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
 
     Constants become initializers and constant subgraphs are folded, Identity/Dropout disappear, Gemm loses
     alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
-    explicit. Shapes are inferred afterwards so that emitters can rely on static non-batch dimensions.
+    explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
+    can rely on static non-batch dimensions.
     """
     if opset_of(model) < MIN_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_OPSET)
@@ -30,6 +31,9 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     if fold_batch_independent(graph):
         graph.cleanup()
         infer_shapes(graph)
+    if observe_shapes(graph):  # what inference could not follow, read from one run; then fold what became static
+        graph.fold_constants(error_ok=True)
+        graph.cleanup().toposort()
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()

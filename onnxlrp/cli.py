@@ -35,8 +35,10 @@ def cli() -> None:
 @click.option("--explain", type=click.Choice(EXPLAIN), default="logit", show_default=True,
               help="What is explained: the target's logit, its log-odds, or a one-hot seed.")
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
+@click.option("--input-shape", help="[NAME:]DIMS, comma-separated sizes of a model input (a name such as N stays "
+                                    "symbolic), for inputs whose sizes the model leaves open.")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  **rule_params) -> None:
+                  input_shape: str | None, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -44,7 +46,8 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
         raise LrpError(f"{out}: the output folder does not exist")
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
-    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model)
+    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
+                  input_shape=input_shape)
     save_atomic(built, out)
     click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
 
