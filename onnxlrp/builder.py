@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import linear, pooling, routing  # noqa: F401  (they register their emitters)
+from . import linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -78,6 +78,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     declared_outputs = {value.name: value for value in model.graph.output}
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
+    original = model
+    quantized.refuse_integer_arithmetic(model, source)
     graph = canonicalize(model)
     require_static_input(graph, source)
     fold_batchnorm(graph)
@@ -111,6 +113,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    if quantized.is_quantized(original):  # its own nodes keep computing the outputs; the twin explains them
+        built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     return built
 
 
