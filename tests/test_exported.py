@@ -18,7 +18,7 @@ def model_of(nodes, inputs, outputs, init, opset=13) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "exported", inputs, outputs,
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in init.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 7
+    model.ir_version = 7 if opset < 19 else 9
     onnx.checker.check_model(model)
     return model
 
@@ -113,7 +113,7 @@ def assert_zero_is_gradient_times_input(source: onnx.ModelProto, x: np.ndarray, 
     assert relative_error(relevance, x * gradient) < 1e-3
 
 
-def gradient_one_at_a_time(source: onnx.ModelProto, x: np.ndarray, target: int, step: float = 1e-2) -> np.ndarray:
+def gradient_one_at_a_time(source: onnx.ModelProto, x: np.ndarray, target: int, step: float = 1e-3) -> np.ndarray:
     """Central differences, one sample per run (also for models with a fixed batch of 1)."""
     model = session(source)
     logit = lambda value: model.run(None, {"input": value.reshape(x.shape)})[0][0, target]
@@ -161,3 +161,61 @@ def test_observed_shapes_keep_the_batch_symbolic(rng):
     assert flat.shape is None or not isinstance(flat.shape[1], int)  # inference cannot follow the Reshape
     assert observe_shapes(graph)
     assert flat.shape == ["N", 24]
+
+
+def tf_port(rng, pad_mode: str = "reflect", opset: int = 13) -> onnx.ModelProto:
+    """Layout idioms: Pad in reflect/edge mode, a bias and a BatchNorm written as Add/Mul/Add after a Conv, a
+    Transpose to NHWC and a float Cast; GlobalMaxPool and ReduceMax; a Slice that keeps the whole batch."""
+    ints = {"pads0": [0, 0, 1, 2, 0, 0, 1, 0], "pads1": [0, 0, 1, 0, 0, 0, 0, 1], "zero": [0],
+            "end": [2**63 - 1], "axes": [2, 3]}
+    init = {k: np.array(v, np.int64) for k, v in ints.items()}
+    init.update(w0=floats(rng, 4, 3, 3, 3, scale=0.3), bias=floats(rng, 4, scale=0.1),
+                scale=rng.uniform(0.5, 1.5, 4).astype(np.float32), shift=floats(rng, 1, 1, 1, 4, scale=0.1),
+                w1=floats(rng, 6, 4, 2, 2, scale=0.3), w2=floats(rng, 12, 3, scale=0.3))
+    nodes = [helper.make_node("Pad", ["input", "pads0"], ["p0"], name="pad0", mode=pad_mode),
+             helper.make_node("Conv", ["p0", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Transpose", ["c0"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Cast", ["nhwc"], ["cast"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Add", ["cast", "bias"], ["biased"], name="bias"),
+             helper.make_node("Mul", ["biased", "scale"], ["scaled"], name="bn_scale"),
+             helper.make_node("Add", ["shift", "scaled"], ["shifted"], name="bn_shift"),
+             helper.make_node("Relu", ["shifted"], ["r0"], name="relu0"),
+             helper.make_node("Transpose", ["r0"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Pad", ["nchw", "pads1"], ["p1"], name="pad1", mode="edge"),
+             helper.make_node("Conv", ["p1", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalMaxPool", ["r1"], ["gmp"], name="global_max"),
+             helper.make_node("Flatten", ["gmp"], ["f0"], name="flatten"),
+             helper.make_node("ReduceMax", ["r1", "axes"], ["f1"], name="reduce_max", keepdims=0) if opset >= 18 else
+             helper.make_node("ReduceMax", ["r1"], ["f1"], name="reduce_max", axes=[2, 3], keepdims=0),
+             helper.make_node("Concat", ["f0", "f1"], ["both"], name="concat", axis=1),
+             helper.make_node("Slice", ["both", "zero", "end", "zero"], ["kept"], name="whole_batch"),
+             helper.make_node("Gemm", ["kept", "w2"], ["logits"], name="head")]
+    return model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 7, 8])],
+                    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], init, opset)
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "edge", "wrap"])
+def test_layout_idioms(pad_mode, rng):
+    source = tf_port(rng, pad_mode, opset=19 if pad_mode == "wrap" else 13)  # wrap came with opset 19
+    x = floats(rng, 2, 3, 7, 8)
+    assert_builds_everywhere(source, {"input": x})
+    assert_zero_is_gradient_times_input(source, x[:1], 1)
+    built = onnxlrp.build(source, onnxlrp.load_composite("epsilon"))
+    assert not {"bias", "bn_scale", "bn_shift"} & {n.name for n in built.graph.node}  # folded into conv0
+
+
+def test_affine_folds_through_transpose_and_cast(rng):
+    import onnx_graphsurgeon as gs
+    from onnxlrp.folding import fold_affine
+    from onnxlrp.shapes import infer_shapes
+    source = tf_port(rng)
+    graph = gs.import_onnx(source)
+    infer_shapes(graph)
+    fold_affine(graph)
+    graph.cleanup().toposort()
+    folded = gs.export_onnx(graph)
+    assert [n.op_type for n in folded.graph.node][:4] == ["Pad", "Conv", "Transpose", "Cast"]
+    assert folded.graph.node[4].op_type == "Relu"
+    x = floats(rng, 2, 3, 7, 8)
+    np.testing.assert_allclose(run(folded, {"input": x})[0], run(source, {"input": x})[0], rtol=1e-5, atol=1e-6)
