@@ -18,7 +18,7 @@ from .shapes import infer_shapes, parse_input_shape, require_static_input, with_
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
-from .top import EXPLAIN, start
+from .top import EXPLAIN, start, written_out_softmax
 
 TARGET, RELEVANCE = "target", "relevance"
 HEADS = ("Softmax", "LogSoftmax")
@@ -146,9 +146,11 @@ def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:
     """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
     if name is not None:
-        chosen = next((t for t in graph.outputs if t.name == name), None)
+        chosen = next((t for t in graph.outputs if t.name == name), None) or graph.tensors().get(name)
         if chosen is None:
             raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
     # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
     zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
@@ -159,11 +161,16 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Var
 
 
 def _logits(output: gs.Variable) -> gs.Variable:
-    """The tensor before a trailing Softmax/LogSoftmax (and Identity), so that the logits are explained."""
+    """The tensor before a trailing Softmax/LogSoftmax (also written out as Exp/ReduceSum/Div) and Identity, so
+    that the logits are explained."""
     tensor = output
-    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
-        tensor = tensor.inputs[0].inputs[0]
-    return tensor
+    while True:
+        if tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+            tensor = tensor.inputs[0].inputs[0]
+        elif written_out_softmax(tensor) is not None:
+            tensor = written_out_softmax(tensor)
+        else:
+            return tensor
 
 
 def _batch(x: gs.Variable):

@@ -219,3 +219,48 @@ def test_affine_folds_through_transpose_and_cast(rng):
     assert folded.graph.node[4].op_type == "Relu"
     x = floats(rng, 2, 3, 7, 8)
     np.testing.assert_allclose(run(folded, {"input": x})[0], run(source, {"input": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def softmax_head(rng, shifted: bool, log: bool = False) -> onnx.ModelProto:
+    """Dense, ReLU, dense, then a softmax written out (optionally minus the row maximum, or as log-softmax)."""
+    init = {"w0": floats(rng, 6, 8, scale=0.5), "w1": floats(rng, 8, 4, scale=0.5), "one": np.array([1], np.int64)}
+    nodes = [helper.make_node("Gemm", ["input", "w0"], ["h"], name="dense0"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "w1"], ["logits"], name="dense1")]
+    t = "logits"
+    if shifted:
+        nodes += [helper.make_node("ReduceMax", ["logits"], ["peak"], axes=[1], keepdims=1),
+                  helper.make_node("Sub", ["logits", "peak"], ["shifted"])]
+        t = "shifted"
+    nodes += [helper.make_node("Exp", [t], ["e"]), helper.make_node("ReduceSum", ["e", "one"], ["total"], keepdims=1)]
+    if log:
+        nodes += [helper.make_node("Log", ["total"], ["log_total"]),
+                  helper.make_node("Sub", [t, "log_total"], ["probs"])]
+    else:
+        nodes += [helper.make_node("Div", ["e", "total"], ["probs"])]
+    return model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+                    [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4])], init)
+
+
+@pytest.mark.parametrize("shifted,log", [(False, False), (True, False), (True, True)])
+def test_written_out_softmax_head_explains_the_logits(shifted, log, rng):
+    source = softmax_head(rng, shifted, log)
+    x = floats(rng, 3, 6)
+    assert_builds_everywhere(source, {"input": x})
+    relevance = run(explain_zero(source), {"input": x, "target": np.array([0, 1, 2])}, ["relevance"])[0]
+    inside = explain_zero(source, output="logits")  # the logits named as an inner tensor
+    np.testing.assert_allclose(run(inside, {"input": x, "target": np.array([0, 1, 2])}, ["relevance"])[0],
+                               relevance, rtol=1e-6, atol=1e-7)
+    w0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer[:2])
+    # LRP-0 is gradient x input of the chosen logit (not of its probability): x_i sum_j w0_ij [h_j > 0] w1_jc
+    expected = np.stack([x[n] * (w0 @ ((x[n] @ w0 > 0) * w1[:, c])) for n, c in enumerate([0, 1, 2])])
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6)
+
+
+def explain_zero(source: onnx.ModelProto, **options) -> onnx.ModelProto:
+    return onnxlrp.build(source, onnxlrp.load_composite("zero"), **options)
+
+
+def test_classifier_output_must_be_a_float_matrix(rng):
+    with pytest.raises(onnxlrp.LrpError, match="'one' is not a computed float tensor"):
+        explain_zero(softmax_head(rng, False), output="one")
