@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
+from . import encoding, linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -102,7 +102,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     relevance = builder.walk(graph, *start(builder, logits, target, classes, explain), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
-    result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=x.shape)
+    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype, shape=x.shape)
     graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[ops.add_all(relevance[x.name])],
                                outputs=[result]))
     graph.inputs.append(target)
@@ -137,10 +137,14 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
 
 
 def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
+    """The first float input, else the first integer input that the graph one-hot encodes."""
     for tensor in graph.inputs:
         if floating(tensor):
             return tensor
-    raise LrpError(f"{source}: the model has no floating-point input to explain")
+    for tensor in graph.inputs:
+        if encoding.one_hot_encoded(tensor):
+            return tensor
+    raise LrpError(f"{source}: the model has no floating-point input to explain (nor a one-hot encoded one)")
 
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:

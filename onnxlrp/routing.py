@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .encoding import encoded
 from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family, floating
@@ -32,8 +33,11 @@ def emit_pass(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -
 
 @family("cast", ("Cast",), ("pass",))
 def emit_cast(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Relevance passes, in the type of the cast's input (a double model input cast to float)."""
+    """Relevance passes, in the type of the cast's input (a double model input cast to float), or in its own type
+    from a one-hot encoding (encoding.py)."""
     source = node.inputs[0]
+    if encoded(source):
+        return [relevance[0]]
     if not floating(source):
         raise Unsupported("a Cast from a non-float type carries no relevance")
     dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(source.dtype))

@@ -264,3 +264,41 @@ def explain_zero(source: onnx.ModelProto, **options) -> onnx.ModelProto:
 def test_classifier_output_must_be_a_float_matrix(rng):
     with pytest.raises(onnxlrp.LrpError, match="'one' is not a computed float tensor"):
         explain_zero(softmax_head(rng, False), output="one")
+
+
+def one_hot_classifier(rng, kind: str) -> onnx.ModelProto:
+    """Integer input [N, 5] (values 0..3) one-hot encoded inside the graph, then Conv1d over the positions."""
+    init = {"values": np.arange(4, dtype=np.int64), "w0": floats(rng, 6, 4, 3, scale=0.5),
+            "w1": floats(rng, 6 * 3, 3, scale=0.5), "depth": np.array(4, np.int64),
+            "off_on": np.array([0, 1], np.float32), "flat": np.array([0, -1], np.int64)}
+    if kind == "equal":
+        encode = [helper.make_node("Unsqueeze", ["input"], ["ids"], axes=[2]),
+                  helper.make_node("Equal", ["ids", "values"], ["hot"], name="encode"),
+                  helper.make_node("Cast", ["hot"], ["encoded"], to=TensorProto.FLOAT)]
+    else:
+        encode = [helper.make_node("OneHot", ["input", "depth", "off_on"], ["encoded"], name="encode", axis=-1)]
+    nodes = encode + [helper.make_node("Transpose", ["encoded"], ["channels"], perm=[0, 2, 1]),
+                      helper.make_node("Conv", ["channels", "w0"], ["c0"], name="conv"),
+                      helper.make_node("Relu", ["c0"], ["r0"]),
+                      helper.make_node("Reshape", ["r0", "flat"], ["f"]),
+                      helper.make_node("Gemm", ["f", "w1"], ["logits"], name="head")]
+    return model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.INT64, ["N", 5])],
+                    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], init, opset=11)
+
+
+@pytest.mark.parametrize("kind", ["equal", "onehot"])
+def test_one_hot_encoded_integer_input_gets_relevance_per_position(kind, rng):
+    source = one_hot_classifier(rng, kind)
+    ids = rng.integers(0, 4, size=(3, 5))
+    found = assert_builds_everywhere(source, {"input": ids})
+    # LRP-0 per position is gradient x input on the one-hot encoding, summed over the encoded values.
+    w0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer[1:3])
+    targets = run(source, {"input": ids})[0].argmax(1)
+    for n, target in enumerate(targets):
+        hot = np.eye(4)[ids[n]].T  # [4 values, 5 positions]
+        z = np.stack([np.sum(w0 * hot[None, :, k:k + 3], axis=(1, 2)) for k in range(3)], axis=1)
+        upper = (z > 0) * w1[:, target].reshape(6, 3)
+        gradient = np.zeros_like(hot)
+        for k in range(3):
+            gradient[:, k:k + 3] += np.einsum("o,oiw->iw", upper[:, k], w0)
+        np.testing.assert_allclose(found["zero"][n], (hot * gradient).sum(0), rtol=1e-4, atol=1e-6)
