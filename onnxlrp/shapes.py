@@ -174,13 +174,16 @@ SPATIAL_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool")
 
 
 def observe_shapes(graph: gs.Graph) -> bool:
-    """Fill in the shapes that inference left open by running the graph once (twice with a symbolic batch size:
-    at 1 and at 2) in ONNX Runtime with every open tensor as an output. A dimension that follows the batch size
-    gets the input's batch symbol; one that is the same in both runs becomes that number.
+    """Fill in the shapes that inference left open, or named with symbols of its own (two tensors of one batch
+    size under different names), by running the graph once (twice with a symbolic batch size: at 1 and at 2) in
+    ONNX Runtime with each such tensor as an output. A dimension that follows the batch size gets the input's
+    batch symbol; one that is the same in both runs becomes that number.
 
     Needs static input sizes after the batch axis. Returns whether any shape was filled in.
     """
-    wanted = [t for t in graph.tensors().values() if _open(t) and t.inputs and t not in graph.inputs]
+    symbols = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
+    wanted = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.inputs and t not in graph.inputs
+              and (_open(t) or any(isinstance(d, str) and d not in symbols for d in t.shape))]
     if not wanted or any(t.shape is None or any(not isinstance(d, int) for d in t.shape[1:])
                          for t in graph.inputs):
         return False
