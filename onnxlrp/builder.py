@@ -78,6 +78,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     declared_outputs = {value.name: value for value in model.graph.output}
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
+    else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
+        model = _copy(model)
     original = model
     quantized.refuse_integer_arithmetic(model, source)
     graph = canonicalize(model)
@@ -116,6 +118,12 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if quantized.is_quantized(original):  # its own nodes keep computing the outputs; the twin explains them
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     return built
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _needed_opset(graph: gs.Graph, opset: int) -> int:
