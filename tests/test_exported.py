@@ -302,3 +302,16 @@ def test_one_hot_encoded_integer_input_gets_relevance_per_position(kind, rng):
         for k in range(3):
             gradient[:, k:k + 3] += np.einsum("o,oiw->iw", upper[:, k], w0)
         np.testing.assert_allclose(found["zero"][n], (hot * gradient).sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_command_line_input_shape(tmp_path, rng):
+    from test_cli import assert_one_line_error, onnxlrp as command
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(dynamic_cnn(rng), str(path))
+    assert_one_line_error(command("build", path, "-o", tmp_path / "out.onnx"), "input 'input' has open dimensions",
+                          "--input-shape")
+    assert not (tmp_path / "out.onnx").exists()
+    result = command("build", path, "-o", tmp_path / "out.onnx", "--input-shape", "input:N,3,8,12")
+    assert result.returncode == 0, result.stderr
+    x = floats(rng, 2, 3, 8, 12)
+    assert run(onnx.load(str(tmp_path / "out.onnx")), {"input": x}, ["relevance"])[0].shape == x.shape
