@@ -80,9 +80,9 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         model = with_input_shape(model, parse_input_shape(input_shape), source)
     else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
         model = _copy(model)
-    original = model
     quantized.refuse_integer_arithmetic(model, source)
-    graph = canonicalize(model)
+    original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
+    graph = canonicalize(_copy(model) if original is not None else model)
     require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
@@ -115,7 +115,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
-    if quantized.is_quantized(original):  # its own nodes keep computing the outputs; the twin explains them
+    if original is not None:  # the built graph is the float twin that explains the quantized model
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     return built
 
@@ -179,8 +179,8 @@ def _logits(output: gs.Variable) -> gs.Variable:
     while True:
         if tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
             tensor = tensor.inputs[0].inputs[0]
-        elif written_out_softmax(tensor) is not None:
-            tensor = written_out_softmax(tensor)
+        elif (before := written_out_softmax(tensor)) is not None:
+            tensor = before
         else:
             return tensor
 

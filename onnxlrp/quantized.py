@@ -8,8 +8,8 @@ from typing import Sequence
 
 import onnx
 
-from .ops import Tensor
 from .errors import LrpError
+from .ops import Tensor
 from .registry import Context, family
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
