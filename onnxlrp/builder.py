@@ -96,7 +96,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=x.shape)
-    graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[ops.add_all(relevance[x.name])],
+    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[ops.add_all(relevance[x.name])],
                                outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
