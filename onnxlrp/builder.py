@@ -19,6 +19,7 @@ from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start
+from .validate import check_model_structure
 
 TARGET, RELEVANCE = "target", "relevance"
 HEADS = ("Softmax", "LogSoftmax")
@@ -72,6 +73,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
+    check_model_structure(model, source)
     source_ir = model.ir_version
     declared_outputs = {value.name: value for value in model.graph.output}
     graph = canonicalize(model)

@@ -9,6 +9,7 @@ import onnx
 
 from .errors import LrpError
 from .graph import opset_of
+from .validate import check_model_structure
 
 # Protobuf's limit for one file; larger models keep their weights in an external data file.
 MAX_SINGLE_FILE = 2**31 - 2**24
@@ -25,6 +26,7 @@ def load(path: str | Path) -> onnx.ModelProto:
         raise LrpError(f"{path}: not a readable ONNX model ({first_line(error)})") from None
     if not model.graph.node or not model.opset_import:
         raise LrpError(f"{path}: not an ONNX model (no graph nodes or no opset)")
+    check_model_structure(model, str(path))
     return model
 
 

@@ -114,3 +114,55 @@ def test_bounds_with_a_wrong_number_of_channels(capsys, monkeypatch, tmp_path):
     box = tmp_path / "box.toml"
     box.write_text('[[layers]]\nfirst_linear = true\nrule = "zbox"\n')
     assert_fails(capsys, monkeypatch, tmp_path, MLP, "--composite", box, "--high=1,2,3", Fragment("give 3 values"))
+
+
+def small_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["input", "w"], ["h"], name="dense"), helper.make_node("Relu", ["h"], ["logits"])]
+    return make_model(nodes, [1, 4], [1, 3], {"w": np.arange(12).reshape(4, 3)})
+
+
+def broken_models(tmp_path):
+    """(file, fragments of the error) for each kind of invalid model."""
+    cases = []
+
+    def case(name, model, *fragments, **save):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path), **save)
+        cases.append((path, fragments))
+        return path
+
+    model = small_model()
+    model.graph.node[0].input[0] = "logits"
+    case("cycle", model, "cycle through node(s) 'dense', 'logits'")  # the unnamed Relu: named by its output
+    model = small_model()
+    model.graph.node.append(helper.make_node("Relu", ["input"], ["h"]))
+    case("twice", model, "tensor 'h' is written twice", "'dense'", "node 'h'")
+    model = small_model()
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    case("no_opset", model, "no opset import for the default ONNX domain")
+    model = small_model()
+    model.ir_version = 99
+    case("ir", model, "unknown IR version 99")
+    model = small_model()
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:20]
+    case("short", model, "tensor 'w'", "has 20 bytes of data but needs 48")
+    truncated = case("truncated", small_model(), "tensor 'w'", "48", "20", save_as_external_data=True,
+                     location="truncated.data", size_threshold=0)
+    (tmp_path / "truncated.data").write_bytes((tmp_path / "truncated.data").read_bytes()[:20])
+    oversized = case("oversized", small_model(), "tensor 'w'", "has 64 bytes of data but needs 48",
+                     save_as_external_data=True, location="oversized.data", size_threshold=0)
+    with open(tmp_path / "oversized.data", "ab") as data:
+        data.write(bytes(16))
+    model = onnx.load(str(oversized), load_external_data=False)
+    next(e for e in model.graph.initializer[0].external_data if e.key == "length").value = "64"
+    onnx.save(model, str(oversized))
+    assert truncated.exists()
+    return cases
+
+
+def test_invalid_models_are_one_line_each(capsys, monkeypatch, tmp_path):
+    for path, fragments in broken_models(tmp_path):
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        assert_fails(capsys, monkeypatch, tmp_path, path, Fragment(path.name), *map(Fragment, fragments))
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
