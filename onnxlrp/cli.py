@@ -10,7 +10,7 @@ import click
 from .builder import build
 from .top import EXPLAIN
 from .composite import load_composite, parse_value
-from .errors import LrpError
+from .errors import LrpError, printable
 from .io import load, save_atomic
 
 
@@ -46,7 +46,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model)
     save_atomic(built, out)
-    click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
+    click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    click.echo(f"onnxlrp: error: {' '.join(message.split())}", err=True)
+    click.echo(f"onnxlrp: error: {printable(message.strip())}", err=True)
     return code
 
 

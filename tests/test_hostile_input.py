@@ -166,3 +166,14 @@ def test_invalid_models_are_one_line_each(capsys, monkeypatch, tmp_path):
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
         assert_fails(capsys, monkeypatch, tmp_path, path, Fragment(path.name), *map(Fragment, fragments))
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_names_from_the_model_are_printed_escaped(capsys, monkeypatch, tmp_path):
+    evil = "norm\x1b[2J\x1b]0;owned\x07\r\nline\u202etxt\x9b1m"
+    nodes = [helper.make_node("LayerNormalization", ["input", "scale"], ["n"], name=evil),
+             helper.make_node("Gemm", ["n", "w"], ["logits"], name="dense")]
+    path = tmp_path / "evil.onnx"
+    onnx.save(make_model(nodes, [1, 4], [1, 3], {"scale": np.ones(4), "w": np.ones((4, 3))}), str(path))
+    line = assert_fails(capsys, monkeypatch, tmp_path, path, Fragment("LayerNormalization"))
+    assert "norm\\x1b[2J\\x1b]0;owned\\x07\\r\\nline\\u202etxt\\x9b1m" in line
+    assert not any(ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c == "\u202e" for c in line)
