@@ -10,12 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import FIXTURES, make_model
-from onnxlrp import cli
+from onnxlrp import cli, interrupts
 
 
 def build_in_process(capsys, monkeypatch, *args) -> str:
     """Run `onnxlrp build ARGS` in this process (as the console script does) and return its one error line."""
     monkeypatch.setattr(sys, "argv", ["onnxlrp", "build", *map(str, args)])
+    monkeypatch.setattr(interrupts, "install", lambda: None)  # keep pytest's own Ctrl-C handling
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code != 0
@@ -100,6 +101,7 @@ def test_a_preset_name_stays_the_preset_when_a_folder_has_its_name(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "epsilon").mkdir()
     monkeypatch.setattr(sys, "argv", ["onnxlrp", "build", str(MLP), "-o", "out.onnx", "--composite", "epsilon"])
+    monkeypatch.setattr(interrupts, "install", lambda: None)
     cli.main()
     assert "composite epsilon" in capsys.readouterr().out and (tmp_path / "out.onnx").is_file()
     (tmp_path / "other").mkdir()
