@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import linear, pooling, routing  # noqa: F401  (they register their emitters)
+from .export import export_model
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -74,13 +75,15 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     check_model_structure(model, source)
-    source_ir = model.ir_version
-    declared_outputs = {value.name: value for value in model.graph.output}
+    source_ir, source_opset = model.ir_version, opset_of(model)
+    declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
+                        for value in model.graph.output}
     graph = canonicalize(model)
+    del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
-    graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
+    graph = _at_opset(graph, _needed_opset(graph, source_opset), source)
     taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
@@ -102,7 +105,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                                outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
-    built = gs.export_onnx(graph, do_type_check=False)
+    del builder, ops, relevance  # their caches hold weight arrays that export_model moves into the model
+    built = export_model(graph)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])

@@ -25,6 +25,7 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     if opset_of(model) < MIN_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_OPSET)
     graph = gs.import_onnx(model)
+    _own_weights(graph)
     name_nodes(graph)
     infer_shapes(graph)
     graph.fold_constants(error_ok=True)
@@ -36,6 +37,15 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+def _own_weights(graph: gs.Graph) -> None:
+    """Load every constant into an array of the graph's own, so that the graph no longer refers to the source
+    model's tensors (which lets the source's memory go once the caller lets go of it)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
+    graph.import_domains = [onnx.OperatorSetIdProto(domain=o.domain, version=o.version) for o in graph.import_domains]
 
 
 def _bypass(graph: gs.Graph, node: gs.Node) -> None:

@@ -12,7 +12,7 @@ from .builder import build
 from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError, printable
-from .io import load, refuse_input_files, save_atomic
+from .io import load, save_atomic
 
 
 @click.group()
@@ -45,10 +45,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
         raise LrpError(f"{out}: the output folder does not exist")
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
-    source = load(model)
-    refuse_input_files(out)
-    built = build(source, chosen, explain=explain, output=classifier_output, source=model)
-    del source  # the built model holds what it needs: the source's copy of the weights can go
+    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model)
     save_atomic(built, out)
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 

@@ -53,21 +53,17 @@ def refuse_input_files(path: str | Path) -> None:
 def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
     """Check the model, write it next to `path` under a temporary name, then move it into place.
 
-    A model over 2 GB keeps its weights in `path` + ".data", written the same way; its tensors are moved out of
-    `model` into that file as it is written (the proto is left referring to the file), so memory does not double.
+    A model over 2 GB keeps its weights in `path` + ".data", written the same way and moved together with the
+    model; its tensors are moved out of `model` into that file (the proto is left referring to the file).
     """
     path = Path(path)
     refuse_input_files(path)
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > MAX_SINGLE_FILE
-    if not large:
-        _check(model)
+    _check(_without_weights(model))
+    large = sum(t.ByteSize() for t in model.graph.initializer) > MAX_SINGLE_FILE
     try:
         with temporary_files(path.parent, 2 if large else 1) as temporary:
             if large:
-                _move_weights(model, temporary[1])
-                _write(model, temporary[0])
-                _check(str(temporary[0]))  # reads the small model file and finds the data file beside it
-                _relocate(model, _data_path(path).name)
+                _move_weights(model, temporary[1], _data_path(path).name)
             _write(model, temporary[0])
             with uninterrupted():  # the model and its data file move together or not at all
                 if large:
@@ -77,7 +73,19 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
         raise LrpError(f"{path}: cannot write the model ({error.strerror or error})") from None
 
 
-def _check(model: onnx.ModelProto | str) -> None:
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What the checker needs to see of the built model: its graph with empty initializers of the same names and
+    types (checking the full proto would serialize it whole, which fails over 2 GB and doubles memory below)."""
+    graph = model.graph
+    light = onnx.GraphProto(name=graph.name, node=graph.node, input=graph.input, output=graph.output,
+                            value_info=graph.value_info)
+    for tensor in graph.initializer:
+        light.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=[0])  # no elements, no data
+    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+                           graph=light)
+
+
+def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as error:
@@ -85,12 +93,59 @@ def _check(model: onnx.ModelProto | str) -> None:
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
+    """Serialize the model one initializer at a time (what SerializeToString would write, with the initializers
+    last): a whole-model serialization would hold up to twice its size in memory besides the model itself."""
+    graph = model.graph
+    sizes = [tensor.ByteSize() for tensor in graph.initializer]
+    rest = _shell(graph, "initializer").SerializeToString()
+    items = [_key(GRAPH_INITIALIZER) + _varint(size) for size in sizes]
     with open(path, "wb") as file:
-        file.write(model.SerializeToString())
+        file.write(_shell(model, "graph").SerializeToString())
+        file.write(_key(MODEL_GRAPH) + _varint(len(rest) + sum(map(len, items)) + sum(sizes)))
+        file.write(rest)
+        for item, size, tensor in zip(items, sizes, graph.initializer):
+            data = tensor.SerializeToString()
+            if len(data) != size:
+                raise OSError(f"tensor '{tensor.name}' serialized to {len(data)} bytes, not {size}")
+            file.write(item)
+            file.write(data)
 
 
-def _move_weights(model: onnx.ModelProto, data: Path) -> None:
-    """Append each large tensor's bytes to `data` and make the tensor refer to them, freeing its memory."""
+MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _shell(message, left_out: str):
+    """A copy of a message without one (large) field."""
+    shell = type(message)()
+    for field, value in message.ListFields():
+        if field.name == left_out:
+            continue
+        if field.is_repeated:
+            getattr(shell, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    return shell
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _move_weights(model: onnx.ModelProto, data: Path, location: str) -> None:
+    """Write each large tensor's bytes to the file `data` (which will be moved to `location`, beside the model)
+    and make the tensor refer to them there."""
     with open(data, "wb") as file:
         for tensor in _get_all_tensors(model):
             if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
@@ -100,16 +155,9 @@ def _move_weights(model: onnx.ModelProto, data: Path) -> None:
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 del tensor.external_data[:]
-                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
-
-
-def _relocate(model: onnx.ModelProto, location: str) -> None:
-    for tensor in _get_all_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
 
 
 def _data_path(path: Path) -> Path:

@@ -134,3 +134,10 @@ def test_a_signal_at_any_moment_of_a_build(tmp_path, number, delay):
     else:
         assert result.returncode in (128 + number, -number)  # -number: killed before the handlers were in place
         assert result.stderr in ("", "onnxlrp: error: interrupted\n")
+
+
+def test_the_model_is_serialized_tensor_by_tensor_to_the_same_proto(tmp_path):
+    built = explain(onnx.load(str(VGG)), "epsilon_plus_flat")
+    onnxlrp.save_atomic(built, tmp_path / "out.onnx")
+    assert onnx.load(str(tmp_path / "out.onnx")) == built
+    assert (tmp_path / "out.onnx").stat().st_size == built.ByteSize()
