@@ -17,6 +17,7 @@ from .graph import opset_of
 from .io import ir_version_for
 from .shapes import infer_shapes
 from .ops import Ops, Tensor
+from .order import as_soon_as_ready
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start
@@ -105,6 +106,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                                outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
+    as_soon_as_ready(graph)
     del builder, ops, relevance  # their caches hold weight arrays that export_model moves into the model
     built = export_model(graph)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
