@@ -51,8 +51,10 @@ def write_mlp(path: Path, gigabytes: float, width: int = WIDTH) -> int:
             if index < layers:
                 nodes.append(helper.make_node("Relu", [out], [f"a{index}"], name=f"relu{index}"))
                 x = f"a{index}"
-    graph = helper.make_graph(nodes, "big_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], initializers)
+    graph = helper.make_graph(nodes, "big_mlp",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))

@@ -10,6 +10,8 @@ import onnx_graphsurgeon as gs
 def as_soon_as_ready(graph: gs.Graph) -> None:
     """Reorder the graph's nodes depth-first: after a node, the last-added of its consumers that became ready
     (relevance nodes before the next forward node), so that no node waits in the file once its inputs exist."""
+    if any(isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()):
+        return  # subgraphs read outer tensors that are not node inputs: keep the order graphsurgeon gave
     index = {id(node): position for position, node in enumerate(graph.nodes)}
     waiting = {id(node): len({id(t) for t in node.inputs if t.inputs and id(t.inputs[0]) in index})
                for node in graph.nodes}
