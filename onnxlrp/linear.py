@@ -81,7 +81,8 @@ class Convolution:
     def backward(self, ops: Ops, s: Tensor, weight: Tensor) -> Tensor:
         kernel = list(self.weight.shape[2:])
         if not self.transposed:
-            return ops.transposed_conv(s, weight, self.node.attrs, self.in_shape[2:], self.out_shape[2:], kernel)
+            return ops.transposed_conv(s, weight, self.node.attrs, self.in_shape[2:], self.out_shape[2:], kernel,
+                                       self.weight.shape)
         # With the ConvTranspose's pads and strides (output_padding < stride), the Conv lands on the input's shape.
         attrs = {k: v for k, v in self.node.attrs.items() if k != "output_padding"}
         return ops("Conv", s, weight, **attrs)
