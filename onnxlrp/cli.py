@@ -12,6 +12,7 @@ from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError
 from .io import load, save_atomic
+from .precision import to_float16
 
 
 @click.group()
@@ -35,8 +36,10 @@ def cli() -> None:
 @click.option("--explain", type=click.Choice(EXPLAIN), default="logit", show_default=True,
               help="What is explained: the target's logit, its log-odds, or a one-hot seed.")
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16: compute in half precision between float32 inputs and outputs (for GPUs).")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  **rule_params) -> None:
+                  dtype: str, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -45,6 +48,8 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model)
+    if dtype == "float16":
+        built = to_float16(built)
     save_atomic(built, out)
     click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
 
