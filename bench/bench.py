@@ -10,7 +10,8 @@ MODEL is a torchvision model name (random weights; needs torch and torchvision; 
 timings on the same device) or an .onnx file. With CUDA, the graphs run with io_binding (inputs and outputs on
 the GPU) and also with host copies, torch and Zennit run on the GPU, and the relevance is compared with the CPU's.
 Build time and peak memory are measured in a fresh process per build (peak resident set of the process that
-loads the model, builds and starts a session). Medians of --repeats runs after warm-up.
+loads the model, builds and starts a session). Medians of --repeats rounds after warm-up; in each round the
+forward pass and the LRP graph (torch and Zennit) run in turn, so that each ratio is measured under one load.
 """
 from __future__ import annotations
 
@@ -34,18 +35,23 @@ import onnxlrp
 
 ort.set_default_logger_severity(3)
 BOUNDS = {"low": -3.0, "high": 3.0}  # standardized images: the zbox bounds Zennit's EpsilonGammaBox gets here
+THREADS = 0  # ONNX Runtime's and torch's own choice unless --threads says
 PASSES = {"epsilon": 2, "zero": 2, "zplus": 3, "gamma": 4, "alpha_beta": 4}  # the floor per linear layer
 
 
-def median_seconds(call, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
+def paired_medians(calls: list, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each call, run in turn within every repeat, so that a ratio between them is measured
+    under the same load (the development machine is shared)."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for call, spent in zip(calls, times):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def composite(preset: str) -> onnxlrp.Composite:
@@ -104,12 +110,17 @@ def providers_for(provider: str) -> list[str]:
     return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
 
 
-def timed_session(model_bytes: bytes, provider: str, x: np.ndarray, outputs: list[str], repeats: int
-                  ) -> tuple[float, float | None, ort.InferenceSession]:
-    """Median seconds with host copies, and on CUDA with io_binding (input and outputs on the device)."""
-    session = ort.InferenceSession(model_bytes, providers=providers_for(provider))
+def session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    return options
+
+
+def runners(model_bytes: bytes, provider: str, x: np.ndarray, outputs: list[str]):
+    """Calls that run a model with host copies and, on CUDA, with io_binding (input and outputs on the device)."""
+    session = ort.InferenceSession(model_bytes, session_options(), providers=providers_for(provider))
     name = session.get_inputs()[0].name
-    hosted = median_seconds(lambda: session.run(outputs, {name: x}), repeats)
+    hosted = lambda: session.run(outputs, {name: x})  # noqa: E731
     if provider != "CUDAExecutionProvider":
         return hosted, None, session
     binding = session.io_binding()
@@ -120,13 +131,15 @@ def timed_session(model_bytes: bytes, provider: str, x: np.ndarray, outputs: lis
     def bound():
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-    return hosted, median_seconds(bound, repeats), session
+    return hosted, bound, session
 
 
 def zennit_seconds(model, name: str, x: np.ndarray, preset: str, device: str, repeats: int
                    ) -> tuple[float, float | None]:
     """Median seconds of a torch forward pass and of Zennit's attribution with the same preset, on `device`."""
     import torch
+    if THREADS:
+        torch.set_num_threads(THREADS)
     model = model.to(device)
     tensor = torch.from_numpy(x).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -135,20 +148,20 @@ def zennit_seconds(model, name: str, x: np.ndarray, preset: str, device: str, re
         with torch.no_grad():
             model(tensor)
         sync()
-    seconds = median_seconds(forward, repeats)
     try:
         chosen = zennit_composite(name, preset)
     except ImportError:
-        return seconds, None
+        chosen = None
     if chosen is None:
-        return seconds, None
+        return paired_medians([forward], repeats)[0], None
     from zennit.attribution import Gradient
     with Gradient(model=model, composite=chosen) as attributor:
         def attribute():
             attributor(tensor.clone().requires_grad_(True),
                        lambda y: torch.eye(y.shape[1], device=device)[y.argmax(1)] * y)
             sync()
-        return seconds, median_seconds(attribute, repeats)
+        seconds, explained = paired_medians([forward, attribute], repeats)
+    return seconds, explained
 
 
 def zennit_composite(name: str, preset: str):
@@ -176,7 +189,8 @@ def machine(provider: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
         platform.processor()
-    text = f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, {provider}"
+    threads = f"{THREADS} thread(s)" if THREADS else "default threads"
+    text = f"{cpu}, {os.cpu_count()} cores ({threads}), onnxruntime {ort.__version__}, {provider}"
     if provider == "CUDAExecutionProvider":
         try:
             import torch
@@ -201,10 +215,15 @@ def main() -> None:
                         choices=["CPUExecutionProvider", "CUDAExecutionProvider"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="float16: also time the graph converted to float16 and give its error against float32")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for ONNX Runtime and torch alike (default: their own choice); on a shared "
+                             "machine 1 keeps the timings stable")
     parser.add_argument("--no-zennit", action="store_true", help="skip torch and Zennit")
     parser.add_argument("--build-only", action="store_true", help="only build time, peak memory and file size")
     parser.add_argument("--out", type=Path, help="write the markdown table here (and print it)")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
 
     folder = Path(tempfile.mkdtemp())
     device = "cuda" if args.provider == "CUDAExecutionProvider" else "cpu"
@@ -228,26 +247,28 @@ def main() -> None:
             continue
         for batch in args.batch:
             x = np.random.default_rng(0).normal(size=[batch] + dims).astype(np.float32)
-            forward, forward_bound, _ = timed_session(source_bytes, args.provider, x, [source.graph.output[0].name],
-                                                      args.repeats)
+            plain, plain_bound, _ = runners(source_bytes, args.provider, x, [source.graph.output[0].name])
             for preset in args.presets:
                 built = onnxlrp.build(source, composite(preset), source=name).SerializeToString()
-                lrp, lrp_bound, session = timed_session(built, args.provider, x, ["relevance"], args.repeats)
+                lrp_call, lrp_bound_call, session = runners(built, args.provider, x, ["relevance"])
+                forward, lrp = paired_medians([plain, lrp_call], args.repeats)
+                forward_bound, lrp_bound = paired_medians([plain_bound, lrp_bound_call], args.repeats) \
+                    if plain_bound else (None, None)
                 row = {"model": name, "batch": batch, "preset": preset, "forward": forward, "lrp": lrp,
                        "forward_bound": forward_bound, "lrp_bound": lrp_bound, "floor": floor(preset),
                        "provider": session.get_providers()[0]}
                 relevance = session.run(["relevance"], {"input": x})[0]
                 if args.provider != "CPUExecutionProvider":
-                    cpu = ort.InferenceSession(built, providers=["CPUExecutionProvider"])
+                    cpu = ort.InferenceSession(built, session_options(), providers=["CPUExecutionProvider"])
                     row["vs_cpu"] = relative_error(relevance, cpu.run(["relevance"], {"input": x})[0])
                 if args.dtype == "float16":
                     half = to_float16(onnx.load_from_string(built)).SerializeToString()
                     try:
-                        row["lrp16"], row["lrp16_bound"], half_session = timed_session(
-                            half, args.provider, x, ["relevance"], args.repeats)
+                        half_call, half_bound, half_session = runners(half, args.provider, x, ["relevance"])
+                        row["lrp16"] = paired_medians([half_bound or half_call], args.repeats)[0]
                         row["vs_float32"] = relative_error(half_session.run(["relevance"], {"input": x})[0],
                                                            relevance)
-                    except Exception as error:  # ONNX Runtime CPU lacks float16 kernels for most ops
+                    except Exception as error:  # ONNX Runtime CPU lacks float16 kernels for some ops
                         print(f"  float16 does not run on {args.provider}: {str(error).splitlines()[0][:200]}")
                 if torch_model is not None and not args.no_zennit:
                     row["torch"], row["zennit"] = zennit_seconds(torch_model, name, x, preset, device, args.repeats)
@@ -262,8 +283,8 @@ def main() -> None:
 
 def markdown(args, builds: list, speeds: list[dict]) -> str:
     cuda = args.provider == "CUDAExecutionProvider"
-    lines = [f"Measured on {machine(args.provider)}; {args.size}x{args.size}, float32, random weights, "
-             f"median of {args.repeats} runs.", ""]
+    lines = [f"Measured on {machine(args.provider)}; float32, torchvision models at {args.size}x{args.size} "
+             f"with random weights, median of {args.repeats} rounds.", ""]
     if speeds:
         time_note = " (io_binding; with host copies)" if cuda else ""
         head = ["model", "batch", "preset", "LRP / forward", "floor", "Zennit / torch", "onnxlrp / Zennit",
@@ -271,7 +292,7 @@ def markdown(args, builds: list, speeds: list[dict]) -> str:
         if cuda:
             head.append("CUDA vs CPU (rel. L2)")
         if args.dtype == "float16":
-            head += ["float16 LRP ms", "float16 vs float32 (rel. L2)"]
+            head += [f"float16 LRP ms{' (io_binding)' if cuda else ''}", "float16 vs float32 (rel. L2)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in speeds:
             fwd, lrp = (r["forward_bound"], r["lrp_bound"]) if cuda else (r["forward"], r["lrp"])
@@ -287,14 +308,14 @@ def markdown(args, builds: list, speeds: list[dict]) -> str:
             if cuda:
                 cells.append("–" if r.get("vs_cpu") is None else f"{r['vs_cpu']:.1e}")
             if args.dtype == "float16":
-                cells += [fmt(r.get("lrp16_bound") or r.get("lrp16"), 1, 1e3),
+                cells += [fmt(r.get("lrp16"), 1, 1e3),
                           "–" if r.get("vs_float32") is None else f"{r['vs_float32']:.1e}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     head = ["model", "preset", "file / model", "build s", "build peak MB", "session start s", "peak MB with session"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, preset, stats, ratio in builds:
-        lines.append(f"| {name} | `{preset}` | {ratio:.3f} | {stats['build_s']:.1f} | {stats['build_peak_mb']:.0f} | "
+        lines.append(f"| {name} | `{preset}` | {ratio:.3f} | {stats['build_s']:.2f} | {stats['build_peak_mb']:.0f} | "
                      f"{stats['session_s']:.2f} | {stats['session_peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
