@@ -21,9 +21,9 @@ LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat
 class Dense:
     """y = x @ weight + bias with weight [K, M] (Gemm after canonicalisation, or a MatMul by a constant).
 
-    Constants keep the layout the model stores (`rows`: [M, K], a Gemm with transB), and the forward pass and
-    its input-gradient are Gemms over the same constant with and without transB: no transposed copy. The
-    unmodified weight is the model's own initializer.
+    Weights keep the layout the model stores (`rows`: [M, K], a Gemm with transB); modified ones are computed in
+    the graph from the model's initializer. The forward pass and its input-gradient are Gemms over the same
+    tensor with and without transB: no transposed copy.
     """
     node: gs.Node
     weight: np.ndarray

@@ -161,8 +161,9 @@ def propagate(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tens
 def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, rule: Rule, params,
           live, modified) -> Tensor:
     """Rules whose terms all read x and modify weight and bias alike (a W + b W+): each group's denominator is
-    A z + B z+, with z the layer's own output and z+ = forward(x, W+, b+), and all groups share one transposed
-    pass of W and one of W+. With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma, alpha-beta).
+    A z + B z+, with z the layer's own output and z+ = forward(x, W+, b+), and each group has one transposed pass
+    of its own weight scale (A W + B W+). With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma,
+    alpha-beta); the weights are constants of the graph, so combining them costs nothing per run.
 
     z+ is computed once as c z+ + e, c the first group's B and e its signed stabilizer (in the bias), which every
     group's denominator reuses when the groups mirror each other (gamma, alpha-beta): then no stabilizer op."""
@@ -180,23 +181,42 @@ def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, 
             folded, shift = False, 0.0  # no bias to carry the stabilizer: each group adds it
         if shift:
             positive_bias = ops("Add", positive_bias, ops.scalar(shift))
-        positive_weight = modified(weight, Modifier(0.0, c))
-        positive_part = layer.forward(ops, x, positive_weight, positive_bias)
-    gradients, positive_gradients = [], []
+        positive_part = layer.forward(ops, x, modified(weight, Modifier(0.0, c)), positive_bias)
+
+    def backward(s: Tensor, scale: float, a: float, b: float) -> Tensor:
+        if weight is None:
+            gradient = layer.backward(ops, s, None)
+            return gradient if scale == 1 else ops("Mul", gradient, ops.scalar(scale))
+        return layer.backward(ops, s, modified(weight, Modifier(scale * a, scale * b)))
+
+    mirrored = _mirrored(basis, c) if folded and epsilon > 0 else None
+    if mirrored:
+        # Gamma: z + t where z > 0 and -(A z - t) where z < 0 are one LeakyRelu of z plus t (t = c z+ + e > 0).
+        (up, up_scale, up_a, up_b), (down, down_scale, down_a, down_b) = mirrored
+        q = ops("Div", relevance, ops("Add", ops("LeakyRelu", output, alpha=-down_a), positive_part))
+        parts = [backward(_gated(ops, up, output, q), up_scale, up_a, up_b),
+                 backward(_gated(ops, down, output, q), -down_scale, down_a, down_b)]
+        return ops("Mul", x, ops.add_all(parts))
+    parts = []
     for group, scale, a, b in basis:
         z = _combine(ops, [(a, output), (b / c if b else 0.0, positive_part)])
         if folded and b != 0 and epsilon > 0:
             s = ops("Div", relevance, z)
         else:
             s = ops.divide_stabilized(relevance, z, epsilon, group.sign)
-        s = _gated(ops, group, output, s)
-        gradients.append((scale * a, s))
-        positive_gradients.append((scale * b / c if b else 0.0, s))
-    u, v = _combine(ops, gradients), _combine(ops, positive_gradients)
-    parts = [layer.backward(ops, u, weight)] if u is not None else []
-    if v is not None:
-        parts.append(layer.backward(ops, v, positive_weight))
+        parts.append(backward(_gated(ops, group, output, s), scale, a, b))
     return ops("Mul", x, ops.add_all(parts))
+
+
+def _mirrored(basis, c: float):
+    """The (pos, neg) pair of gated groups whose denominators are z + t and A z - t, t = c z+ + e, if so."""
+    gates = {group.gate: item for item in basis for group in item[:1]}
+    if len(basis) != 2 or set(gates) != {"pos", "neg"}:
+        return None
+    up, down = gates["pos"], gates["neg"]
+    if up[2] == 1 and up[3] == c and down[3] == -c and down[2] > 0:
+        return up, down
+    return None
 
 
 def _reads_x(layer: Layer, terms: list[Term], inputs: dict[str, Tensor | None], x: Tensor) -> bool:
