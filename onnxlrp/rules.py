@@ -201,6 +201,8 @@ def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, 
     for group, scale, a, b in basis:
         z = _combine(ops, [(a, output), (b / c if b else 0.0, positive_part)])
         if folded and b != 0 and epsilon > 0:
+            if a != 0:  # z - z+ (alpha-beta) may cancel to 0 or the wrong sign in float: clamp to the known sign
+                z = ops("Min" if group.sign < 0 else "Max", z, ops.scalar(group.sign * epsilon))
             s = ops("Div", relevance, z)
         else:
             s = ops.divide_stabilized(relevance, z, epsilon, group.sign)
