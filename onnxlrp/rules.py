@@ -162,7 +162,7 @@ def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, 
           live, modified) -> Tensor:
     """Rules whose terms all read x and modify weight and bias alike (a W + b W+): each group's denominator is
     A z + B z+, with z the layer's own output and z+ = forward(x, W+, b+), and each group has one transposed pass
-    of its own weight scale (A W + B W+). With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma,
+    of its own weight, scale * (A W + B W+). With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma,
     alpha-beta); the weights are constants of the graph, so combining them costs nothing per run.
 
     z+ is computed once as c z+ + e, c the first group's B and e its signed stabilizer (in the bias), which every
@@ -212,7 +212,7 @@ def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, 
 
 def _mirrored(basis, c: float):
     """The (pos, neg) pair of gated groups whose denominators are z + t and A z - t, t = c z+ + e, if so."""
-    gates = {group.gate: item for item in basis for group in item[:1]}
+    gates = {item[0].gate: item for item in basis}
     if len(basis) != 2 or set(gates) != {"pos", "neg"}:
         return None
     up, down = gates["pos"], gates["neg"]
