@@ -81,3 +81,23 @@ def test_float16_copy_keeps_float32_inputs_and_outputs_and_stays_close():
     reduced = run(half, feeds, ["relevance"])[0]
     assert reduced.dtype == np.float32
     assert relative_error(reduced, full) < 2e-2
+
+
+def test_alpha_beta_where_the_negative_part_is_zero(rng, tmp_path):
+    """With non-negative weights and input, z- = z - z+ is 0 but its float difference may round to exactly 0
+    (large z+); the denominator keeps its sign, and alpha-beta(2, 1) gives twice z+."""
+    init = {"w": rng.uniform(0.5, 1.0, size=(2, 2, 3, 3)), "b": np.zeros(2), "wd": rng.normal(size=(2 * 9, 3))}
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w", "b"], ["c"], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wd"], ["logits"], name="dense")]
+    source = make_model(nodes, [1, 2, 5, 5], [1, 3], init)
+    x = rng.uniform(50, 100, size=[2, 2, 5, 5]).astype(np.float32)
+    relevance = {}
+    for rule in ("alpha_beta", "zplus"):
+        path = tmp_path / f"{rule}.toml"
+        path.write_text(f'[[layers]]\nop_types = ["Conv"]\nrule = "{rule}"\n\n[[layers]]\nop_types = ["Gemm"]\n'
+                        'rule = "epsilon"\n')
+        relevance[rule] = run(explain(source, str(path)), {"input": x})[1]
+    assert np.all(np.isfinite(relevance["alpha_beta"]))
+    assert relative_error(relevance["alpha_beta"], 2 * relevance["zplus"]) < 1e-5
