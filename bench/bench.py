@@ -309,7 +309,8 @@ def markdown(args, builds: list, speeds: list[dict]) -> str:
                      fmt(zennit / torch_fwd if zennit and torch_fwd else None),
                      fmt(lrp / zennit if zennit else None, 3)]
             if cuda:
-                cells += [f"{fmt(fwd, 1, 1e3)}; {fmt(r['forward'], 1, 1e3)}", f"{fmt(lrp, 1, 1e3)}; {fmt(r['lrp'], 1, 1e3)}"]
+                cells += [f"{fmt(fwd, 1, 1e3)}; {fmt(r['forward'], 1, 1e3)}",
+                          f"{fmt(lrp, 1, 1e3)}; {fmt(r['lrp'], 1, 1e3)}"]
             else:
                 cells += [fmt(fwd, 1, 1e3), fmt(lrp, 1, 1e3)]
             cells.append(fmt(zennit, 1, 1e3))

@@ -15,7 +15,8 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     half = onnx.ModelProto()
     half.CopyFrom(model)
     graph = half.graph
-    kept = {node.input[i] for node in graph.node for op, i in FLOAT32_ONLY if node.op_type == op and len(node.input) > i}
+    kept = {node.input[i] for node in graph.node for op, i in FLOAT32_ONLY
+            if node.op_type == op and len(node.input) > i}
     for index, tensor in enumerate(graph.initializer):
         if tensor.data_type == TensorProto.FLOAT and tensor.name not in kept:
             values = numpy_helper.to_array(tensor).astype(np.float16)
