@@ -114,8 +114,13 @@ def measured_build(source: Path, preset: str, dtype: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def providers_for(provider: str) -> list[str]:
-    return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+TF32 = False  # --tf32: let CUDA round float32 products to TensorFloat-32 (ONNX Runtime's default, not onnxlrp's)
+
+
+def providers_for(provider: str) -> list:
+    if provider == "CPUExecutionProvider":
+        return [provider]
+    return [(provider, {"use_tf32": str(int(TF32))}), "CPUExecutionProvider"]
 
 
 def session_options() -> ort.SessionOptions:
@@ -226,12 +231,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for ONNX Runtime and torch alike (default: their own choice); on a shared "
                              "machine 1 keeps the timings stable")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: allow TensorFloat-32 products (faster, ~1e-3)")
     parser.add_argument("--no-zennit", action="store_true", help="skip torch and Zennit")
     parser.add_argument("--build-only", action="store_true", help="only build time, peak memory and file size")
     parser.add_argument("--out", type=Path, help="write the markdown table here (and print it)")
     args = parser.parse_args()
-    global THREADS
-    THREADS = args.threads
+    global THREADS, TF32
+    THREADS, TF32 = args.threads, args.tf32
 
     folder = Path(tempfile.mkdtemp())
     device = "cuda" if args.provider == "CUDAExecutionProvider" else "cpu"
