@@ -17,6 +17,7 @@ from .io import ir_version_for
 from .layers import LayerRelevance, expose, record
 from .shapes import infer_shapes
 from .ops import Ops, Tensor
+from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start
@@ -72,9 +73,12 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False) -> onnx.ModelProto:
+          source: str = "model", layer_relevance: bool = False, target_default: bool = True) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
-    (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py)."""
+    (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py).
+
+    `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
+    required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
@@ -106,11 +110,13 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     graph.inputs.append(target)
     graph.outputs.append(result)
     layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
+    separate_weight_views(graph)
     built = gs.export_onnx(graph, do_type_check=False)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
-    built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
+    if target_default:
+        built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
