@@ -16,7 +16,11 @@ sys.path.insert(0, str(FIXTURES))
 from seeded import materialize  # noqa: E402
 
 pytestmark = pytest.mark.runtimes
-ZOO = {"resnet18": 64, "mobilenet_v2": 64, "squeezenet1_1": 64, "densenet121": 64}
+# (model, preset); the last two only with epsilon_plus_flat: gamma on their seeded weights is ill-conditioned in
+# float32 (ONNX Runtime's own relevance moves by 3e-4 between its optimisation levels).
+ZOO = [(name, composite) for name in ("resnet18", "mobilenet_v2", "squeezenet1_1", "densenet121")
+       for composite in ("epsilon_plus_flat", "epsilon_gamma_box")] + \
+      [("shufflenet_v2_x0_5", "epsilon_plus_flat"), ("mobilenet_v3_small", "epsilon_plus_flat")]
 TOLERANCE = 1e-4
 
 
@@ -47,12 +51,11 @@ def test_fixtures_match_onnxruntime(name, composite):
     assert_same_as_onnxruntime(built, data["input"], target)
 
 
-@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name, composite", ZOO)
 def test_zoo_matches_onnxruntime(name, composite):
     model = materialize(onnxlrp.load(FIXTURES / "zoo" / f"{name}.onnx"))
     built = onnxlrp.build(model, composite, target_default=False)
-    x = np.random.default_rng(0).normal(size=(2, 3, ZOO[name], ZOO[name])).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
     assert_same_as_onnxruntime(built, x, np.array([7, -1], dtype=np.int64))
 
 
