@@ -34,9 +34,7 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
     names = [info["logits"], info["relevance"]] + [layer["output"] for layer in layers] + \
         [layer["upper"] for layer in layers]
     session = _session(model, names, model_path)
-    feeds = {x_info.name: x}
-    if target is not None:
-        feeds[info["target"]] = np.full(len(x), target, dtype=np.int64)
+    feeds = {x_info.name: x, info["target"]: np.full(len(x), -1 if target is None else target, dtype=np.int64)}
     try:
         logits, relevance, *rest = session.run(names, feeds)
     except Exception as error:  # onnxruntime raises several types
