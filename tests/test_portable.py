@@ -75,3 +75,14 @@ def test_ort_format_gives_the_same_relevance(tmp_path, name, composite):
     assert relative_error(logits, expected_logits) < 1e-6
     assert relative_error(relevance, expected) < 1e-5
     assert relative_error(relevance, data[f"relevance/{composite}"]) < 1e-4
+
+
+def test_web_demo_model_is_the_digits_model_built_without_target_default():
+    """web/ ships a built copy: it must stay what `onnxlrp build fixtures/digits/digits.onnx --no-target-default`
+    writes today (same relevance), with `target` required."""
+    shipped = onnx.load(str(FIXTURES.parent / "web" / "digits_epsilon_plus_flat.onnx"))
+    assert "target" not in {t.name for t in shipped.graph.initializer}
+    fresh = onnxlrp.build(FIXTURES / "digits" / "digits.onnx", "epsilon_plus_flat", target_default=False)
+    x = np.load(FIXTURES / "digits" / "test.npz")["images"][:16, None].astype(np.float32) / 255
+    feeds = {"input": x, "target": np.full(len(x), -1, dtype=np.int64)}
+    assert relative_error(run(shipped, feeds)[1], run(fresh, feeds)[1]) < 1e-6
