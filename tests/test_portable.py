@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxlrp
-from onnxlrp.portable import WEIGHT_READERS, layout
+from onnxlrp.portable import WEIGHT_READERS
 from conftest import FIXTURES, relative_error, run
 from test_cli import onnxlrp as onnxlrp_command
 

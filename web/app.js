@@ -11,7 +11,9 @@ const $ = (id) => document.getElementById(id);
 
 ort.env.wasm.numThreads = 1;  // a plain static server gives no cross-origin isolation, hence no threads
 
-const state = { source: null, label: null, session: null, input: null, shape: null, logits: null, picture: null, last: null };
+const state = {
+  source: null, label: null, session: null, input: null, shape: null, logits: null, picture: null, last: null,
+};
 
 /** numpy's rint: halves to the even neighbour, so that the colours match onnxlrp's pictures. */
 function rint(x) {
@@ -61,7 +63,8 @@ async function loadModel(source, label) {
  * gray as ITU-R 601 luma (PIL's "L") for one channel, RGB for three; layout NCHW. */
 function preprocess(image, [channels, height, width]) {
   const factor = Math.max(height / image.height, width / image.width);
-  const rw = Math.max(width, Math.round(image.width * factor)), rh = Math.max(height, Math.round(image.height * factor));
+  const rw = Math.max(width, Math.round(image.width * factor));
+  const rh = Math.max(height, Math.round(image.height * factor));
   const canvas = document.createElement("canvas");
   canvas.width = width;
   canvas.height = height;
@@ -141,7 +144,8 @@ async function explainPicture(image) {
   drawInput($("input"), x, state.shape);
   drawHeatmap($("heatmap"), result.relevance, state.shape);
   const total = result.relevance.reduce((s, v) => s + v, 0);
-  $("result").textContent = `Predicted class ${result.predicted} (logit ${result.logits[result.predicted].toFixed(3)}); ` +
+  const logit = result.logits[result.predicted].toFixed(3);
+  $("result").textContent = `Predicted class ${result.predicted} (logit ${logit}); ` +
     `explained class ${result.explained}, relevance sum ${total.toFixed(3)}`;
   document.body.dataset.state = "explained";
 }
