@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import linear, pooling, routing  # noqa: F401  (they register their emitters)
+from . import encoding, linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -15,12 +15,12 @@ from .canonical import canonicalize
 from .graph import opset_of
 from .io import ir_version_for
 from .layers import LayerRelevance, expose, record
-from .shapes import infer_shapes
+from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
 from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
-from .top import EXPLAIN, start
+from .top import EXPLAIN, start, written_out_softmax
 
 TARGET, RELEVANCE = "target", "relevance"
 HEADS = ("Softmax", "LogSoftmax")
@@ -73,17 +73,26 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False, target_default: bool = True) -> onnx.ModelProto:
+          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None,
+          target_default: bool = True) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py).
 
+    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
     `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
     required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
     declared_outputs = {value.name: value for value in model.graph.output}
-    graph = canonicalize(model)
+    if input_shape is not None:
+        model = with_input_shape(model, parse_input_shape(input_shape), source)
+    else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
+        model = _copy(model)
+    quantized.refuse_integer_arithmetic(model, source)
+    original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
+    graph = canonicalize(_copy(model) if original is not None else model)
+    require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
@@ -104,7 +113,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     relevance = builder.walk(graph, *start(builder, logits, target, classes, explain), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
-    result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=x.shape)
+    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype, shape=x.shape)
     graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[ops.add_all(relevance[x.name])],
                                outputs=[result]))
     graph.inputs.append(target)
@@ -118,10 +127,18 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if target_default:
         built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    if original is not None:  # the built graph is the float twin that explains the quantized model
+        built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
     built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
     return built
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _needed_opset(graph: gs.Graph, opset: int) -> int:
@@ -143,18 +160,24 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
 
 
 def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
+    """The first float input, else the first integer input that the graph one-hot encodes."""
     for tensor in graph.inputs:
         if floating(tensor):
             return tensor
-    raise LrpError(f"{source}: the model has no floating-point input to explain")
+    for tensor in graph.inputs:
+        if encoding.one_hot_encoded(tensor):
+            return tensor
+    raise LrpError(f"{source}: the model has no floating-point input to explain (nor a one-hot encoded one)")
 
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:
     """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
     if name is not None:
-        chosen = next((t for t in graph.outputs if t.name == name), None)
+        chosen = next((t for t in graph.outputs if t.name == name), None) or graph.tensors().get(name)
         if chosen is None:
             raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
     # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
     zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
@@ -165,11 +188,16 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Var
 
 
 def _logits(output: gs.Variable) -> gs.Variable:
-    """The tensor before a trailing Softmax/LogSoftmax (and Identity), so that the logits are explained."""
+    """The tensor before a trailing Softmax/LogSoftmax (also written out as Exp/ReduceSum/Div) and Identity, so
+    that the logits are explained."""
     tensor = output
-    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
-        tensor = tensor.inputs[0].inputs[0]
-    return tensor
+    while True:
+        if tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+            tensor = tensor.inputs[0].inputs[0]
+        elif (before := written_out_softmax(tensor)) is not None:
+            tensor = before
+        else:
+            return tensor
 
 
 def _batch(x: gs.Variable):
