@@ -8,6 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import encoding, linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
+from .export import export_model
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -17,10 +18,12 @@ from .io import ir_version_for
 from .layers import LayerRelevance, expose, record
 from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
+from .order import as_soon_as_ready
 from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start, written_out_softmax
+from .validate import check_model_structure
 
 TARGET, RELEVANCE = "target", "relevance"
 HEADS = ("Softmax", "LogSoftmax")
@@ -83,20 +86,22 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
-    source_ir = model.ir_version
-    declared_outputs = {value.name: value for value in model.graph.output}
+    check_model_structure(model, source)
+    source_ir, source_opset = model.ir_version, opset_of(model)
+    declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
+                        for value in model.graph.output}
+    metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
-    else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
-        model = _copy(model)
     quantized.refuse_integer_arithmetic(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
     graph = canonicalize(_copy(model) if original is not None else model)
+    del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
-    graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
+    graph = _at_opset(graph, _needed_opset(graph, source_opset), source)
     taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
@@ -114,13 +119,15 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype, shape=x.shape)
-    graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[ops.add_all(relevance[x.name])],
+    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[ops.add_all(relevance[x.name])],
                                outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
     layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
     separate_weight_views(graph)
-    built = gs.export_onnx(graph, do_type_check=False)
+    as_soon_as_ready(graph)
+    del builder, ops, relevance  # their caches hold weight arrays that export_model moves into the model
+    built = export_model(graph)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
@@ -131,7 +138,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
-    built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
+    onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
     return built
 
 

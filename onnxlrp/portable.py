@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from .names import fresh_name
+
 WEIGHT_READERS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
@@ -30,9 +32,9 @@ def separate_weight_views(graph: gs.Graph) -> None:
             view = weight
             chain = []
             for step in range(2 * depth):  # a chain of its own length per layout: no two views alike
-                negated = gs.Variable(f"{weight.name}/view{depth}_{step}", dtype=weight.dtype, shape=weight.shape)
-                chain.append(gs.Node("Neg", f"{weight.name}/view{depth}_neg{step}", inputs=[view],
-                                     outputs=[negated]))
+                name = fresh_name(graph, f"lrp/view/{weight.name}")
+                negated = gs.Variable(name, dtype=weight.dtype, shape=weight.shape)
+                chain.append(gs.Node("Neg", name, inputs=[view], outputs=[negated]))
                 view = negated
             first = graph.nodes.index(nodes[0])
             graph.nodes[first:first] = chain

@@ -1,5 +1,5 @@
 // The demo page: load a model built by onnxlrp, preprocess a picture as `onnxlrp explain` does, run it with
-// onnxruntime-web, and draw the relevance as onnxlrp/heatmap.py does (bwr, normalised by the largest |R|).
+// onnxruntime-web, and draw the relevance as onnxlrp/heatmaps.py does (bwr, normalised by the largest |R|).
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -21,7 +21,7 @@ function rint(x) {
   return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-/** The colormap as 256 RGB rows, linear between its stops (heatmap.lookup_table). */
+/** The colormap as 256 RGB rows, linear between its stops (heatmaps.lookup_table). */
 function lookupTable(stops) {
   const table = [];
   for (let i = 0; i < 256; i++) {
