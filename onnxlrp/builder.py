@@ -19,6 +19,7 @@ from .layers import LayerRelevance, expose, record
 from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
 from .order import as_soon_as_ready
+from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start, written_out_softmax
@@ -75,11 +76,14 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None) -> onnx.ModelProto:
+          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None,
+          target_default: bool = True) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py).
 
-    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open."""
+    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
+    `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
+    required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     check_model_structure(model, source)
@@ -120,13 +124,15 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     graph.inputs.append(target)
     graph.outputs.append(result)
     layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
+    separate_weight_views(graph)
     as_soon_as_ready(graph)
     del builder, ops, relevance  # their caches hold weight arrays that export_model moves into the model
     built = export_model(graph)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
-    built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
+    if target_default:
+        built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     if original is not None:  # the built graph is the float twin that explains the quantized model
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])

@@ -34,7 +34,7 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
     names = [info["logits"], info["relevance"]] + [layer["output"] for layer in layers] + \
         [layer["upper"] for layer in layers]
     session = _session(model, names, model_path)
-    feeds = {x_info.name: x}
+    feeds = {x_info.name: x, info["target"]: np.full(len(x), -1, dtype=np.int64)}  # -1: the predicted class
     if target is not None:
         classes = next(o.shape[1] for o in session.get_outputs() if o.name == info["logits"])
         if isinstance(classes, int) and not 0 <= target < classes:

@@ -47,8 +47,12 @@ def cli() -> None:
                                     "symbolic), for inputs whose sizes the model leaves open.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16: compute in half precision between float32 inputs and outputs (for GPUs).")
+@click.option("--target-default/--no-target-default", default=True, show_default=True,
+              help="Whether `target` may be left out (then -1: the predicted class). Without a default it is a "
+                   "required input, for runtimes that take inputs with defaults for constants (OpenVINO, TensorRT).")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  layer_relevance: bool, input_shape: str | None, dtype: str, **rule_params) -> None:
+                  layer_relevance: bool, input_shape: str | None, dtype: str, target_default: bool,
+                  **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -57,7 +61,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
-                  layer_relevance=layer_relevance, input_shape=input_shape)
+                  layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default)
     if dtype == "float16":
         built = to_float16(built)
     save_atomic(built, out)
