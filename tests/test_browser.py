@@ -21,7 +21,6 @@ import onnxlrp
 from conftest import FIXTURES, relative_error, run
 
 pytestmark = pytest.mark.browser
-sync_api = pytest.importorskip("playwright.sync_api")
 sys.path.insert(0, str(FIXTURES))
 from seeded import materialize  # noqa: E402
 
@@ -33,10 +32,13 @@ SAMPLE = FIXTURES / "digits" / "samples" / "three.png"
 # HardSigmoid, HardSwish, Sigmoid).
 ZOO = ("squeezenet1_1", "shufflenet_v2_x0_5", "mobilenet_v3_small")
 
-if not (ROOT / "web" / "node_modules" / "onnxruntime-web").is_dir():
-    pytest.skip("run `npm install` in web/ first", allow_module_level=True)
-if CHROMIUM is None:
-    pytest.skip("no chromium on PATH (or in $CHROMIUM)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_setup() -> None:
+    """What the opt-in run needs (README): onnxruntime-web installed in web/ and a Chromium."""
+    assert (ROOT / "web" / "node_modules" / "onnxruntime-web").is_dir(), "run `npm install` in web/ first"
+    assert CHROMIUM is not None, "no chromium on PATH (or in $CHROMIUM)"
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -52,6 +54,7 @@ def browser():
     """A headless Chromium and a new page of the demo, served on 127.0.0.1 from the repository."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(ROOT)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    from playwright import sync_api  # the `browser` extra: imported here, so that deselected runs need none
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
 
