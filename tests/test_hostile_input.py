@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from conftest import FIXTURES, make_model
 from onnxlrp import cli, interrupts

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxlrp
 from conftest import explain, run
 
 # Names onnxlrp generates (or would, for nodes named as below): a source model may use them for its own tensors.

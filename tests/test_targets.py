@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FIXTURES, explain, run, session
+from conftest import FIXTURES, explain, session
 
 
 @pytest.fixture(scope="module")
