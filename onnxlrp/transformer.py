@@ -1,0 +1,83 @@
+"""Transformer layers (ATTNLRP.md §3): LayerNormalization with sigma constant, Softmax (Prop. 3.1), and MatMul of
+two computed tensors (the uniform rule of Prop. 3.3; CP-LRP by stopping at the softmax, see `SOFTMAX_RULES`)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import onnx_graphsurgeon as gs
+
+from .elementwise import unbroadcast
+from .ops import Ops, Tensor
+from .registry import Context, Unsupported, computed, family
+
+# softmax: R_z = z * (R_s - s * sum(R_s)); stop: the attention weights are constants (CP-LRP), so a product with
+# them is linear in the values and nothing reaches the scores, the queries or the keys.
+SOFTMAX_RULES = ("softmax", "stop")
+
+
+def stops(node: gs.Node, rule: Callable[[gs.Node], tuple[str, object]]) -> bool:
+    """Whether a node's output is a constant to the walk under the rule `rule` gives it (no data path passes)."""
+    return node.op == "Softmax" and rule(node)[0] == "stop"
+
+
+def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
+    shape = node.inputs[0].shape
+    if shape is None:
+        raise Unsupported(f"{node.op} needs the rank of its input")
+    return list(range(axis % len(shape), len(shape)))
+
+
+@family("layer normalization", ("LayerNormalization",), ("norm",))
+def emit_layer_norm(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """y = w * (x - mean) / sigma + b with sigma a constant: u = w * R_y / stab(y), R_x = x * (u - mean(u)) / sigma.
+    The bias absorbs its share; the mean subtraction is a linear map (the closed form of ATTNLRP.md §3)."""
+    _, params = ctx.rule(node)
+    ops = ctx.ops
+    x, scale = node.inputs[0], node.inputs[1]
+    axes = _normalized_axes(node, node.attrs.get("axis", -1))
+    u = ops("Mul", scale, ops.divide_stabilized(relevance[0], node.outputs[0], params["stabilizer"]))
+    centered_u = ops("Sub", u, ops.reduce_mean(u, axes))
+    centered_x = ops("Sub", x, ops.reduce_mean(x, axes))
+    variance = ops.reduce_mean(ops("Mul", centered_x, centered_x), axes)
+    sigma = ops("Sqrt", ops("Add", variance, ops.scalar(node.attrs.get("epsilon", 1e-5))))
+    return [ops("Mul", x, ops("Div", centered_u, sigma))] + [None] * (len(node.inputs) - 1)
+
+
+@family("softmax", ("Softmax",), SOFTMAX_RULES)
+def emit_softmax(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """R_z = z * g with g = R_s - s * sum(R_s) (the softmax gradient of R_s / s); 0 where g is 0, so masked
+    positions (z = -inf or the float minimum, s = 0) get 0."""
+    ops = ctx.ops
+    z, s = node.inputs[0], node.outputs[0]
+    default = -1 if ops.opset >= 13 else 1
+    axes = _normalized_axes(node, node.attrs.get("axis", default))
+    if ops.opset >= 13 and len(axes) > 1:
+        axes = axes[:1]
+    g = ops("Sub", relevance[0], ops("Mul", s, ops.reduce_sum(relevance[0], axes)))
+    zero = ops.scalar(0.0)
+    return [ops("Where", ops("Equal", g, zero), zero, ops("Mul", z, g))]
+
+
+def emit_product(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """MatMul C = A B that is not a layer with a constant weight: epsilon over the summed index (epsilon of the
+    node's rule, 0 for `zero`), then each computed factor gets its share, half each when both are computed
+    (R_A = share * A * (s B^T), R_B = share * B * (A^T s), s = R_C / stab(C)); a constant factor gets none."""
+    rule, params = ctx.rule(node)
+    ops = ctx.ops
+    a, b = node.inputs
+    flags = [computed(a), computed(b)]
+    if any(t.shape is None or len(t.shape) < 2 for t in (a, b)):
+        raise Unsupported("a product of two tensors needs operands of rank 2 or more")
+    epsilon = 0.0 if rule == "zero" else params["epsilon"]
+    s = ops.divide_stabilized(relevance[0], node.outputs[0], epsilon)
+    if flags.count(True) == 2:
+        s = ops("Mul", s, ops.scalar(0.5))
+    lower = [ops("MatMul", s, _transposed(ops, b)) if flags[0] else None,
+             ops("MatMul", _transposed(ops, a), s) if flags[1] else None]
+    return [unbroadcast(ops, ops("Mul", t, c), t, node.outputs[0], matrix_axes=2) if c is not None else None
+            for t, c in zip((a, b), lower)]
+
+
+def _transposed(ops: Ops, tensor: Tensor) -> Tensor:
+    rank = len(tensor.shape)
+    return ops("Transpose", tensor, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
