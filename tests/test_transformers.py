@@ -1,0 +1,295 @@
+"""Transformers (ATTNLRP.md): parity with LXT 2.1 on tiny Hugging Face ViT and BERT exports, opset independence,
+CP-LRP's stop at the queries and keys, conservation, padded text, and each transformer emitter against numpy."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxlrp
+from conftest import FIXTURES, make_model, relative_error, run
+from onnxlrp.layers import METADATA_KEY
+
+TRANSFORMERS = FIXTURES / "transformers"
+REFERENCES = dict(np.load(TRANSFORMERS / "references.npz"))
+OPSETS = (14, 17)
+COMPOSITES = ("attnlrp", "cp_lrp")
+
+
+@lru_cache(maxsize=None)
+def built(model: str, opset: int, composite: str, layer_relevance: bool = False) -> onnx.ModelProto:
+    source = onnx.load(TRANSFORMERS / f"{model}_op{opset}.onnx")
+    return onnxlrp.build(source, onnxlrp.load_composite(composite), layer_relevance=layer_relevance)
+
+
+def feeds(model: str) -> dict[str, np.ndarray]:
+    if model == "vit":
+        return {"pixel_values": REFERENCES["pixel_values"], "target": REFERENCES["targets"]}
+    return {"input_ids": REFERENCES["input_ids"], "attention_mask": REFERENCES["attention_mask"],
+            "target": REFERENCES["targets"]}
+
+
+def relevance(model: str, opset: int, composite: str) -> np.ndarray:
+    """The input relevance: per pixel (ViT), per token and embedding feature (BERT)."""
+    name = "relevance" if model == "vit" else "relevance_embedding"
+    return run(built(model, opset, composite), feeds(model), [name])[0]
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("model", ("vit", "bert"))
+def test_parity_with_lxt(model, composite, opset):
+    expected = REFERENCES[f"{model}_{composite}"][:2]  # BERT's third row is the padded text alone
+    actual = relevance(model, opset, composite)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("model", ("vit", "bert"))
+def test_opsets_14_and_17_agree(model, composite):
+    assert relative_error(relevance(model, 14, composite), relevance(model, 17, composite)) < 1e-5
+
+
+@pytest.mark.parametrize("model", ("vit", "bert"))
+def test_cp_lrp_sends_nothing_into_queries_and_keys(model):
+    """Under cp_lrp the query and key projections are never reached (their relevance is exactly zero); under
+    attnlrp they are, and their relevance is not zero."""
+    walked = {}
+    for composite in COMPOSITES:
+        model_lrp = built(model, 17, composite, layer_relevance=True)
+        layers = json.loads(next(p.value for p in model_lrp.metadata_props if p.key == METADATA_KEY))["layers"]
+        outputs = run(model_lrp, feeds(model), [layer["output"] for layer in layers])
+        walked[composite] = {layer["node"]: np.abs(r).sum() for layer, r in zip(layers, outputs)}
+    projections = [n for n in walked["attnlrp"] if "/query/" in n or "/key/" in n]
+    assert len(projections) == 4 and all(walked["attnlrp"][n] > 0 for n in projections)
+    assert not set(projections) & set(walked["cp_lrp"])
+    assert sum("/value/" in n for n in walked["cp_lrp"]) == 2
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_padded_text(composite):
+    """Padded tokens get exactly 0; the padded text's tokens get the relevance LXT gives the text alone."""
+    token, embedding = run(built("bert", 17, composite), feeds("bert"), ["relevance", "relevance_embedding"])
+    assert token.shape == REFERENCES["input_ids"].shape
+    np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-7)
+    length = int(REFERENCES["attention_mask"][1].sum())
+    assert np.all(embedding[1, length:] == 0) and np.all(embedding[1, :length] != 0)
+    alone = REFERENCES[f"bert_{composite}"][2, :length]
+    assert relative_error(embedding[1, :length], alone) < 1e-4
+
+
+def test_text_model_keeps_its_inputs_and_outputs():
+    model = built("bert", 17, "attnlrp")
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "target"]
+    assert [o.name for o in model.graph.output] == ["logits", "relevance_embedding", "relevance"]
+    original = run(onnx.load(TRANSFORMERS / "bert_op17.onnx"),
+                   {k: v for k, v in feeds("bert").items() if k != "target"})[0]
+    np.testing.assert_array_equal(run(model, feeds("bert"), ["logits"])[0], original)
+
+
+# Small graphs: each emitter against numpy.
+
+def _build(model: onnx.ModelProto, composite: str = "attnlrp") -> onnx.ModelProto:
+    return onnxlrp.build(model, onnxlrp.load_composite(composite))
+
+
+def _relevance(model: onnx.ModelProto, x: np.ndarray, target: np.ndarray, composite: str = "attnlrp"):
+    logits, result = run(_build(model, composite), {"input": x, "target": target}, ["logits", "relevance"])
+    return logits, result
+
+
+def _seed(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.eye(logits.shape[1])[target] * logits
+
+
+def _const(name: str, values) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(values)))
+
+
+def test_layer_normalization_closed_form_and_written_out(rng):
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    w, b = 1 + 0.1 * rng.standard_normal(6), 0.1 * rng.standard_normal(6)
+    fused = make_model([helper.make_node("LayerNormalization", ["input", "w", "b"], ["logits"], epsilon=1e-5)],
+                       (2, 6), (2, 6), {"w": w, "b": b})
+    written = make_model([
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["input", "mean"], ["centered"]),
+        helper.make_node("Pow", ["centered", "two"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1]),
+        helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["sigma"]),
+        helper.make_node("Div", ["centered", "sigma"], ["normed"]),
+        helper.make_node("Mul", ["normed", "w"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["logits"])], (2, 6), (2, 6),
+        {"w": w, "b": b, "two": np.array(2.0), "eps": np.array(1e-5)}, opset=14)
+    target = np.array([1, 4])
+    logits, actual = _relevance(fused, x, target)
+    x64, y = x.astype(np.float64), logits.astype(np.float64)
+    sigma = np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    u = w * _seed(y, target) / y
+    expected = x64 * (u - u.mean(-1, keepdims=True)) / sigma
+    assert relative_error(actual, expected) < 1e-5
+    assert relative_error(_relevance(written, x, target)[1], expected) < 1e-5
+
+
+def test_softmax_rule_with_a_mask(rng):
+    """R_z = z * (R_s - s * sum(R_s)); the mask (a constant addend) keeps its share; masked positions get 0."""
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    mask = np.array([0, 0, 0, 0, -np.inf])
+    scale = 1 + rng.random(5)
+    model = make_model([helper.make_node("Add", ["input", "mask"], ["z"]),
+                        helper.make_node("Softmax", ["z"], ["s"], axis=-1),
+                        helper.make_node("Mul", ["s", "scale"], ["logits"])], (2, 5), (2, 5),
+                       {"mask": mask, "scale": scale})
+    target = np.array([0, 2])
+    logits, actual = _relevance(model, x, target)
+    z = x.astype(np.float64) + mask
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    r_s = _seed(logits.astype(np.float64), target)
+    gradient = r_s - s * r_s.sum(-1, keepdims=True)
+    expected = x * gradient  # = x / (x + mask) * (z * gradient)
+    assert np.all(actual[:, 4] == 0)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def _bilinear(rng):
+    wa, wb = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    model = make_model([helper.make_node("MatMul", ["input", "wa"], ["a"]),
+                        helper.make_node("MatMul", ["input", "wb"], ["b"]),
+                        helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 2, 1]),
+                        helper.make_node("MatMul", ["a", "bt"], ["c"]),
+                        helper.make_node("Reshape", ["c", "shape"], ["logits"])], (2, 3, 4), (2, 9),
+                       {"wa": wa, "wb": wb, "shape": np.array([0, -1])})
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "shape"))
+    return model, wa, wb
+
+
+def test_matmul_of_two_computed_tensors_uniform_rule(rng):
+    model, wa, wb = _bilinear(rng)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    target = np.array([4, 7])
+    logits, actual = _relevance(model, x, target)
+    x64 = x.astype(np.float64)
+    a, b = x64 @ wa, x64 @ wb
+    c = a @ b.transpose(0, 2, 1)
+    s = _seed(c.reshape(2, 9), target).reshape(2, 3, 3) / c
+    r_a, r_b = 0.5 * a * (s @ b), 0.5 * b * (s.transpose(0, 2, 1) @ a)
+    expected = x64 * ((r_a / a) @ wa.T + (r_b / b) @ wb.T)
+    assert relative_error(actual, expected) < 1e-5
+    # No biases, no constant addends, no softmax: the relevance is conserved exactly.
+    np.testing.assert_allclose(actual.sum((1, 2)), logits[np.arange(2), target], rtol=1e-5)
+
+
+def test_transformer_block_without_biases_conserves(rng):
+    """LayerNorm without bias, a bilinear product, erf-GELU, a residual sum, a mean over tokens and a classifier
+    without bias: sum of the input relevance = the explained logit, for both composites."""
+    hidden = 4
+    weights = {name: rng.standard_normal((hidden, hidden)) / 2 for name in ("wq", "wk", "w1", "w2")}
+    weights.update(ln=1 + 0.1 * rng.standard_normal(hidden), cls=rng.standard_normal((hidden, 3)),
+                   root2=np.array(np.sqrt(2)), one=np.array(1.0), half=np.array(0.5))
+    model = make_model([
+        helper.make_node("LayerNormalization", ["input", "ln"], ["h"], axis=-1),
+        helper.make_node("MatMul", ["h", "wq"], ["q"]), helper.make_node("MatMul", ["h", "wk"], ["k"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("MatMul", ["scores", "h"], ["mixed"]),
+        helper.make_node("MatMul", ["mixed", "w1"], ["u"]),
+        helper.make_node("Div", ["u", "root2"], ["scaled"]), helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["phi"]), helper.make_node("Mul", ["u", "phi"], ["gelu2"]),
+        helper.make_node("Mul", ["gelu2", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "w2"], ["v"]),
+        helper.make_node("Add", ["v", "input"], ["residual"]),
+        helper.make_node("ReduceMean", ["residual"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "cls"], ["logits"])], (2, 5, hidden), (2, 3), weights)
+    x = rng.standard_normal((2, 5, hidden)).astype(np.float32)
+    target = np.array([0, 2])
+    for composite in COMPOSITES:
+        logits, actual = _relevance(model, x, target, composite)
+        np.testing.assert_allclose(actual.sum((1, 2)), logits[np.arange(2), target], rtol=1e-4)
+
+
+def test_gelu_tanh_form_is_one_activation(rng):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): identity, R_x = R_y, not half to x."""
+    model = make_model([
+        helper.make_node("Pow", ["input", "three"], ["cube"]), helper.make_node("Mul", ["cube", "c"], ["cubed"]),
+        helper.make_node("Add", ["input", "cubed"], ["inner"]), helper.make_node("Mul", ["inner", "k"], ["arg"]),
+        helper.make_node("Tanh", ["arg"], ["t"]), helper.make_node("Add", ["t", "one"], ["phi"]),
+        helper.make_node("Mul", ["input", "half"], ["halfx"]), helper.make_node("Mul", ["halfx", "phi"], ["logits"])],
+        (2, 5), (2, 5), {"three": np.array(3.0), "c": np.array(0.044715), "k": np.array(np.sqrt(2 / np.pi)),
+                         "one": np.array(1.0), "half": np.array(0.5)})
+    x = rng.standard_normal((2, 5)).astype(np.float32) + 1
+    target = np.array([1, 3])
+    logits, actual = _relevance(model, x, target)
+    np.testing.assert_allclose(actual, _seed(logits, target), rtol=1e-6)
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_gated_product(rng, composite):
+    """tanh(x Wg) * (x Wu): half each under attnlrp; under cp_lrp the gate is a constant and x Wu gets all."""
+    wg, wu = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    model = make_model([helper.make_node("MatMul", ["input", "wg"], ["g"]), helper.make_node("Tanh", ["g"], ["a"]),
+                        helper.make_node("MatMul", ["input", "wu"], ["u"]),
+                        helper.make_node("Mul", ["a", "u"], ["logits"])], (2, 4), (2, 4), {"wg": wg, "wu": wu})
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    target = np.array([0, 3])
+    logits, actual = _relevance(model, x, target, composite)
+    x64 = x.astype(np.float64)
+    g, u = x64 @ wg, x64 @ wu
+    r = _seed(np.tanh(g) * u, target)
+    share = 0.5 if composite == "attnlrp" else 1.0
+    expected = x64 * ((share * r / u) @ wu.T) + (x64 * ((0.5 * r / g) @ wg.T) if composite == "attnlrp" else 0)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_broadcasting_expand_and_where(rng):
+    """Expand sums the copies' relevance; Where routes each element to its source; a broadcast computed operand
+    of an Add gets the sum over the broadcast axis."""
+    model = make_model([
+        helper.make_node("Expand", ["input", "shape"], ["copies"]),
+        helper.make_node("ReduceMean", ["copies"], ["mean"], axes=[1]),
+        helper.make_node("Add", ["copies", "mean"], ["summed"]),
+        helper.make_node("Mul", ["summed", "two"], ["doubled"]),
+        helper.make_node("Where", ["condition", "summed", "doubled"], ["chosen"]),
+        helper.make_node("Reshape", ["chosen", "flat"], ["logits"])], (2, 1, 3), (2, 12),
+        {"two": np.array(2.0), "shape": np.array([1, 4, 3]), "flat": np.array([0, -1]),
+         "condition": rng.random((4, 3)) > 0.5})
+    for tensor in model.graph.initializer:
+        if tensor.name in ("shape", "flat"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.int64), tensor.name))
+        if tensor.name == "condition":
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(bool), tensor.name))
+    x = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    target = np.array([5, 10])
+    logits, actual = _relevance(model, x, target)
+    x64 = x.astype(np.float64)
+    copies = np.broadcast_to(x64, (2, 4, 3))
+    summed = copies + copies.mean(1, keepdims=True)  # = 2 * copies
+    r_summed = _seed(logits.astype(np.float64), target).reshape(2, 4, 3)  # Where and Mul by 2 route it all here
+    g = r_summed / summed
+    r_copies = copies * g + (copies * g.sum(1, keepdims=True)) / 4  # the direct share and the mean's share
+    expected = r_copies.sum(1, keepdims=True)
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_cnn_presets_keep_constants_passing(rng):
+    """Under a CNN preset an Add of a constant passes relevance; under attnlrp the constant keeps its share."""
+    model = make_model([helper.make_node("Add", ["input", "c"], ["logits"])], (2, 3), (2, 3),
+                       {"c": rng.standard_normal(3)})
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    target = np.array([0, 1])
+    logits, passed = _relevance(model, x, target, "epsilon")
+    np.testing.assert_allclose(passed, _seed(logits, target), rtol=1e-6)
+    _, absorbed = _relevance(model, x, target)
+    np.testing.assert_allclose(absorbed, x * _seed(logits, target) / logits, rtol=1e-5, atol=1e-7)
+
+
+def test_presets_parse():
+    for name in COMPOSITES:
+        composite = onnxlrp.load_composite(name)
+        assert composite.params["epsilon"] == 0 and composite.params["stabilizer"] == 0
