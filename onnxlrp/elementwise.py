@@ -53,10 +53,12 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
             shares = [ctx.ops("Mul", t, s) if flag else None for t, flag in zip(node.inputs, flags)]
             if node.op == "Sub" and shares[1] is not None:
                 shares[1] = ctx.ops("Neg", shares[1])
-    elif node.op == "Div" or flags.count(True) == 1:
+    elif node.op == "Div":
         if not flags[0]:
             raise Unsupported("a Div of a constant by a computed tensor is not supported")
         shares = [upper, None]
+    elif flags.count(True) == 1:
+        shares = [upper if flag else None for flag in flags]
     else:
         shares = _product(ctx.ops, node, upper, rule)
     return [unbroadcast(ctx.ops, share, t, output) if share is not None else None

@@ -99,19 +99,33 @@ def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
     starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
-    if any(step != 1 for step in steps):
-        raise Unsupported("Slice with steps other than 1 is not supported")
     rank = len(shape)
+    if any(axis % rank == 0 for axis in axes):
+        raise Unsupported("Slice along the batch axis is not supported")
+    if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
+        lower = relevance[0]
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            positions = range(*slice(start, end, step).indices(shape[axis % rank]))
+            lower = _put_back(ctx.ops, lower, axis % rank, np.array(positions, dtype=np.int64), shape)
+        return [lower] + [None] * (len(node.inputs) - 1)
     pads = [0] * (2 * rank)
     for start, end, axis in zip(starts, ends, axes):
         axis %= rank
-        if axis == 0:
-            raise Unsupported("Slice along the batch axis is not supported")
         size = shape[axis]
         start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
         pads[axis], pads[rank + axis] = start, size - max(end, start)
     lower = ctx.ops("Pad", relevance[0], ctx.ops.ints(pads))
     return [lower] + [None] * (len(node.inputs) - 1)
+
+
+def _put_back(ops: Ops, relevance: Tensor, axis: int, positions: np.ndarray, shape: list) -> Tensor:
+    """Relevance of the elements taken at `positions` along `axis` returned to their places in an axis of
+    `shape[axis]` elements (repeated positions add up), as a product with a one-hot matrix."""
+    selection = np.zeros((positions.size, shape[axis]))
+    selection[np.arange(positions.size), positions] = 1
+    to_last = [a for a in range(len(shape)) if a != axis] + [axis]
+    moved = ops("MatMul", ops("Transpose", relevance, perm=to_last), ops.const(selection))
+    return ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
 
 
 @family("split", ("Split",), ("pass",))
@@ -153,12 +167,5 @@ def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
     axis = node.attrs.get("axis", 0) % len(shape)
     if axis == 0:
         raise Unsupported("Gather along the batch axis is not supported")
-    ops = ctx.ops
-    upper = ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
-    positions = np.atleast_1d(indices) % shape[axis]
-    selection = np.zeros((positions.size, shape[axis]))
-    selection[np.arange(positions.size), positions] = 1
-    to_last = [a for a in range(len(shape)) if a != axis] + [axis]
-    moved = ops("MatMul", ops("Transpose", upper, perm=to_last), ops.const(selection))
-    lower = ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
-    return [lower, None]
+    upper = ctx.ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
+    return [_put_back(ctx.ops, upper, axis, np.atleast_1d(indices) % shape[axis], shape), None]

@@ -166,8 +166,15 @@ def _bilinear(rng):
                         helper.make_node("MatMul", ["a", "bt"], ["c"]),
                         helper.make_node("Reshape", ["c", "shape"], ["logits"])], (2, 3, 4), (2, 9),
                        {"wa": wa, "wb": wb, "shape": np.array([0, -1])})
-    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "shape"))
+    _as_int64(model, "shape")
     return model, wa, wb
+
+
+def _as_int64(model: onnx.ModelProto, *names: str) -> None:
+    """`make_model` stores float32 initializers: make the named ones int64 (shapes, axes, indices)."""
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.int64), tensor.name))
 
 
 def test_matmul_of_two_computed_tensors_uniform_rule(rng):
@@ -259,9 +266,8 @@ def test_broadcasting_expand_and_where(rng):
         helper.make_node("Reshape", ["chosen", "flat"], ["logits"])], (2, 1, 3), (2, 12),
         {"two": np.array(2.0), "shape": np.array([1, 4, 3]), "flat": np.array([0, -1]),
          "condition": rng.random((4, 3)) > 0.5})
+    _as_int64(model, "shape", "flat")
     for tensor in model.graph.initializer:
-        if tensor.name in ("shape", "flat"):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.int64), tensor.name))
         if tensor.name == "condition":
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(bool), tensor.name))
     x = rng.standard_normal((2, 1, 3)).astype(np.float32)
@@ -293,3 +299,19 @@ def test_presets_parse():
     for name in COMPOSITES:
         composite = onnxlrp.load_composite(name)
         assert composite.params["epsilon"] == 0 and composite.params["stabilizer"] == 0
+
+
+def test_constant_times_computed_and_strided_slices(rng):
+    """Mul(c, x) with the constant first passes relevance; a strided Slice (Swin's patch merging) returns each
+    element's relevance to its place and zero elsewhere."""
+    model = make_model([helper.make_node("Mul", ["c", "input"], ["scaled"]),
+                        helper.make_node("Slice", ["scaled", "starts", "ends", "axes", "steps"], ["logits"])],
+                       (2, 6), (2, 3), {"c": rng.standard_normal(6), "starts": [5], "ends": [-9], "axes": [1],
+                                         "steps": [-2]})
+    _as_int64(model, "starts", "ends", "axes", "steps")
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    target = np.array([0, 2])
+    logits, actual = _relevance(model, x, target)
+    expected = np.zeros((2, 6))
+    expected[:, [5, 3, 1]] = _seed(logits, target)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
