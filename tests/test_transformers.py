@@ -29,28 +29,31 @@ def built(model: str, opset: int, composite: str, layer_relevance: bool = False)
 def feeds(model: str) -> dict[str, np.ndarray]:
     if model == "vit":
         return {"pixel_values": REFERENCES["pixel_values"], "target": REFERENCES["targets"]}
+    if model == "convnext":
+        return {"pixel_values": REFERENCES["pixel_values_32"], "target": REFERENCES["targets"]}
     return {"input_ids": REFERENCES["input_ids"], "attention_mask": REFERENCES["attention_mask"],
             "target": REFERENCES["targets"]}
 
 
 def relevance(model: str, opset: int, composite: str) -> np.ndarray:
     """The input relevance: per pixel (ViT), per token and embedding feature (BERT)."""
-    name = "relevance" if model == "vit" else "relevance_embedding"
+    name = "relevance_embedding" if model == "bert" else "relevance"
     return run(built(model, opset, composite), feeds(model), [name])[0]
 
 
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("composite", COMPOSITES)
-@pytest.mark.parametrize("model", ("vit", "bert"))
+@pytest.mark.parametrize("model", ("vit", "bert", "convnext"))
 def test_parity_with_lxt(model, composite, opset):
-    expected = REFERENCES[f"{model}_{composite}"][:2]  # BERT's third row is the padded text alone
+    # ConvNeXt has no attention: one reference for both; BERT's third row is the padded text alone.
+    expected = REFERENCES[f"{model}_{'attnlrp' if model == 'convnext' else composite}"][:2]
     actual = relevance(model, opset, composite)
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) < 1e-4
 
 
 @pytest.mark.parametrize("composite", COMPOSITES)
-@pytest.mark.parametrize("model", ("vit", "bert"))
+@pytest.mark.parametrize("model", ("vit", "bert", "convnext"))
 def test_opsets_14_and_17_agree(model, composite):
     assert relative_error(relevance(model, 14, composite), relevance(model, 17, composite)) < 1e-5
 
