@@ -318,3 +318,13 @@ def test_constant_times_computed_and_strided_slices(rng):
     expected = np.zeros((2, 6))
     expected[:, [5, 3, 1]] = _seed(logits, target)
     np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", ("vit", "bert"))
+def test_every_preset_builds_on_a_transformer(model):
+    """CNN presets use their rule on linear layers and the transformer rules elsewhere (constants pass): one preset
+    per kind of first layer and linear rule (flat, zbox, gamma with scaled epsilon, zplus)."""
+    for name in ("epsilon_plus_flat", "epsilon_gamma_box", "montavon2019", "zplus"):
+        built_model = onnxlrp.build(onnx.load(TRANSFORMERS / f"{model}_op17.onnx"), onnxlrp.load_composite(name))
+        result = run(built_model, feeds(model), ["relevance"])[0]
+        assert np.isfinite(result).all() and np.abs(result).sum() > 0, name
