@@ -159,13 +159,29 @@ def emit_pad(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) ->
 @family("gather", ("Gather",), ("pass",))
 def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Gather of constant indices along one axis: each gathered element's relevance returns to its source
-    (repeated indices add up), as a product with a one-hot matrix."""
+    (repeated indices add up), as a product with a one-hot matrix; one index along an axis whose length is only
+    known at run time (BERT's pooler on a text of any length) pads the relevance around it."""
     indices = constant(node.inputs[1])
-    if indices is None or indices.ndim > 1:
-        raise Unsupported("Gather needs constant scalar or 1-D indices")
-    shape = _static_dims(node.inputs[0], "Gather")
+    shape = node.inputs[0].shape
+    if indices is None or indices.ndim > 1 or shape is None:
+        raise Unsupported("Gather needs constant scalar or 1-D indices and an input of known rank")
     axis = node.attrs.get("axis", 0) % len(shape)
     if axis == 0:
         raise Unsupported("Gather along the batch axis is not supported")
     upper = ctx.ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
-    return [_put_back(ctx.ops, upper, axis, np.atleast_1d(indices) % shape[axis], shape), None]
+    if isinstance(shape[axis], int):
+        return [_put_back(ctx.ops, upper, axis, np.atleast_1d(indices) % shape[axis], list(shape)), None]
+    if indices.ndim != 0:
+        raise Unsupported("Gather of several indices needs a static length along its axis")
+    return [_pad_around(ctx.ops, upper, node.inputs[0], axis, int(indices)), None]
+
+
+def _pad_around(ops: Ops, relevance: Tensor, source: Tensor, axis: int, index: int) -> Tensor:
+    """Relevance of one position (size 1 along `axis`) placed at `index` of `source`'s axis, zeros around it."""
+    length = ops.slice(ops("Shape", source), [axis], [axis + 1], [0])
+    before = ops.ints([index]) if index >= 0 else ops("Add", length, ops.ints([index]))
+    after = ops("Sub", ops("Sub", length, before), ops.ints([1]))
+    rank = len(source.shape)  # pads: [0] * axis, before, [0] * (rank - 1), after, [0] * (rank - axis - 1)
+    parts = [ops.ints([0] * axis), before, ops.ints([0] * (rank - 1)), after, ops.ints([0] * (rank - axis - 1))]
+    pads = ops("Concat", *[p for p in parts if not isinstance(p, gs.Constant) or p.values.size], axis=0)
+    return ops("Pad", relevance, pads)
