@@ -165,9 +165,7 @@ def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
     shape = node.inputs[0].shape
     if indices is None or indices.ndim > 1 or shape is None:
         raise Unsupported("Gather needs constant scalar or 1-D indices and an input of known rank")
-    axis = node.attrs.get("axis", 0) % len(shape)
-    if axis == 0:
-        raise Unsupported("Gather along the batch axis is not supported")
+    axis = node.attrs.get("axis", 0) % len(shape)  # any axis: torch's attention packs q, k, v along the first
     upper = ctx.ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
     if isinstance(shape[axis], int):
         return [_put_back(ctx.ops, upper, axis, np.atleast_1d(indices) % shape[axis], list(shape)), None]

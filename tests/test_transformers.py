@@ -333,3 +333,17 @@ def test_every_preset_builds_on_a_transformer(model):
         built_model = onnxlrp.build(onnx.load(TRANSFORMERS / f"{model}_op17.onnx"), onnxlrp.load_composite(name))
         result = run(built_model, feeds(model), ["relevance"])[0]
         assert np.isfinite(result).all() and np.abs(result).sum() > 0, name
+
+
+def test_gather_along_a_first_axis_that_is_not_the_batch(rng):
+    """torch's attention packs q, k and v along the first axis of a [3, N, ...] tensor and gathers them."""
+    model = make_model([helper.make_node("Transpose", ["input"], ["packed"], perm=[1, 0, 2]),
+                        helper.make_node("Gather", ["packed", "index"], ["logits"], axis=0)], (2, 3, 4), (2, 4),
+                       {"index": np.array(1)})
+    _as_int64(model, "index")
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    target = np.array([0, 3])
+    logits, actual = _relevance(model, x, target)
+    expected = np.zeros((2, 3, 4))
+    expected[:, 1] = _seed(logits, target)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
