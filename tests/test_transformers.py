@@ -347,3 +347,18 @@ def test_gather_along_a_first_axis_that_is_not_the_batch(rng):
     expected = np.zeros((2, 3, 4))
     expected[:, 1] = _seed(logits, target)
     np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+def test_rms_norm_written_out_is_the_identity(rng):
+    """w * x * 1/sqrt(mean(x^2) + eps): the rsqrt factor is a function of x alone, so R_x = R_y (LXT's RMSNorm)."""
+    model = make_model([
+        helper.make_node("Mul", ["input", "input"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["mean"], axes=[-1]),
+        helper.make_node("Add", ["mean", "eps"], ["shifted"]), helper.make_node("Sqrt", ["shifted"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["inverse"]), helper.make_node("Mul", ["input", "inverse"], ["normed"]),
+        helper.make_node("Mul", ["w", "normed"], ["logits"])], (2, 6), (2, 6),
+        {"eps": np.array(1e-6), "w": 1 + 0.1 * rng.standard_normal(6)})
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    target = np.array([2, 5])
+    logits, actual = _relevance(model, x, target)
+    np.testing.assert_allclose(actual, _seed(logits, target), rtol=1e-6)
