@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import elementwise, linear, pooling, routing, transformer  # noqa: F401  (they register their emitters)
+from . import elementwise, linear, pooling, routing, softmax, transformer  # noqa: F401  (they register emitters)
 from .datapath import data_path, explained_input
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
@@ -36,7 +36,7 @@ class Builder:
         self._nonnegative = nonnegative_tensors(graph)
         self._rule = composite.assign(graph)
         # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
-        stopped = lambda node: transformer.stops(node, self.rule)  # noqa: E731
+        stopped = lambda node: softmax.stops(node, self.rule)  # noqa: E731
         self._data_path = data_path(graph, explained, stopped) if explained is not None else None
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
 

@@ -6,8 +6,8 @@ Rules of the arithmetic family:
   stop    as absorb; in a gated product the gate is a constant, so the signal gets all (CP-LRP).
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant (the sigma of a
 norm written out); x * f(x) is one activation (identity); a Sigmoid gate gives all to its signal; any other product
-of two computed tensors gives each factor half (AttnLRP's uniform rule). A broadcast operand gets the sum over the
-axes it was broadcast along.
+of two computed tensors gives each factor half (AttnLRP's uniform rule); the Div of a softmax written out gets the
+softmax rule (softmax.py). A broadcast operand gets the sum over the axes it was broadcast along.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Sequence
 
 import onnx_graphsurgeon as gs
 
+from . import softmax
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 
@@ -46,13 +47,15 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
     output, upper = node.outputs[0], relevance[0]
     flags = [computed(t) for t in node.inputs]
     if node.op in ("Add", "Sub"):
-        if flags.count(True) == 1 and rule == "norm":
+        if (flags.count(True) == 1 and rule == "norm") or softmax.subtracts_max(node):
             shares = [upper if flag else None for flag in flags]
         else:
             s = ctx.ops.divide_stabilized(upper, output, params["stabilizer"])
-            shares = [ctx.ops("Mul", t, s) if flag else None for t, flag in zip(node.inputs, flags)]
+            shares = [_times(ctx.ops, t, s) if flag else None for t, flag in zip(node.inputs, flags)]
             if node.op == "Sub" and shares[1] is not None:
                 shares[1] = ctx.ops("Neg", shares[1])
+    elif node.op == "Div" and all(flags) and softmax.written_out(node):
+        shares = softmax.emit_written_out(ctx, node, upper)
     elif node.op == "Div":
         if not flags[0]:
             raise Unsupported("a Div of a constant by a computed tensor is not supported")
@@ -63,6 +66,12 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
         shares = _product(ctx.ops, node, upper, rule)
     return [unbroadcast(ctx.ops, share, t, output) if share is not None else None
             for share, t in zip(shares, node.inputs)]
+
+
+def _times(ops: Ops, operand: Tensor, s: Tensor) -> Tensor:
+    """operand * s, and 0 where s is 0 even if the operand is infinite (scores masked with -inf before a softmax)."""
+    zero = ops.scalar(0.0)
+    return ops("Where", ops("Equal", s, zero), zero, ops("Mul", operand, s))
 
 
 def _product(ops: Ops, node: gs.Node, relevance: Tensor, rule: str) -> list[Tensor | None]:

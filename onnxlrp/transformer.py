@@ -1,24 +1,14 @@
-"""Transformer layers (ATTNLRP.md §3): LayerNormalization with sigma constant, Softmax (Prop. 3.1), and MatMul of
-two computed tensors (the uniform rule of Prop. 3.3; CP-LRP by stopping at the softmax, see `SOFTMAX_RULES`)."""
+"""Transformer layers (ATTNLRP.md §3): LayerNormalization with sigma constant, and MatMul of two computed tensors
+(the uniform rule of Prop. 3.3; CP-LRP stops at the softmax, see softmax.py)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import onnx_graphsurgeon as gs
 
 from .elementwise import unbroadcast
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
-
-# softmax: R_z = z * (R_s - s * sum(R_s)); stop: the attention weights are constants (CP-LRP), so a product with
-# them is linear in the values and nothing reaches the scores, the queries or the keys.
-SOFTMAX_RULES = ("softmax", "stop")
-
-
-def stops(node: gs.Node, rule: Callable[[gs.Node], tuple[str, object]]) -> bool:
-    """Whether a node's output is a constant to the walk under the rule `rule` gives it (no data path passes)."""
-    return node.op == "Softmax" and rule(node)[0] == "stop"
-
 
 def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
     shape = node.inputs[0].shape
@@ -41,21 +31,6 @@ def emit_layer_norm(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
     variance = ops.reduce_mean(ops("Mul", centered_x, centered_x), axes)
     sigma = ops("Sqrt", ops("Add", variance, ops.scalar(node.attrs.get("epsilon", 1e-5))))
     return [ops("Mul", x, ops("Div", centered_u, sigma))] + [None] * (len(node.inputs) - 1)
-
-
-@family("softmax", ("Softmax",), SOFTMAX_RULES)
-def emit_softmax(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """R_z = z * g with g = R_s - s * sum(R_s) (the softmax gradient of R_s / s); 0 where g is 0, so masked
-    positions (z = -inf or the float minimum, s = 0) get 0."""
-    ops = ctx.ops
-    z, s = node.inputs[0], node.outputs[0]
-    default = -1 if ops.opset >= 13 else 1
-    axes = _normalized_axes(node, node.attrs.get("axis", default))
-    if ops.opset >= 13 and len(axes) > 1:
-        axes = axes[:1]
-    g = ops("Sub", relevance[0], ops("Mul", s, ops.reduce_sum(relevance[0], axes)))
-    zero = ops.scalar(0.0)
-    return [ops("Where", ops("Equal", g, zero), zero, ops("Mul", z, g))]
 
 
 def emit_product(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:

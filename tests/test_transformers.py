@@ -146,24 +146,48 @@ def test_layer_normalization_closed_form_and_written_out(rng):
 
 
 def test_softmax_rule_with_a_mask(rng):
-    """R_z = z * (R_s - s * sum(R_s)); the mask (a constant addend) keeps its share; masked positions get 0."""
+    """R_z = z * (R_s - s * sum(R_s)); the mask and a bias (constant addends) keep their share; masked positions
+    (-inf, also after the bias) get 0."""
     x = rng.standard_normal((2, 5)).astype(np.float32)
-    mask = np.array([0, 0, 0, 0, -np.inf])
+    mask, bias = np.array([0, 0, 0, 0, -np.inf]), rng.standard_normal(5)
     scale = 1 + rng.random(5)
-    model = make_model([helper.make_node("Add", ["input", "mask"], ["z"]),
+    model = make_model([helper.make_node("Add", ["input", "mask"], ["masked"]),
+                        helper.make_node("Add", ["masked", "bias"], ["z"]),
                         helper.make_node("Softmax", ["z"], ["s"], axis=-1),
                         helper.make_node("Mul", ["s", "scale"], ["logits"])], (2, 5), (2, 5),
-                       {"mask": mask, "scale": scale})
+                       {"mask": mask, "scale": scale, "bias": bias})
     target = np.array([0, 2])
     logits, actual = _relevance(model, x, target)
-    z = x.astype(np.float64) + mask
+    z = x.astype(np.float64) + mask + bias
     s = np.exp(z - z.max(-1, keepdims=True))
     s /= s.sum(-1, keepdims=True)
     r_s = _seed(logits.astype(np.float64), target)
     gradient = r_s - s * r_s.sum(-1, keepdims=True)
-    expected = x * gradient  # = x / (x + mask) * (z * gradient)
+    expected = x * gradient  # = x / (x + mask + bias) * (z * gradient)
     assert np.all(actual[:, 4] == 0)
     assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("max_subtracted", (True, False))
+def test_softmax_written_out_equals_the_op(rng, max_subtracted):
+    """ReduceMax, Sub, Exp, ReduceSum, Div (the max subtraction optional) gets the softmax rule, as the op does."""
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    mask, scale = np.array([0, 0, 0, -np.inf, 0]), 1 + rng.random(5)
+    shifted = [helper.make_node("ReduceMax", ["z"], ["peak"], axes=[1]), helper.make_node("Sub", ["z", "peak"], ["u"])]
+    model = make_model([helper.make_node("Add", ["input", "mask"], ["z"])] + (shifted if max_subtracted else []) + [
+        helper.make_node("Exp", ["u" if max_subtracted else "z"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "axes"], ["total"]), helper.make_node("Div", ["e", "total"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["logits"])], (2, 5), (2, 5),
+        {"mask": mask, "scale": scale, "axes": [1]})
+    _as_int64(model, "axes")
+    fused = make_model([helper.make_node("Add", ["input", "mask"], ["z"]),
+                        helper.make_node("Softmax", ["z"], ["s"], axis=1),
+                        helper.make_node("Mul", ["s", "scale"], ["logits"])], (2, 5), (2, 5),
+                       {"mask": mask, "scale": scale})
+    target = np.array([1, 4])
+    written, expected = _relevance(model, x, target)[1], _relevance(fused, x, target)[1]
+    assert np.all(written[:, 3] == 0)
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-7)
 
 
 def _bilinear(rng):
