@@ -21,10 +21,11 @@ LABEL_KEYS = ("labels", "classes", "class_names", "id2label")
 
 def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | Composite = "epsilon_plus_flat",
           explain: str = "logit", output: str | None = None, source: str | None = None,
-          layer_relevance: bool = False, **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
+          layer_relevance: bool = False, input_shape: str | None = None, **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
     """The model with a `target` input and a `relevance` output. `composite` is a preset name, a TOML path or a
     Composite; `rule_params` (epsilon, gamma, alpha, beta, low, high, stabilizer, epsilon_scale) override the
-    composite's; `layer_relevance` adds the relevance at the input of every linear layer as outputs."""
+    composite's; `layer_relevance` adds the relevance at the input of every linear layer as outputs;
+    `input_shape` ("[NAME:]DIMS") fixes the sizes a model input leaves open."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, source = model_or_path, source or "model"
     else:
@@ -36,7 +37,7 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
                  for k, v in rule_params.items() if v is not None}
     chosen = composite if isinstance(composite, Composite) else load_composite(str(composite))
     built = builder.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
-                          output=output, source=source, layer_relevance=layer_relevance)
+                          output=output, source=source, layer_relevance=layer_relevance, input_shape=input_shape)
     return built
 
 

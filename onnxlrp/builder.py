@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import elementwise, linear, pooling, routing, softmax, transformer  # noqa: F401  (they register emitters)
+from . import elementwise, encoding, linear, pooling, quantized, routing, softmax, transformer  # noqa: F401
 from .datapath import data_path, explained_input
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
@@ -16,12 +16,12 @@ from .canonical import canonicalize
 from .graph import opset_of
 from .io import ir_version_for
 from .layers import LayerRelevance, expose, record
-from .shapes import infer_shapes
+from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
 from .registry import FAMILIES, Unsupported, computed, floating
 from .registry import data_path as on_data_path
 from .signs import nonnegative_tensors
-from .top import EXPLAIN, start
+from .top import EXPLAIN, start, written_out_softmax
 
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 HEADS = ("Softmax", "LogSoftmax")
@@ -83,14 +83,23 @@ class Builder:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False) -> onnx.ModelProto:
+          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
-    (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py)."""
+    (and with `layer_relevance`, the relevance at the input of every linear layer: see layers.py).
+
+    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     source_ir = model.ir_version
     declared_outputs = {value.name: value for value in model.graph.output}
-    graph = canonicalize(model)
+    if input_shape is not None:
+        model = with_input_shape(model, parse_input_shape(input_shape), source)
+    else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
+        model = _copy(model)
+    quantized.refuse_integer_arithmetic(model, source)
+    original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
+    graph = canonicalize(_copy(model) if original is not None else model)
+    require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
@@ -117,7 +126,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         graph.nodes.append(gs.Node("Identity", "lrp/relevance_embedding", inputs=[total],
                                    outputs=[graph.outputs[-1]]))
         total = ops.reduce_sum(total, [len(x.shape) - 1], keepdims=False)
-    result = gs.Variable(RELEVANCE, dtype=x.dtype, shape=(ids if ids is not None else x).shape)
+    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype,
+                         shape=(ids if ids is not None else x).shape)
     graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
@@ -128,10 +138,18 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             value.CopyFrom(declared_outputs[value.name])
     built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    if original is not None:  # the built graph is the float twin that explains the quantized model
+        built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
     built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
     return built
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _needed_opset(graph: gs.Graph, opset: int) -> int:
@@ -155,9 +173,11 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:
     """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
     if name is not None:
-        chosen = next((t for t in graph.outputs if t.name == name), None)
+        chosen = next((t for t in graph.outputs if t.name == name), None) or graph.tensors().get(name)
         if chosen is None:
             raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
     # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
     zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
@@ -168,11 +188,16 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Var
 
 
 def _logits(output: gs.Variable) -> gs.Variable:
-    """The tensor before a trailing Softmax/LogSoftmax (and Identity), so that the logits are explained."""
+    """The tensor before a trailing Softmax/LogSoftmax (also written out as Exp/ReduceSum/Div) and Identity, so
+    that the logits are explained."""
     tensor = output
-    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
-        tensor = tensor.inputs[0].inputs[0]
-    return tensor
+    while True:
+        if tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+            tensor = tensor.inputs[0].inputs[0]
+        elif (before := written_out_softmax(tensor)) is not None:
+            tensor = before
+        else:
+            return tensor
 
 
 def _batch(x: gs.Variable):

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import LrpError
 from .graph import constant, opset_of, replace
-from .shapes import fold_batch_independent, infer_shapes
+from .shapes import fold_batch_independent, infer_shapes, observe_shapes
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
@@ -19,17 +19,22 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
 
     Constants become initializers and constant subgraphs are folded, Identity/Dropout disappear, Gemm loses
     alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
-    explicit. Shapes are inferred afterwards so that emitters can rely on static non-batch dimensions.
+    explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
+    can rely on static non-batch dimensions.
     """
     if opset_of(model) < MIN_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_OPSET)
     graph = gs.import_onnx(model)
+    fold_dequantized_weights(graph)  # graphsurgeon's constant folding never folds Q/DQ
     infer_shapes(graph)
     graph.fold_constants(error_ok=True)
     graph.cleanup().toposort()
     if fold_batch_independent(graph):
         graph.cleanup()
         infer_shapes(graph)
+    if observe_shapes(graph):  # what inference could not follow, read from one run; then fold what became static
+        graph.fold_constants(error_ok=True)
+        graph.cleanup().toposort()
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
@@ -42,6 +47,30 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> None:
     for consumer in list(output.outputs):
         replace(consumer.inputs, [source if t is output else t for t in consumer.inputs])
     node.outputs.clear()
+
+
+def fold_dequantized_weights(graph: gs.Graph) -> None:
+    """Replace every DequantizeLinear of constants (quantized weights and biases, per tensor or per channel
+    along any axis) by its float value, computed as ONNX Runtime does: (x - zero_point) * scale in float32."""
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear"]:
+        values = [constant(t) for t in node.inputs if t.name]
+        if len(values) < 2 or any(v is None for v in values):
+            continue
+        quantized, scale = values[0], values[1]
+        zero_point = values[2] if len(values) > 2 else np.zeros((), quantized.dtype)
+        if node.attrs.get("block_size", 0):
+            continue  # blocked quantization stays in the graph
+        if scale.size > 1:  # per channel along `axis`
+            axis = node.attrs.get("axis", 1) % quantized.ndim
+            along = [-1 if a == axis else 1 for a in range(quantized.ndim)]
+            scale, zero_point = scale.reshape(along), zero_point.reshape(along)
+        shifted = quantized.astype(np.int64) - zero_point.astype(np.int64)
+        output = node.outputs[0]
+        output.to_constant((shifted.astype(scale.dtype) * scale).astype(scale.dtype))
+        output.inputs.clear()
+        node.outputs.clear()
+        node.inputs.clear()
+    graph.cleanup()
 
 
 def remove_identities(graph: gs.Graph) -> None:

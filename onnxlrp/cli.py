@@ -42,8 +42,10 @@ def cli() -> None:
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
 @click.option("--layer-relevance", is_flag=True,
               help="Add an output `relevance/<node>` with the relevance at the input of every linear layer.")
+@click.option("--input-shape", help="[NAME:]DIMS, comma-separated sizes of a model input (a name such as N stays "
+                                    "symbolic), for inputs whose sizes the model leaves open.")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  layer_relevance: bool, **rule_params) -> None:
+                  layer_relevance: bool, input_shape: str | None, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -52,7 +54,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
-                  layer_relevance=layer_relevance)
+                  layer_relevance=layer_relevance, input_shape=input_shape)
     save_atomic(built, out)
     click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
 

@@ -44,13 +44,15 @@ def _parameters(producer: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarra
     return weight, producer.inputs[2].values.astype(np.float64) if has_bias else np.zeros(channels)
 
 
-def _absorb(folded: gs.Node, producer: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Give the linear node the folded parameters (in its weight's type) and the folded node's output."""
+def _absorb(folded: gs.Node, producer: gs.Node, weight: np.ndarray, bias: np.ndarray,
+            chain_end: gs.Node | None = None) -> None:
+    """Give the linear node the folded parameters (in its weight's type), and the folded node's output to it (or
+    to the last node of the layout chain between them)."""
     dtype = producer.inputs[1].values.dtype
     weights = gs.Constant(f"{folded.name}/folded_weight", weight.astype(dtype))
     biases = gs.Constant(f"{folded.name}/folded_bias", bias.astype(dtype))
     replace(producer.inputs, [producer.inputs[0], weights, biases])
-    replace(producer.outputs, [folded.outputs[0]])
+    replace((chain_end or producer).outputs, [folded.outputs[0]])
     folded.outputs.clear()
     folded.inputs.clear()
 
@@ -77,10 +79,11 @@ def fold_affine(graph: gs.Graph) -> None:
     graph_outputs = {id(t) for t in graph.outputs}
     for node in [n for n in graph.nodes if n.op in AFFINE and len(n.inputs) == 2]:
         data, other = node.inputs if constant(node.inputs[1]) is not None else node.inputs[::-1]
-        producer = _linear_producer(data, graph_outputs)
+        source, chain_end, axis = _through_layout(data, graph_outputs)
+        producer = _linear_producer(source, graph_outputs)
         if producer is None or constant(other) is None or (node.op in ("Div", "Sub") and other is node.inputs[0]):
             continue
-        factors = _per_channel(other.values, data.shape)
+        factors = _per_channel(other.values, data.shape, axis)
         if factors is None:
             continue
         weight, bias = _parameters(producer, len(factors))
@@ -89,17 +92,42 @@ def fold_affine(graph: gs.Graph) -> None:
             weight, bias = _scale_outputs(producer, weight, scale), bias * scale
         else:
             bias = bias + (factors if node.op == "Add" else -factors)
-        _absorb(node, producer, weight, bias)
+        _absorb(node, producer, weight, bias, chain_end)
 
 
-def _per_channel(values: np.ndarray, shape) -> np.ndarray | None:
-    """The constant as one value per output channel, if it only varies along axis 1 of the linear output."""
-    if shape is None or not isinstance(shape[1] if len(shape) > 1 else None, int):
+LAYOUT = ("Transpose", "Cast")
+
+
+def _through_layout(tensor: gs.Tensor, graph_outputs: set[int]) -> tuple[gs.Tensor, gs.Node | None, int]:
+    """Follow `tensor` back through Transposes and float-to-float Casts that nothing else reads (torch exports of
+    nets ported from TensorFlow: Conv, Transpose, Cast, Add(bias)). Returns the tensor before them, the last of
+    them (None if there is none) and the axis of `tensor` that holds the channels of the tensor before them."""
+    chain = []
+    while (isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op in LAYOUT
+           and len(tensor.outputs) == 1 and id(tensor) not in graph_outputs):
+        node = tensor.inputs[0]
+        if node.op == "Cast" and not all(np.issubdtype(np.dtype(t.dtype or np.int8), np.floating)
+                                         for t in (node.inputs[0], node.outputs[0])):
+            break
+        chain.append(node)
+        tensor = node.inputs[0]
+    axis = 1
+    for node in reversed(chain):
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm") or list(range(len(node.inputs[0].shape or [])))[::-1]
+            axis = list(perm).index(axis) if axis in perm else -1
+    return tensor, (chain[0] if chain else None), axis
+
+
+def _per_channel(values: np.ndarray, shape, axis: int = 1) -> np.ndarray | None:
+    """The constant as one value per output channel, if it only varies along `axis` (where the linear layer's
+    channels sit) of the tensor it is applied to."""
+    if shape is None or not 0 <= axis < len(shape) or not isinstance(shape[axis], int):
         return None
-    channels, rank = shape[1], len(shape)
+    channels, rank = shape[axis], len(shape)
     if values.ndim > rank:
         return None
     padded = values.reshape((1,) * (rank - values.ndim) + values.shape)
-    if any(d != 1 for i, d in enumerate(padded.shape) if i != 1) or padded.shape[1] not in (1, channels):
+    if any(d != 1 for i, d in enumerate(padded.shape) if i != axis) or padded.shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(padded.reshape(-1).astype(np.float64), (channels,)).copy()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import constant
@@ -105,7 +106,7 @@ def _window(node: gs.Node, average: bool) -> Window:
 def _reduction(node: gs.Node) -> Reduction:
     shape = node.inputs[0].shape
     rank = len(shape) if shape is not None else None
-    if node.op == "GlobalAveragePool":
+    if node.op in ("GlobalAveragePool", "GlobalMaxPool"):
         axes, keepdims = list(range(2, rank)) if rank else None, True
     else:
         if len(node.inputs) > 1:
@@ -120,7 +121,7 @@ def _reduction(node: gs.Node) -> Reduction:
     if 0 in axes:
         raise Unsupported("a reduction over the batch axis is not supported")
     sizes = [shape[a] for a in axes]
-    if node.op == "ReduceSum":
+    if node.op in ("ReduceSum", "ReduceMax", "GlobalMaxPool"):  # a max treated as sum pooling sums
         divisor = 1.0
     elif all(isinstance(s, int) for s in sizes):
         divisor = float(np.prod(sizes))
@@ -175,3 +176,20 @@ def _winner_take_all(ops: Ops, node: gs.Node, relevance: Tensor) -> Tensor:
     scattered = ops("ScatterElements", zeros, ops("Reshape", indices, flat), ops("Reshape", relevance, flat),
                     axis=0, **reduction)
     return ops.reshape_like(scattered, x)
+
+
+@family("max reduction", ("GlobalMaxPool", "ReduceMax"), ("wta", "norm"))
+def emit_max_reduction(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Winner-take-all as for MaxPool: the relevance of each maximum goes to the inputs that attain it (shared
+    equally between ties, which is the gradient); `norm` treats the maximum as a sum."""
+    reduction = _reduction(node)
+    name, params = ctx.rule(node)
+    ops, x = ctx.ops, node.inputs[0]
+    if name == "norm":
+        sums = reduction.forward(ops, x)
+        lower = propagate(ops, reduction, x, sums, relevance[0], RULES["norm"], params, ctx.nonnegative(x))
+        return [lower] + [None] * (len(node.inputs) - 1)
+    kept = (lambda t: t) if reduction.keepdims else (lambda t: ops.unsqueeze(t, reduction.axes))
+    winners = ops("Cast", ops("Equal", x, kept(node.outputs[0])), to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
+    shares = ops("Div", kept(relevance[0]), ops.reduce_sum(winners, reduction.axes))
+    return [ops("Mul", winners, shares)] + [None] * (len(node.inputs) - 1)

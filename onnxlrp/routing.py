@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .encoding import encoded
 from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family, floating
@@ -29,8 +30,11 @@ def emit_pass(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -
 
 @family("cast", ("Cast",), ("pass",))
 def emit_cast(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Relevance passes, in the type of the cast's input (a double model input cast to float)."""
+    """Relevance passes, in the type of the cast's input (a double model input cast to float), or in its own type
+    from a one-hot encoding (encoding.py)."""
     source = node.inputs[0]
+    if encoded(source):
+        return [relevance[0]]
     if not floating(source):
         raise Unsupported("a Cast from a non-float type carries no relevance")
     dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(source.dtype))
@@ -92,6 +96,9 @@ def _zeros_like(ops: Ops, tensor: Tensor) -> Tensor:
     return ops("ConstantOfShape", ops("Shape", tensor))
 
 
+WHOLE = 2**31 - 1  # a Slice bound at least this large reaches past any batch size
+
+
 @family("slice", ("Slice",), ("pass",))
 def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
@@ -100,32 +107,27 @@ def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
     rank = len(shape)
-    if any(axis % rank == 0 for axis in axes):
-        raise Unsupported("Slice along the batch axis is not supported")
     if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
+        if any(axis % rank == 0 for axis in axes):
+            raise Unsupported("Slice along the batch axis with steps is not supported")
         lower = relevance[0]
         for start, end, axis, step in zip(starts, ends, axes, steps):
-            positions = range(*slice(start, end, step).indices(shape[axis % rank]))
-            lower = _put_back(ctx.ops, lower, axis % rank, np.array(positions, dtype=np.int64), shape)
+            size = shape[axis % rank]
+            positions = np.array(range(*slice(start, end, step).indices(size)), dtype=np.int64)
+            lower = _route_along(ctx.ops, lower, axis % rank, rank, positions, size)
         return [lower] + [None] * (len(node.inputs) - 1)
     pads = [0] * (2 * rank)
     for start, end, axis in zip(starts, ends, axes):
         axis %= rank
+        if axis == 0:
+            if (start == 0 or start <= -WHOLE) and end >= WHOLE:
+                continue  # keeps the whole batch, whatever its size
+            raise Unsupported("Slice along the batch axis is not supported")
         size = shape[axis]
         start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
         pads[axis], pads[rank + axis] = start, size - max(end, start)
     lower = ctx.ops("Pad", relevance[0], ctx.ops.ints(pads))
     return [lower] + [None] * (len(node.inputs) - 1)
-
-
-def _put_back(ops: Ops, relevance: Tensor, axis: int, positions: np.ndarray, shape: list) -> Tensor:
-    """Relevance of the elements taken at `positions` along `axis` returned to their places in an axis of
-    `shape[axis]` elements (repeated positions add up), as a product with a one-hot matrix."""
-    selection = np.zeros((positions.size, shape[axis]))
-    selection[np.arange(positions.size), positions] = 1
-    to_last = [a for a in range(len(shape)) if a != axis] + [axis]
-    moved = ops("MatMul", ops("Transpose", relevance, perm=to_last), ops.const(selection))
-    return ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
 
 
 @family("split", ("Split",), ("pass",))
@@ -138,22 +140,57 @@ def emit_split(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
 
 @family("pad", ("Pad",), ("pass",))
 def emit_pad(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Relevance of the padding is dropped; the input gets the relevance of its own positions."""
+    """Constant mode: relevance of the padding is dropped, the input gets that of its own positions. Edge,
+    reflect and wrap modes: padded values are copies of inner positions, and their relevance goes back to the
+    positions they copy (the gradient of the Pad)."""
     mode = node.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     pads = _constant_ints(node, 1, "Pad pads")
     axes = _constant_ints(node, 3, "Pad axes")
-    if mode != "constant" or any(p < 0 for p in pads):
+    if mode not in COPIED_BORDERS + ("constant",) or any(p < 0 for p in pads):
         raise Unsupported(f"Pad in {mode} mode or with negative pads is not supported")
     shape = _static_dims(node.inputs[0], "Pad")
     half = len(pads) // 2
     axes = [a % len(shape) for a in axes] if axes else list(range(half))
-    padded = [(a, pads[i]) for i, a in enumerate(axes) if pads[i] or pads[half + i]]
-    if any(a == 0 for a, _ in padded):
+    padded = [(a, pads[i], pads[half + i]) for i, a in enumerate(axes) if pads[i] or pads[half + i]]
+    if any(a == 0 for a, _, _ in padded):
         raise Unsupported("Pad along the batch axis is not supported")
-    lower = ctx.ops.slice(relevance[0], [p for _, p in padded], [p + shape[a] for a, p in padded],
-                          [a for a, _ in padded]) if padded else relevance[0]
+    if mode == "constant":
+        lower = ctx.ops.slice(relevance[0], [b for _, b, _ in padded], [b + shape[a] for a, b, _ in padded],
+                              [a for a, _, _ in padded]) if padded else relevance[0]
+        return [lower] + [None] * (len(node.inputs) - 1)
+    lower = relevance[0]
+    for axis, begin, end in reversed(padded):  # a Pad is one Pad per axis, in order: undo them in reverse
+        size = shape[axis]
+        if mode == "reflect" and max(begin, end) >= size:
+            raise Unsupported("Pad in reflect mode with pads as large as the input is not supported")
+        sources = _copied_positions(mode, np.arange(-begin, size + end), size)
+        lower = _route_along(ctx.ops, lower, axis, len(shape), sources, size)
     return [lower] + [None] * (len(node.inputs) - 1)
+
+
+COPIED_BORDERS = ("edge", "reflect", "wrap")
+
+
+def _copied_positions(mode: str, positions: np.ndarray, size: int) -> np.ndarray:
+    """Which input position each output position of an edge, reflect or wrap Pad copies."""
+    if mode == "edge":
+        return np.clip(positions, 0, size - 1)
+    if mode == "wrap":
+        return positions % size
+    period = 2 * (size - 1) or 1
+    folded = np.abs(positions) % period
+    return np.where(folded < size, folded, period - folded)
+
+
+def _route_along(ops: Ops, relevance: Tensor, axis: int, rank: int, sources: np.ndarray, size: int) -> Tensor:
+    """Send the relevance of each position along `axis` to the input position it was copied from (`sources`);
+    copies of one position add up. A product with a one-hot matrix on the last axis."""
+    selection = np.zeros((sources.size, size))
+    np.add.at(selection, (np.arange(sources.size), sources), 1)
+    to_last = [a for a in range(rank) if a != axis] + [axis]
+    moved = ops("MatMul", ops("Transpose", relevance, perm=to_last), ops.const(selection))
+    return ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
 
 
 @family("gather", ("Gather",), ("pass",))
@@ -168,7 +205,8 @@ def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
     axis = node.attrs.get("axis", 0) % len(shape)  # any axis: torch's attention packs q, k, v along the first
     upper = ctx.ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
     if isinstance(shape[axis], int):
-        return [_put_back(ctx.ops, upper, axis, np.atleast_1d(indices) % shape[axis], list(shape)), None]
+        positions = np.atleast_1d(indices) % shape[axis]
+        return [_route_along(ctx.ops, upper, axis, len(shape), positions, shape[axis]), None]
     if indices.ndim != 0:
         raise Unsupported("Gather of several indices needs a static length along its axis")
     return [_pad_around(ctx.ops, upper, node.inputs[0], axis, int(indices)), None]

@@ -110,3 +110,110 @@ def _shape_derived(graph: gs.Graph) -> list[gs.Variable]:
             derived.update(t.name for t in node.outputs)
     return [t for t in graph.tensors().values() if t.name in derived and isinstance(t, gs.Variable)
             and t.shape is not None and len(t.shape) <= 1 and t not in graph.outputs]
+
+
+def parse_input_shape(text: str) -> tuple[str | None, list[int | str]]:
+    """`[NAME:]DIMS` with comma-separated DIMS; a non-numeric dimension (`N`) stays symbolic."""
+    name, _, dims = text.rpartition(":")
+    parts = [d.strip() for d in dims.split(",")]
+    if not dims.strip() or any(not p for p in parts) or any(p.isdigit() and int(p) == 0 for p in parts):
+        raise LrpError(f"--input-shape '{text}': expected [NAME:]DIMS, comma-separated positive sizes or names "
+                       f"(e.g. x:N,3,224,224)")
+    return name or None, [int(p) if p.isdigit() else p for p in parts]
+
+
+def with_input_shape(model: onnx.ModelProto, spec: tuple[str | None, list], source: str) -> onnx.ModelProto:
+    """A copy of the model whose input (the named one, or the first non-initializer input) has the given shape."""
+    name, dims = spec
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in weights]
+    chosen = next((v for v in inputs if v.name == name), None) if name else (inputs[0] if inputs else None)
+    if chosen is None:
+        raise LrpError(f"{source}: --input-shape names no input '{name}' "
+                       f"(inputs: {', '.join(v.name for v in inputs)})")
+    declared = chosen.type.tensor_type.shape.dim
+    if len(declared) and len(declared) != len(dims):
+        raise LrpError(f"{source}: --input-shape gives {len(dims)} dimensions, input '{chosen.name}' has "
+                       f"{len(declared)}")
+    for index, (old, new) in enumerate(zip(declared, dims)):
+        if old.HasField("dim_value") and old.dim_value > 0 and isinstance(new, int) and old.dim_value != new:
+            raise LrpError(f"{source}: --input-shape gives size {new} to dimension {index} of input "
+                           f"'{chosen.name}', which the model fixes at {old.dim_value}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    value = next(v for v in copy.graph.input if v.name == chosen.name)
+    value.type.tensor_type.shape.Clear()
+    for size in dims:
+        dim = value.type.tensor_type.shape.dim.add()
+        if isinstance(size, int):
+            dim.dim_value = size
+        else:
+            dim.dim_param = size
+    return copy
+
+
+def _open(tensor: gs.Tensor) -> bool:
+    """Whether a variable's shape is unknown, or unknown after the batch axis."""
+    return isinstance(tensor, gs.Variable) and (tensor.shape is None or _unknown_after_batch(tensor))
+
+
+def require_static_input(graph: gs.Graph, source: str) -> None:
+    """One clear line when convolutions or pooling need sizes that a model input leaves open."""
+    needing = [n for n in graph.nodes if n.op in SPATIAL_OPS and _open(n.inputs[0])]
+    if not needing:
+        return
+    for tensor in graph.inputs:
+        if _open(tensor):
+            shape = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in (tensor.shape or ["?"]))
+            raise LrpError(f"{source}: input '{tensor.name}' has open dimensions [{shape}] that node "
+                           f"'{needing[0].name}' ({needing[0].op}) needs: give them with --input-shape "
+                           f"{tensor.name}:DIMS (e.g. N,3,224,224)")
+
+
+SPATIAL_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool")
+
+
+def observe_shapes(graph: gs.Graph) -> bool:
+    """Fill in the shapes that inference left open, or named with symbols of its own (two tensors of one batch
+    size under different names), by running the graph once (twice with a symbolic batch size: at 1 and at 2) in
+    ONNX Runtime with each such tensor as an output. A dimension that follows the batch size gets the input's
+    batch symbol; one that is the same in both runs becomes that number.
+
+    Needs static input sizes after the batch axis. Returns whether any shape was filled in.
+    """
+    symbols = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
+    wanted = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.inputs and t not in graph.inputs
+              and (_open(t) or any(isinstance(d, str) and d not in symbols for d in t.shape))]
+    if not wanted or any(t.shape is None or any(not isinstance(d, int) for d in t.shape[1:])
+                         for t in graph.inputs):
+        return False
+    symbolic = [t.shape[0] for t in graph.inputs if not isinstance(t.shape[0], int)]
+    batches = (1, 2) if symbolic else (None,)
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in wanted]
+    try:
+        blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
+        session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        runs = [dict(zip(names, (np.shape(v) for v in session.run(names, {
+            t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in graph.inputs}))))
+            for batch in batches]
+    except Exception:  # a model ONNX Runtime cannot run at these sizes keeps the inferred shapes
+        return False
+    filled = False
+    for tensor in wanted:
+        shapes = [r.get(tensor.name) for r in runs]
+        if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1:
+            continue
+        dims = []
+        for sizes in zip(*shapes):
+            if len(set(sizes)) == 1:
+                dims.append(int(sizes[0]))
+            elif list(sizes) == list(batches):
+                dims.append(symbolic[0])
+            else:
+                dims.append(None)
+        tensor.shape = dims
+        filled = True
+    return filled

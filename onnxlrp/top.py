@@ -15,6 +15,34 @@ EXPLAIN = ("logit", "logodds", "onehot")
 LOGODDS_RULES = ("epsilon", "zero")
 
 
+def _producer(tensor: Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    return node if node is not None and node.op == op else None
+
+
+def written_out_softmax(tensor: Tensor) -> Tensor | None:
+    """The logits of a softmax (or log-softmax) that an exporter wrote out: Exp(t) / ReduceSum(Exp(t)), or
+    t - Log(ReduceSum(Exp(t))), where t may be x - ReduceMax(x) (then x is returned). None if it is not one."""
+    divide, subtract = _producer(tensor, "Div"), _producer(tensor, "Sub")
+    logits = None
+    if divide is not None:
+        exp, total = (_producer(t, op) for t, op in zip(divide.inputs, ("Exp", "ReduceSum")))
+        if exp is not None and total is not None and total.inputs[0] is divide.inputs[0]:
+            logits = exp.inputs[0]
+    elif subtract is not None:
+        log = _producer(subtract.inputs[1], "Log")
+        total = _producer(log.inputs[0], "ReduceSum") if log is not None else None
+        exp = _producer(total.inputs[0], "Exp") if total is not None else None
+        if exp is not None and exp.inputs[0] is subtract.inputs[0]:
+            logits = subtract.inputs[0]
+    shifted = _producer(logits, "Sub") if logits is not None else None
+    if shifted is not None:
+        peak = _producer(shifted.inputs[1], "ReduceMax")
+        if peak is not None and peak.inputs[0] is shifted.inputs[0]:
+            return shifted.inputs[0]
+    return logits
+
+
 def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
     """One-hot rows of the class to explain: `target`, or the predicted class where target < 0."""
     predicted = ops("ArgMax", logits, axis=1, keepdims=0)
