@@ -136,7 +136,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
-    built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
+    batch = target.shape[0] if isinstance(target.shape[0], int) else 1  # the default must fit a static batch
+    built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     if original is not None:  # the built graph is the float twin that explains the quantized model
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])

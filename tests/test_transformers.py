@@ -398,3 +398,13 @@ def test_torchvision_vit_matches_lxts_own_map():
     logits, actual = run(model, {"x": x, "target": REFERENCES["targets"][:1]}, ["logits", "relevance"])
     assert 0.1 < np.abs(logits).max() < 20
     assert relative_error(actual, REFERENCES["torchvision_vit_cp_lrp"]) < 1e-4
+
+
+def test_static_batch_of_two_without_target():
+    """A batch fixed at build time (--input-shape) gets a default `target` of that size: the predicted classes."""
+    model = onnxlrp.build(onnx.load(TRANSFORMERS / "vit_op17.onnx"), onnxlrp.load_composite("attnlrp"),
+                          input_shape="pixel_values:2,3,16,16")
+    logits, actual = run(model, {"pixel_values": REFERENCES["pixel_values"]}, ["logits", "relevance"])
+    expected = run(built("vit", 17, "attnlrp"), {"pixel_values": REFERENCES["pixel_values"],
+                                                 "target": logits.argmax(1)}, ["relevance"])[0]
+    assert relative_error(actual, expected) < 1e-6
