@@ -406,3 +406,11 @@ def test_static_batch_of_two_without_target():
     expected = run(built("vit", 17, "attnlrp"), {"pixel_values": REFERENCES["pixel_values"],
                                                  "target": logits.argmax(1)}, ["relevance"])[0]
     assert relative_error(actual, expected) < 1e-6
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_dynamo_export(composite):
+    """torch's dynamo exporter (opset 20: Gelu and LayerNormalization as ops, dynamic batch) gives LXT's relevance."""
+    model = onnxlrp.build(onnx.load(TRANSFORMERS / "vit_dynamo.onnx"), onnxlrp.load_composite(composite))
+    actual = run(model, feeds("vit"), ["relevance"])[0]
+    assert relative_error(actual, REFERENCES[f"vit_{composite}"]) < 1e-4
