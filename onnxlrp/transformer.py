@@ -10,6 +10,7 @@ from .elementwise import unbroadcast
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 
+
 def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
     shape = node.inputs[0].shape
     if shape is None:
