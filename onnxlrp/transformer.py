@@ -57,3 +57,32 @@ def emit_product(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]
 def _transposed(ops: Ops, tensor: Tensor) -> Tensor:
     rank = len(tensor.shape)
     return ops("Transpose", tensor, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+@family("einsum", ("Einsum",), ("epsilon",))
+def emit_einsum(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Einsum of two operands, as `emit_product`: s = R / stab(C) (the composite's epsilon), and each computed
+    operand X gets share * X * (the Einsum's gradient for X applied to s), half each when both are computed."""
+    _, params = ctx.rule(node)
+    equation = node.attrs["equation"]
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    terms, _, result = equation.partition("->")
+    operands = terms.split(",")
+    if len(operands) != 2 or not result or "." in equation or any(len(set(t)) != len(t) for t in operands):
+        raise Unsupported("Einsum needs two operands, an explicit output and no ellipsis or repeated index")
+    ops = ctx.ops
+    flags = [computed(t) for t in node.inputs]
+    s = ops.divide_stabilized(relevance[0], node.outputs[0], params["epsilon"])
+    if all(flags):
+        s = ops("Mul", s, ops.scalar(0.5))
+    lower = []
+    for index, (tensor, flag) in enumerate(zip(node.inputs, flags)):
+        other, mine = operands[1 - index], operands[index]
+        if not flag:
+            lower.append(None)
+        elif set(mine) - set(other) - set(result):
+            raise Unsupported("Einsum that sums an index of one operand alone is not supported")
+        else:
+            gradient = ops("Einsum", s, node.inputs[1 - index], equation=f"{result},{other}->{mine}")
+            lower.append(ops("Mul", tensor, gradient))
+    return lower

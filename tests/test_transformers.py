@@ -414,3 +414,21 @@ def test_dynamo_export(composite):
     model = onnxlrp.build(onnx.load(TRANSFORMERS / "vit_dynamo.onnx"), onnxlrp.load_composite(composite))
     actual = run(model, feeds("vit"), ["relevance"])[0]
     assert relative_error(actual, REFERENCES[f"vit_{composite}"]) < 1e-4
+
+
+def test_einsum_equals_its_matmul_form(rng):
+    """Q K^T as an Einsum of two computed tensors gets the same relevance as MatMul with a Transpose."""
+    weights = {"wq": rng.standard_normal((4, 4)), "wk": rng.standard_normal((4, 4)), "shape": [0, -1]}
+    head = [helper.make_node("MatMul", ["input", "wq"], ["q"]), helper.make_node("MatMul", ["input", "wk"], ["k"])]
+    tail = [helper.make_node("Reshape", ["scores", "shape"], ["logits"])]
+    einsum = make_model(head + [helper.make_node("Einsum", ["q", "k"], ["scores"], equation="bqd,bkd->bqk")] + tail,
+                        (2, 3, 4), (2, 9), weights, opset=14)
+    matmul = make_model(head + [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+                                helper.make_node("MatMul", ["q", "kt"], ["scores"])] + tail, (2, 3, 4), (2, 9), weights)
+    _as_int64(einsum, "shape")
+    _as_int64(matmul, "shape")
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    target = np.array([1, 8])
+    for composite in COMPOSITES:
+        np.testing.assert_allclose(_relevance(einsum, x, target, composite)[1],
+                                   _relevance(matmul, x, target, composite)[1], rtol=1e-5, atol=1e-7)
