@@ -1,10 +1,15 @@
 """onnxlrp: turn an ONNX classifier into an ONNX graph that also computes its LRP explanation."""
-from .api import Explainer, build
-from .composite import Composite, load_composite, preset_names
-from .errors import LrpError
-from .heatmap import heatmap
-from .io import load, save_atomic
+from importlib import import_module
 
-__all__ = ["build", "Explainer", "heatmap", "Composite", "load_composite", "preset_names", "LrpError", "load",
-           "save_atomic"]
+# Imported on first use, so that the command can handle Ctrl-C before onnx and ONNX Runtime load.
+_EXPORTS = {"build": "api", "Explainer": "api", "heatmap": "heatmaps", "Composite": "composite",
+            "load_composite": "composite", "preset_names": "composite", "LrpError": "errors", "load": "io",
+            "save_atomic": "io"}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

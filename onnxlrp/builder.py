@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from . import elementwise, encoding, linear, pooling, quantized, routing, softmax, transformer  # noqa: F401
 from .datapath import data_path, explained_input
+from .export import export_model
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
 from .errors import LrpError
@@ -18,10 +19,12 @@ from .io import ir_version_for
 from .layers import LayerRelevance, expose, record
 from .shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ops import Ops, Tensor
+from .order import as_soon_as_ready
 from .registry import FAMILIES, Unsupported, computed, floating
 from .registry import data_path as on_data_path
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start, written_out_softmax
+from .validate import check_model_structure
 
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 HEADS = ("Softmax", "LogSoftmax")
@@ -90,20 +93,22 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
-    source_ir = model.ir_version
-    declared_outputs = {value.name: value for value in model.graph.output}
+    check_model_structure(model, source)
+    source_ir, source_opset = model.ir_version, opset_of(model)
+    declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
+                        for value in model.graph.output}
+    metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
-    else:  # graphsurgeon's export renames weight protos that subgraphs share: work on a copy
-        model = _copy(model)
     quantized.refuse_integer_arithmetic(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
     graph = canonicalize(_copy(model) if original is not None else model)
+    del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     require_static_input(graph, source)
     fold_batchnorm(graph)
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
-    graph = _at_opset(graph, _needed_opset(graph, opset_of(model)), source)
+    graph = _at_opset(graph, _needed_opset(graph, source_opset), source)
     taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
@@ -123,16 +128,18 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     total = ops.add_all(relevance[x.name])
     if ids is not None:  # token relevance: the sum over the embedding axis, and the embedding's own
         graph.outputs.append(gs.Variable(EMBEDDING_RELEVANCE, dtype=x.dtype, shape=x.shape))
-        graph.nodes.append(gs.Node("Identity", "lrp/relevance_embedding", inputs=[total],
+        graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance_embedding"), inputs=[total],
                                    outputs=[graph.outputs[-1]]))
         total = ops.reduce_sum(total, [len(x.shape) - 1], keepdims=False)
     result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype,
                          shape=(ids if ids is not None else x).shape)
-    graph.nodes.append(gs.Node("Identity", "lrp/relevance", inputs=[total], outputs=[result]))
+    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
     layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
-    built = gs.export_onnx(graph, do_type_check=False)
+    as_soon_as_ready(graph)
+    del builder, ops, relevance  # their caches hold weight arrays that export_model moves into the model
+    built = export_model(graph)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
@@ -143,7 +150,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
     if layers is not None:
         record(built, layers, explain, x.name, logits.name, RELEVANCE, TARGET)
-    built.metadata_props.extend(model.metadata_props)  # class labels and the like stay with the model
+    onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
     return built
 
 

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import LrpError
 from .graph import constant, opset_of, replace
+from .names import fresh_name, name_nodes
 from .shapes import fold_batch_independent, infer_shapes, observe_shapes
 
 MIN_OPSET = 11
@@ -25,6 +26,8 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     if opset_of(model) < MIN_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_OPSET)
     graph = gs.import_onnx(model)
+    _own_weights(graph)
+    name_nodes(graph)
     fold_dequantized_weights(graph)  # graphsurgeon's constant folding never folds Q/DQ
     infer_shapes(graph)
     graph.fold_constants(error_ok=True)
@@ -39,6 +42,15 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+def _own_weights(graph: gs.Graph) -> None:
+    """Load every constant into an array of the graph's own, so that the graph no longer refers to the source
+    model's tensors (which lets the source's memory go once the caller lets go of it)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
+    graph.import_domains = [onnx.OperatorSetIdProto(domain=o.domain, version=o.version) for o in graph.import_domains]
 
 
 def _bypass(graph: gs.Graph, node: gs.Node) -> None:
@@ -94,18 +106,19 @@ def canonical_gemm(graph: gs.Graph) -> None:
         out_features = weight.shape[0 if transposed else 1]
         alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
         inputs = [node.inputs[0], node.inputs[1] if alpha == 1 else _constant_like(
-            node.inputs[1], weight.astype(np.float64) * alpha, "weight")]
+            graph, node.inputs[1], weight.astype(np.float64) * alpha, "weight")]
         if len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant(node.inputs[2])
             if bias is None or not _is_bias(bias, out_features):
                 continue  # a computed or per-sample C: the emitter refuses the node
             bias = np.broadcast_to(bias.reshape(-1) * np.float64(beta), (out_features,))
-            inputs.append(_constant_like(node.inputs[2], bias, "bias"))
+            inputs.append(_constant_like(graph, node.inputs[2], bias, "bias"))
         if node.attrs.get("transA", 0):
             shape = node.inputs[0].shape
-            swapped = gs.Variable(f"{node.name}/transA", dtype=node.inputs[0].dtype,
+            name = fresh_name(graph, f"{node.name}/transA")
+            swapped = gs.Variable(name, dtype=node.inputs[0].dtype,
                                   shape=list(shape)[::-1] if shape is not None else None)
-            graph.nodes.append(gs.Node("Transpose", f"{node.name}/transA", {"perm": [1, 0]},
+            graph.nodes.append(gs.Node("Transpose", name, {"perm": [1, 0]},
                                        [node.inputs[0]], [swapped]))
             inputs[0] = swapped
         replace(node.inputs, inputs)
@@ -125,7 +138,7 @@ def fuse_matmul_add(graph: gs.Graph) -> None:
             other = next(t for t in add.inputs if t is not output) if add.inputs.count(output) == 1 else None
             if other is not None and constant(other) is not None and _is_bias(other.values, weight.shape[1]):
                 bias = np.broadcast_to(other.values.reshape(-1), (weight.shape[1],))
-                inputs.append(_constant_like(other, bias, "bias"))
+                inputs.append(_constant_like(graph, other, bias, "bias"))
                 replace(node.outputs, [add.outputs[0]])
                 add.outputs.clear()
                 add.inputs.clear()
@@ -138,9 +151,10 @@ def _is_bias(values: np.ndarray, features: int) -> bool:
     return values.size in (1, features) and (values.ndim <= 1 or values.shape[:-1] == (1,) * (values.ndim - 1))
 
 
-def _constant_like(template: gs.Tensor, values: np.ndarray, suffix: str) -> gs.Constant:
+def _constant_like(graph: gs.Graph, template: gs.Tensor, values: np.ndarray, suffix: str) -> gs.Constant:
+    """A new constant of the template's type: the template may be shared by other nodes and stays as it is."""
     dtype = template.values.dtype if isinstance(template, gs.Constant) else np.float32
-    return gs.Constant(f"{template.name}/{suffix}", np.ascontiguousarray(values, dtype=dtype))
+    return gs.Constant(fresh_name(graph, f"{template.name}/{suffix}"), np.ascontiguousarray(values, dtype=dtype))
 
 
 def explicit_pads(graph: gs.Graph) -> None:

@@ -36,13 +36,14 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
     session = _session(model, names, model_path)
     feeds = {x_info.name: x}
     if target is not None:
+        classes = next(o.shape[1] for o in session.get_outputs() if o.name == info["logits"])
+        if isinstance(classes, int) and not 0 <= target < classes:
+            raise LrpError(f"--target {target}: the model has {classes} classes")
         feeds[info["target"]] = np.full(len(x), target, dtype=np.int64)
     try:
         logits, relevance, *rest = session.run(names, feeds)
     except Exception as error:  # onnxruntime raises several types
         raise LrpError(f"{model_path}: could not run on the input ({first_line(error)})") from None
-    if target is not None and not 0 <= target < logits.shape[1]:
-        raise LrpError(f"--target {target}: the model has {logits.shape[1]} classes")
     lowers, uppers = rest[:len(layers)], rest[len(layers):]
     lines = notes
     for sample in range(len(x)):

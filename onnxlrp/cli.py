@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from . import explain as explaining, inspection
+from . import explain as explaining, inspection, interrupts
 from .api import DEVICES
 from .builder import build
-from .heatmap import CMAPS
+from .heatmaps import CMAPS
 from .top import EXPLAIN
 from .composite import load_composite, parse_value
-from .errors import LrpError
+from .errors import LrpError, printable
 from .io import load, save_atomic
 
 
@@ -56,7 +56,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
                   layer_relevance=layer_relevance, input_shape=input_shape)
     save_atomic(built, out)
-    click.echo(f"wrote {out} (composite {chosen.name}, explains {explain})")
+    click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 
 
 @cli.command("check")
@@ -113,6 +113,7 @@ def inspect_command(model: str, composite: str) -> None:
 
 def main() -> None:
     """Entry point: run the CLI, turning our errors and click's usage errors into one line on stderr."""
+    interrupts.install()
     import onnxruntime
     onnxruntime.set_default_logger_severity(3)  # constant folding's sessions would log optimizer notes
     try:
@@ -130,7 +131,7 @@ def main() -> None:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    click.echo(f"onnxlrp: error: {' '.join(message.split())}", err=True)
+    click.echo(f"onnxlrp: error: {printable(message.strip())}", err=True)
     return code
 
 

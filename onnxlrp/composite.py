@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -19,6 +20,7 @@ MATCH_KEYS = ("names", "op_types", "first_linear", "index", "depth")
 RULE_NAMES = tuple(RULES) + ("pass", "wta", "absorb", "stop", "softmax")
 VECTOR_PARAMS = ("low", "high")
 _EXTENDING: list[str] = []  # the composites being loaded through `extends`, to catch a circle
+NONNEGATIVE_PARAMS = ("epsilon", "stabilizer", "gamma", "alpha", "beta", "epsilon_scale")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Composite:
 
     def with_params(self, overrides: Mapping[str, object]) -> "Composite":
         """Parameters given on the command line replace the composite's, in its defaults and in every entry."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        overrides = {k: parse_value(k, v, f"parameter {k}") for k, v in overrides.items() if v is not None}
         entries = tuple(replace(e, params={k: overrides.get(k, v) for k, v in e.params.items()})
                         for e in self.entries)
         return Composite(self.name, entries, {**self.params, **overrides})
@@ -111,10 +113,8 @@ def preset_names() -> list[str]:
 def load_composite(name_or_path: str) -> Composite:
     """A preset by name, or the user's own TOML file by path."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise LrpError(f"{path}: no such composite file")
-        text, name = path.read_text(), str(path)
+    if path.suffix == ".toml" or path.is_file() or (path.exists() and name_or_path not in preset_names()):
+        text, name = _read_composite_file(path), str(path)
     elif name_or_path in preset_names():
         text, name = resources.files("onnxlrp.presets").joinpath(f"{name_or_path}.toml").read_text(), name_or_path
     else:
@@ -126,6 +126,20 @@ def load_composite(name_or_path: str) -> Composite:
     return parse_composite(name, data)
 
 
+def _read_composite_file(path: Path) -> str:
+    """The text of a composite file, or one line saying why it cannot be read."""
+    if path.is_dir():
+        raise LrpError(f"{path}: is a folder, not a composite file")
+    if not path.is_file():
+        raise LrpError(f"{path}: no such composite file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LrpError(f"composite {path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise LrpError(f"composite {path}: cannot read it ({error.strerror or error})") from None
+
+
 def parse_composite(name: str, data: Mapping[str, object]) -> Composite:
     """Validate the parsed TOML of a composite: every key known, every rule and op type real."""
     unknown = set(data) - {"description", "params", "layers", "extends"}
@@ -133,12 +147,14 @@ def parse_composite(name: str, data: Mapping[str, object]) -> Composite:
         raise LrpError(f"composite {name}: unknown top-level key(s) {', '.join(sorted(unknown))}")
     params = _params(name, "[params]", data.get("params", {}))
     entries = []
+    if not isinstance(data.get("layers", []), list):
+        raise LrpError(f"composite {name}: layers must be a list of [[layers]] tables")
     for index, table in enumerate(data.get("layers", []), start=1):
         where = f"[[layers]] entry {index}"
         if not isinstance(table, dict) or "rule" not in table:
             raise LrpError(f"composite {name}: {where} needs a 'rule'")
         rule = table["rule"]
-        if rule not in RULE_NAMES:
+        if not isinstance(rule, str) or rule not in RULE_NAMES:
             raise LrpError(f"composite {name}: {where}: unknown rule '{rule}' (rules: {', '.join(RULE_NAMES)})")
         op_types = tuple(_strings(name, where, table, "op_types"))
         for op_type in op_types:
@@ -226,8 +242,24 @@ def parse_value(key: str, value: object, where: str) -> float | tuple[float, ...
         except ValueError:
             raise LrpError(f"{where}: {key} must be a number or comma-separated numbers (got '{value}')") from None
         value = value[0] if len(value) == 1 else value
-    if isinstance(value, list) and key in VECTOR_PARAMS and all(isinstance(v, (int, float)) for v in value):
-        return tuple(float(v) for v in value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    numbers = (int, float)
+    if (isinstance(value, (list, tuple)) and key in VECTOR_PARAMS and value
+            and all(isinstance(v, numbers) and not isinstance(v, bool) for v in value)):
+        return tuple(_checked(key, v, where) for v in value)
+    if isinstance(value, numbers) and not isinstance(value, bool):
+        return _checked(key, value, where)
     raise LrpError(f"{where}: {key} must be a number" + (" or a list of numbers" if key in VECTOR_PARAMS else ""))
+
+
+def _checked(key: str, value: int | float, where: str) -> float:
+    """A finite float; epsilon, stabilizer, gamma, alpha and beta also >= 0 (others give all-NaN relevance)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise LrpError(f"{where}: {key} must be a finite number (got {value if abs(number) != math.inf else number})")
+    if number < 0 and key in NONNEGATIVE_PARAMS:
+        needs = "alpha_beta needs alpha, beta >= 0" if key in ("alpha", "beta") else f"{key} must be >= 0"
+        raise LrpError(f"{where}: {needs} (got {key}={number:g})")
+    return number

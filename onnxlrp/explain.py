@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .api import Explainer
 from .errors import LrpError
-from .heatmap import heatmap
+from .heatmaps import heatmap
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 NORMALIZE = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}

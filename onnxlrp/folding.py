@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import constant, replace
+from .names import fresh_name
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
@@ -24,7 +25,7 @@ def fold_batchnorm(graph: gs.Graph) -> None:
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + norm.attrs.get("epsilon", 1e-5))
         weight, bias = _parameters(producer, len(scale))
-        _absorb(norm, producer, _scale_outputs(producer, weight, scale), (bias - mean) * scale + beta)
+        _absorb(graph, norm, producer, _scale_outputs(producer, weight, scale), (bias - mean) * scale + beta)
 
 
 def _linear_producer(tensor: gs.Tensor, graph_outputs: set[int]) -> gs.Node | None:
@@ -44,13 +45,13 @@ def _parameters(producer: gs.Node, channels: int) -> tuple[np.ndarray, np.ndarra
     return weight, producer.inputs[2].values.astype(np.float64) if has_bias else np.zeros(channels)
 
 
-def _absorb(folded: gs.Node, producer: gs.Node, weight: np.ndarray, bias: np.ndarray,
+def _absorb(graph: gs.Graph, folded: gs.Node, producer: gs.Node, weight: np.ndarray, bias: np.ndarray,
             chain_end: gs.Node | None = None) -> None:
-    """Give the linear node the folded parameters (in its weight's type), and the folded node's output to it (or
-    to the last node of the layout chain between them)."""
+    """Give the linear node the folded parameters (new constants in its weight's type: the old ones may be shared
+    with other nodes), and the folded node's output to it (or to the last node of the layout chain between them)."""
     dtype = producer.inputs[1].values.dtype
-    weights = gs.Constant(f"{folded.name}/folded_weight", weight.astype(dtype))
-    biases = gs.Constant(f"{folded.name}/folded_bias", bias.astype(dtype))
+    weights = gs.Constant(fresh_name(graph, f"{folded.name}/folded_weight"), weight.astype(dtype))
+    biases = gs.Constant(fresh_name(graph, f"{folded.name}/folded_bias"), bias.astype(dtype))
     replace(producer.inputs, [producer.inputs[0], weights, biases])
     replace((chain_end or producer).outputs, [folded.outputs[0]])
     folded.outputs.clear()
@@ -92,7 +93,7 @@ def fold_affine(graph: gs.Graph) -> None:
             weight, bias = _scale_outputs(producer, weight, scale), bias * scale
         else:
             bias = bias + (factors if node.op == "Add" else -factors)
-        _absorb(node, producer, weight, bias, chain_end)
+        _absorb(graph, node, producer, weight, bias, chain_end)
 
 
 LAYOUT = ("Transpose", "Cast")

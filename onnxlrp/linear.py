@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .errors import LrpError
 from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
@@ -57,7 +58,7 @@ class Dense:
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
         features = self.weight.shape[0]
-        return ops.const(np.broadcast_to(values.reshape(-1), (1, features)).copy())
+        return ops.const(np.broadcast_to(_per_channel(self.node, values, features), (1, features)).copy())
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Convolution:
         return ops("Conv", s, self.stored(ops, weight), **attrs)
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
-        per_channel = values.reshape((1, -1) + (1,) * (len(self.in_shape) - 2))
+        flat = _per_channel(self.node, values, self.in_shape[1])
+        per_channel = flat.reshape((1, -1) + (1,) * (len(self.in_shape) - 2))
         return ops.const(np.broadcast_to(per_channel, (1,) + tuple(self.in_shape[1:])).copy())
 
 
@@ -132,6 +134,15 @@ def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
     x = node.inputs[0]
     lower = propagate(ctx.ops, layer, x, node.outputs[0], relevance[0], RULES[name], params, ctx.nonnegative(x))
     return [lower] + [None] * (len(node.inputs) - 1)
+
+
+def _per_channel(node: gs.Node, values: np.ndarray, channels: int) -> np.ndarray:
+    """Input bounds (zbox's low and high) as a flat array of 1 or `channels` values, else a clear error."""
+    flat = values.reshape(-1)
+    if flat.size not in (1, channels):
+        raise LrpError(f"node '{node.name}' ({node.op}): low/high (--low/--high) give {flat.size} values, but its "
+                       f"input has {channels} channels: give 1 value or {channels}")
+    return flat
 
 
 def _static(shape, start: int) -> bool:

@@ -1,11 +1,12 @@
 """A small writer that appends ONNX ops to a graph: the vocabulary every emitter speaks."""
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from .names import names_of
 
 Tensor = gs.Tensor
 
@@ -21,15 +22,19 @@ class Ops:
         self.opset = opset
         self.dtype = np.dtype(dtype)
         self.scope = "lrp"
-        self._ids = itertools.count()
+        self._names = names_of(graph)
         self._arrays: dict[int, tuple[np.ndarray, gs.Constant]] = {}
         self._scalars: dict[tuple, gs.Constant] = {}
 
     def __call__(self, op: str, *inputs: Tensor, outputs: int = 1, **attrs) -> gs.Variable | list[gs.Variable]:
-        name = f"{self.scope}/{op}_{next(self._ids)}"
-        results = [gs.Variable(name if i == 0 else f"{name}:{i}") for i in range(outputs)]
+        name = self.fresh(f"{self.scope}/{op}")
+        results = [gs.Variable(name if i == 0 else self.fresh(f"{name}:{i}")) for i in range(outputs)]
         self.graph.nodes.append(gs.Node(op, name, attrs, list(inputs), results))
         return results[0] if outputs == 1 else results
+
+    def fresh(self, base: str) -> str:
+        """A name no tensor or node of the graph has: `base` if free, else `base` with a number."""
+        return self._names.fresh(base)
 
     def const(self, values: np.ndarray, dtype: np.dtype | None = None, key: object = None) -> gs.Constant:
         """A constant of the model's float type (or `dtype`), stored once per array (or per `key`, for a view
@@ -37,7 +42,7 @@ class Ops:
         owner = values if key is None else key
         if id(owner) not in self._arrays:
             array = np.ascontiguousarray(values, dtype=dtype or self.dtype)
-            self._arrays[id(owner)] = (owner, gs.Constant(f"{self.scope}/const_{next(self._ids)}", array))
+            self._arrays[id(owner)] = (owner, gs.Constant(self.fresh(f"{self.scope}/const"), array))
         return self._arrays[id(owner)][1]
 
     def scalar(self, value: float, dtype: np.dtype | None = None) -> gs.Constant:
@@ -45,11 +50,11 @@ class Ops:
         dtype = np.dtype(dtype or self.dtype)
         key = (float(value), dtype.str)
         if key not in self._scalars:
-            self._scalars[key] = gs.Constant(f"lrp/scalar_{next(self._ids)}", np.array(value, dtype=dtype))
+            self._scalars[key] = gs.Constant(self.fresh("lrp/scalar"), np.array(value, dtype=dtype))
         return self._scalars[key]
 
     def ints(self, values: Sequence[int]) -> gs.Constant:
-        return gs.Constant(f"{self.scope}/ints_{next(self._ids)}", np.array(values, dtype=np.int64))
+        return gs.Constant(self.fresh(f"{self.scope}/ints"), np.array(values, dtype=np.int64))
 
     # Opset-dependent forms.
     def reduce_sum(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:

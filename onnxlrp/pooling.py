@@ -168,7 +168,7 @@ def emit_max_pool(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None
 def _winner_take_all(ops: Ops, node: gs.Node, relevance: Tensor) -> Tensor:
     """All relevance of a window to its arg-max input; overlapping windows add up (the gradient of MaxPool)."""
     if len(node.outputs) < 2:
-        node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
+        node.outputs.append(gs.Variable(ops.fresh(f"{node.name}/indices"), dtype=np.int64))
     x, indices = node.inputs[0], node.outputs[1]
     flat = ops.ints([-1])
     zeros = ops("ConstantOfShape", ops("Shape", ops("Reshape", x, flat)))

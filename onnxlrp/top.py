@@ -13,6 +13,7 @@ from .rules import RULES
 
 EXPLAIN = ("logit", "logodds", "onehot")
 LOGODDS_RULES = ("epsilon", "zero")
+TARGET_CHECK = "target"  # the start of the names of the nodes that check the input `target`
 
 
 def _producer(tensor: Tensor, op: str) -> gs.Node | None:
@@ -44,12 +45,30 @@ def written_out_softmax(tensor: Tensor) -> Tensor | None:
 
 
 def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
-    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0."""
+    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0.
+
+    A target of length 1 applies to the whole batch. Other lengths than N or 1, and classes >= C, make ONNX Runtime
+    fail in nodes whose names (which its error message quotes) say what is wrong with `target`.
+    """
     predicted = ops("ArgMax", logits, axis=1, keepdims=0)
-    chosen = ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target)
+    length = f"{TARGET_CHECK}: its length must be the batch size or 1"
+    chosen = _named(ops, ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target), length)
     labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
+    # The checks are a side branch that adds zero: their outputs' batch dimension is unknown to ONNX Runtime's
+    # shape inference, and a relevance graph without the batch symbol N loads quadratically slower (bench/).
+    exact = _named(ops, ops("Reshape", chosen, ops("Shape", predicted)), f"{length} (the batch size is 1 here)")
+    in_range = _named(ops, ops("Gather", labels, exact),
+                      f"{TARGET_CHECK}: each class must be below the number of classes, {classes}")
+    zero = ops("Mul", ops.reduce_sum(in_range, [0], keepdims=False), ops.scalar(0, np.int64))
+    chosen = ops("Add", chosen, zero)
     return ops("Cast", ops("Equal", ops.unsqueeze(chosen, [1]), labels),
                to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
+
+
+def _named(ops: Ops, tensor: gs.Variable, name: str) -> gs.Variable:
+    """Rename the node that computes `tensor` (ONNX Runtime's errors quote node names)."""
+    tensor.inputs[0].name = ops.fresh(name)
+    return tensor
 
 
 def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str) -> tuple[Tensor, Tensor]:

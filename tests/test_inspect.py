@@ -59,7 +59,7 @@ def test_unsupported_ops_are_listed(tmp_path):
     result = onnxlrp_cli("inspect", path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[2].split() == ["#1", "Sin", "-", "unsupported", "-"]
+    assert lines[2].split() == ["logits", "Sin", "-", "unsupported", "-"]  # unnamed: named by its output
     assert lines[-1].startswith(f"build: {path}: cannot explain 1 node(s): Sin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sin.onnx"]
 
