@@ -21,7 +21,8 @@ LABEL_KEYS = ("labels", "classes", "class_names", "id2label")
 
 def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | Composite = "epsilon_plus_flat",
           explain: str = "logit", output: str | None = None, source: str | None = None,
-          layer_relevance: bool = False, input_shape: str | None = None, **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
+          layer_relevance: bool = False, input_shape: str | None = None,
+          **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
     """The model with a `target` input and a `relevance` output. `composite` is a preset name, a TOML path or a
     Composite; `rule_params` (epsilon, gamma, alpha, beta, low, high, stabilizer, epsilon_scale) override the
     composite's; `layer_relevance` adds the relevance at the input of every linear layer as outputs;

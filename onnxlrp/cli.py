@@ -15,6 +15,7 @@ from .top import EXPLAIN
 from .composite import load_composite, parse_value
 from .errors import LrpError, printable
 from .io import load, save_atomic
+from .precision import to_float16
 
 
 @click.group()
@@ -44,8 +45,10 @@ def cli() -> None:
               help="Add an output `relevance/<node>` with the relevance at the input of every linear layer.")
 @click.option("--input-shape", help="[NAME:]DIMS, comma-separated sizes of a model input (a name such as N stays "
                                     "symbolic), for inputs whose sizes the model leaves open.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16: compute in half precision between float32 inputs and outputs (for GPUs).")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  layer_relevance: bool, input_shape: str | None, **rule_params) -> None:
+                  layer_relevance: bool, input_shape: str | None, dtype: str, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -55,6 +58,8 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
                   layer_relevance=layer_relevance, input_shape=input_shape)
+    if dtype == "float16":
+        built = to_float16(built)
     save_atomic(built, out)
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 

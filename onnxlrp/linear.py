@@ -23,9 +23,9 @@ LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat
 class Dense:
     """y = x @ weight + bias with weight [K, M] (Gemm after canonicalisation, or a MatMul by a constant).
 
-    Constants keep the layout the model stores (`rows`: [M, K], a Gemm with transB), and the forward pass and
-    its input-gradient are Gemms over the same constant with and without transB: no transposed copy. The
-    unmodified weight is the model's own initializer.
+    Weights keep the layout the model stores (`rows`: [M, K], a Gemm with transB); modified ones are computed in
+    the graph from the model's initializer. The forward pass and its input-gradient are Gemms over the same
+    tensor with and without transB: no transposed copy.
     """
     node: gs.Node
     weight: np.ndarray
@@ -38,27 +38,28 @@ class Dense:
         shape = self.node.inputs[0].shape
         return shape is not None and len(shape) == 2
 
-    def stored(self, ops: Ops, weight: np.ndarray) -> gs.Constant:
-        """`weight` as a constant in the model's layout."""
-        if weight is self.weight:
-            return self.node.inputs[1]
-        return ops.const(weight.T if self.rows else weight, key=weight)
+    def parameters(self) -> tuple[Tensor, Tensor | None]:
+        return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
 
-    def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
-        if self.matrix:
-            inputs = [x, self.stored(ops, weight)] + ([ops.const(bias)] if bias is not None else [])
-            return ops("Gemm", *inputs, transB=int(self.rows))
-        product = ops("MatMul", x, ops.const(weight))
-        return product if bias is None else ops("Add", product, ops.const(bias))
+    def stored(self, weight: Tensor | np.ndarray) -> Tensor:
+        """A weight tensor in the model's layout; the layer's own array stands for its initializer."""
+        return self.node.inputs[1] if weight is self.weight else weight
 
-    def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
+    def forward(self, ops: Ops, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.matrix:
-            return ops("Gemm", s, self.stored(ops, weight), transB=int(not self.rows))
-        return ops("MatMul", s, ops.const(weight.T))
+            return ops("Gemm", x, weight, *([bias] if bias is not None else []), transB=int(self.rows))
+        product = ops("MatMul", x, weight)
+        return product if bias is None else ops("Add", product, bias)
+
+    def backward(self, ops: Ops, s: Tensor, weight: Tensor | np.ndarray) -> Tensor:
+        if self.matrix:
+            return ops("Gemm", s, self.stored(weight), transB=int(not self.rows))
+        return ops("MatMul", s, ops("Transpose", self.stored(weight)))
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
         features = self.weight.shape[0]
-        return ops.const(np.broadcast_to(_per_channel(self.node, values, features), (1, features)).copy())
+        return ops("Expand", ops.const(_per_channel(self.node, values, features).reshape(1, -1)),
+                   ops.ints([1, features]))
 
 
 @dataclass
@@ -74,27 +75,25 @@ class Convolution:
     def transposed(self) -> bool:
         return self.node.op == "ConvTranspose"
 
-    def stored(self, ops: Ops, weight: np.ndarray) -> gs.Constant:
-        """`weight` as a constant; the unmodified weight is the model's own initializer."""
-        return self.node.inputs[1] if weight is self.weight else ops.const(weight)
+    def parameters(self) -> tuple[Tensor, Tensor | None]:
+        return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
 
-    def forward(self, ops: Ops, x: Tensor, weight: np.ndarray, bias: np.ndarray | None) -> Tensor:
-        inputs = [x, self.stored(ops, weight)] + ([ops.const(bias)] if bias is not None else [])
-        return ops(self.node.op, *inputs, **self.node.attrs)
+    def forward(self, ops: Ops, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return ops(self.node.op, x, weight, *([bias] if bias is not None else []), **self.node.attrs)
 
-    def backward(self, ops: Ops, s: Tensor, weight: np.ndarray) -> Tensor:
-        kernel = list(weight.shape[2:])
+    def backward(self, ops: Ops, s: Tensor, weight: Tensor) -> Tensor:
+        kernel = list(self.weight.shape[2:])
         if not self.transposed:
-            return ops.transposed_conv(s, self.stored(ops, weight), self.node.attrs, self.in_shape[2:],
-                                       self.out_shape[2:], kernel)
+            return ops.transposed_conv(s, weight, self.node.attrs, self.in_shape[2:], self.out_shape[2:], kernel,
+                                       self.weight.shape)
         # With the ConvTranspose's pads and strides (output_padding < stride), the Conv lands on the input's shape.
         attrs = {k: v for k, v in self.node.attrs.items() if k != "output_padding"}
-        return ops("Conv", s, self.stored(ops, weight), **attrs)
+        return ops("Conv", s, weight, **attrs)
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
         flat = _per_channel(self.node, values, self.in_shape[1])
         per_channel = flat.reshape((1, -1) + (1,) * (len(self.in_shape) - 2))
-        return ops.const(np.broadcast_to(per_channel, (1,) + tuple(self.in_shape[1:])).copy())
+        return ops("Expand", ops.const(per_channel), ops.ints([1] + list(self.in_shape[1:])))
 
 
 def linear_layer(node: gs.Node) -> Dense | Convolution:

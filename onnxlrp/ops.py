@@ -116,10 +116,13 @@ class Ops:
         scaled = self("Mul", rms, self.scalar(scale))
         return scaled if epsilon == 0 else self("Add", scaled, self.scalar(epsilon))
 
-    def transposed_conv(self, s: Tensor, weight: gs.Constant, attrs: dict, in_spatial: Sequence[int],
-                        out_spatial: Sequence[int], kernel: Sequence[int]) -> gs.Variable:
+    def transposed_conv(self, s: Tensor, weight: Tensor, attrs: dict, in_spatial: Sequence[int],
+                        out_spatial: Sequence[int], kernel: Sequence[int], shape: Sequence[int] | None = None
+                        ) -> gs.Variable:
         """The input-gradient of a Conv (or pooling window sum): a ConvTranspose that yields the input's shape.
 
+        With stride 1 it is a Conv with the flipped, transposed weight (`shape`: the weight's shape), which ONNX
+        Runtime runs in the same blocked layout as the forward convolutions (no reorders, faster kernels).
         Symmetric pads go into the ConvTranspose itself; asymmetric pads (which CUDA would run on the CPU) and
         windows past the padded input (ceil_mode) use an unpadded ConvTranspose and a Slice.
         """
@@ -131,9 +134,33 @@ class Ops:
         full = [(o - 1) * st + (k - 1) * d + 1 for o, st, k, d in zip(out_spatial, strides, kernel, dilations)]
         residual = [n + b + e - f for n, b, e, f in zip(in_spatial, begins, ends, full)]
         common = dict(strides=strides, dilations=dilations, group=attrs.get("group", 1))
+        flipped_pads = [(k - 1) * d - p for k, d, p in zip(kernel * 2, dilations * 2, pads)]
+        shape = list(shape if shape is not None else weight.shape)
+        if all(st == 1 for st in strides) and not any(residual) and min(flipped_pads) >= 0:
+            return self("Conv", s, self.flipped(weight, shape, common["group"]), pads=flipped_pads,
+                        dilations=dilations, group=common["group"])
         if begins == ends and all(r >= 0 for r in residual):
             return self("ConvTranspose", s, weight, pads=pads, output_padding=residual, **common)
         padding = [min(max(r, 0), st - 1) for r, st in zip(residual, strides)]
         result = self("ConvTranspose", s, weight, pads=[0] * 2 * rank, output_padding=padding, **common)
         axes = list(range(2, 2 + rank))
         return self.slice(result, begins, [b + n for b, n in zip(begins, in_spatial)], axes)
+
+    def flipped(self, weight: Tensor, shape: Sequence[int], group: int) -> gs.Variable:
+        """A Conv weight [out, in/group, *kernel] as the weight of its transposed Conv: [in, out/group, *kernel]
+        with the kernel reversed (graph ops on the weight, folded when the session starts)."""
+        out_channels, in_per_group, *kernel = shape
+        spatial = list(range(2, 2 + len(kernel)))
+        if group == 1:
+            swapped = self("Transpose", weight, perm=[1, 0] + spatial)
+        elif out_channels == group and in_per_group == 1:
+            swapped = weight  # depthwise: each group is a 1 x 1 matrix
+        else:
+            grouped = self("Reshape", weight, self.ints([group, out_channels // group, in_per_group] + kernel))
+            swapped = self("Reshape", self("Transpose", grouped, perm=[0, 2, 1] + [a + 1 for a in spatial]),
+                           self.ints([group * in_per_group, out_channels // group] + kernel))
+        axes = [a for a, k in zip(spatial, kernel) if k > 1]
+        if not axes:
+            return swapped
+        return self("Slice", swapped, self.ints([-1] * len(axes)), self.ints([-2**63] * len(axes)), self.ints(axes),
+                    self.ints([-1] * len(axes)))

@@ -23,8 +23,9 @@ class Window:
     in_shape: list[int]
     out_shape: list[int]
     average: bool
-    weight = None
-    bias = None
+
+    def parameters(self) -> tuple[None, None]:
+        return None, None
 
     @property
     def kernel(self) -> list[int]:
@@ -71,8 +72,9 @@ class Reduction:
     axes: list[int]
     keepdims: bool
     divisor: float
-    weight = None
-    bias = None
+
+    def parameters(self) -> tuple[None, None]:
+        return None, None
 
     def forward(self, ops: Ops, x: Tensor, weight=None, bias=None) -> Tensor:
         total = ops.reduce_sum(x, self.axes, self.keepdims)

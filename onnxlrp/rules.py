@@ -10,52 +10,44 @@ forward pass of the layer: which input it reads, how it changes the weight and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Union
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .errors import LrpError
 from .ops import Ops, Tensor
 from .registry import Unsupported
 
-Modifier = Callable[[np.ndarray, Mapping[str, float]], np.ndarray]
+Coefficient = Union[float, Callable[[Mapping[str, float]], float]]
 
 
-def same(w, p):
-    return w
+@dataclass(frozen=True)
+class Modifier:
+    """A modified parameter `same * p + positive * p+` (p: a weight or a bias), computed in the graph from the
+    model's own parameter; `kind` names the two that are not of that form ("ones", "square")."""
+    same: Coefficient = 1.0
+    positive: Coefficient = 0.0
+    kind: str = "linear"
+
+    def coefficients(self, params: Mapping[str, float]) -> tuple[float, float]:
+        return tuple(float(c(params) if callable(c) else c) for c in (self.same, self.positive))
 
 
-def positive(w, p):
-    return np.maximum(w, 0)
-
-
-def negative(w, p):
-    return np.minimum(w, 0)
-
-
-def gamma_up(w, p):
-    return w + p["gamma"] * np.maximum(w, 0)
-
-
-def gamma_down(w, p):
-    return w + p["gamma"] * np.minimum(w, 0)
-
-
-def ones(w, p):
-    return np.ones_like(w)
-
-
-def square(w, p):
-    return w ** 2
+SAME = Modifier()
+POSITIVE = Modifier(0.0, 1.0)
+NEGATIVE = Modifier(1.0, -1.0)  # p- = p - p+
+GAMMA_UP = Modifier(1.0, lambda p: p["gamma"])  # p + gamma p+
+GAMMA_DOWN = Modifier(lambda p: 1 + p["gamma"], lambda p: -p["gamma"])  # p + gamma p- = (1 + gamma) p - gamma p+
+ONES = Modifier(kind="ones")
+SQUARE = Modifier(kind="square")
 
 
 @dataclass(frozen=True)
 class Term:
     """One modified forward pass. `input`: x, pos (x+), neg (x-), ones, low or high; bias None drops it."""
     input: str
-    weight: Modifier = same
-    bias: Modifier | None = same
+    weight: Modifier = SAME
+    bias: Modifier | None = SAME
     sign: int = 1
 
 
@@ -68,6 +60,11 @@ class Group:
     scale: str | float = 1.0
     gate: str | None = None
     z_sign: int | None = None
+
+    @property
+    def sign(self) -> int | None:
+        """The sign of the denominator where relevance is kept (a gate fixes it: z > 0 implies z_pos > 0)."""
+        return {"pos": 1, "neg": -1}.get(self.gate, self.z_sign)
 
 
 @dataclass(frozen=True)
@@ -85,20 +82,20 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("epsilon", (Group((PLAIN,)),), stabilizer="epsilon", params=("epsilon", "epsilon_scale")),
     Rule("zero", (Group((PLAIN,)),), stabilizer="epsilon", fixed={"epsilon": 0.0, "epsilon_scale": 0.0}),
     Rule("norm", (Group((PLAIN,)),), params=("stabilizer",)),
-    Rule("zplus", (Group((Term("pos", positive, positive), Term("neg", negative, None)), z_sign=1),),
+    Rule("zplus", (Group((Term("pos", POSITIVE, POSITIVE), Term("neg", NEGATIVE, None)), z_sign=1),),
          params=("stabilizer",)),
     Rule("alpha_beta", (
-        Group((Term("pos", positive, positive), Term("neg", negative, None)), scale="alpha", z_sign=1),
-        Group((Term("pos", negative, negative), Term("neg", positive, None)), scale="-beta", z_sign=-1),
+        Group((Term("pos", POSITIVE, POSITIVE), Term("neg", NEGATIVE, None)), scale="alpha", z_sign=1),
+        Group((Term("pos", NEGATIVE, NEGATIVE), Term("neg", POSITIVE, None)), scale="-beta", z_sign=-1),
     ), params=("alpha", "beta", "stabilizer")),
     Rule("gamma", (
-        Group((Term("pos", gamma_up, gamma_up), Term("neg", gamma_down, None)), gate="pos"),
-        Group((Term("pos", gamma_down, gamma_down), Term("neg", gamma_up, None)), gate="neg"),
+        Group((Term("pos", GAMMA_UP, GAMMA_UP), Term("neg", GAMMA_DOWN, None)), gate="pos"),
+        Group((Term("pos", GAMMA_DOWN, GAMMA_DOWN), Term("neg", GAMMA_UP, None)), gate="neg"),
     ), params=("gamma", "stabilizer")),
-    Rule("zbox", (Group((Term("x", same, None), Term("low", positive, None, -1),
-                         Term("high", negative, None, -1))),), params=("low", "high", "stabilizer")),
-    Rule("flat", (Group((Term("ones", ones, None),), z_sign=1),), params=("stabilizer",)),
-    Rule("wsquare", (Group((Term("ones", square, square),), z_sign=1),), params=("stabilizer",)),
+    Rule("zbox", (Group((Term("x", SAME, None), Term("low", POSITIVE, None, -1),
+                         Term("high", NEGATIVE, None, -1))),), params=("low", "high", "stabilizer")),
+    Rule("flat", (Group((Term("ones", ONES, None),), z_sign=1),), params=("stabilizer",)),
+    Rule("wsquare", (Group((Term("ones", SQUARE, SQUARE),), z_sign=1),), params=("stabilizer",)),
 )}
 
 DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,
@@ -122,13 +119,14 @@ def check_params(rule: str, params: Mapping[str, object], where: str) -> None:
 
 
 class Layer(Protocol):
-    """What the skeleton needs of a layer: its parameters, a forward pass and its input-gradient."""
-    weight: np.ndarray | None
-    bias: np.ndarray | None
+    """What the skeleton needs of a layer: its parameters as graph tensors (None where it has none), a forward
+    pass and its input-gradient, both taking (modified) parameter tensors."""
 
-    def forward(self, ops: Ops, x: Tensor, weight: np.ndarray | None, bias: np.ndarray | None) -> Tensor: ...
+    def parameters(self) -> tuple[Tensor | None, Tensor | None]: ...
 
-    def backward(self, ops: Ops, s: Tensor, weight: np.ndarray | None) -> Tensor: ...
+    def forward(self, ops: Ops, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor: ...
+
+    def backward(self, ops: Ops, s: Tensor, weight: Tensor | None) -> Tensor: ...
 
     def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor: ...
 
@@ -138,33 +136,127 @@ def propagate(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tens
     """Apply `rule` to one layer: the four steps of LRP.md §1, once per group, terms that vanish left out."""
     params = {**params, **rule.fixed}
     inputs = _inputs(ops, layer, x, params, nonnegative, rule)
+    live = [(group, [t for t in group.terms if inputs[t.input] is not None]) for group in rule.groups]
+    live = [(group, terms) for group, terms in live if terms and _scale(group.scale, params) != 0]
+    modified = _modifier_cache(ops, params)
+    if all(_reads_x(layer, terms, inputs, x) for _, terms in live):
+        return _on_x(ops, layer, x, output, relevance, rule, params, live, modified)
     epsilon = params[rule.stabilizer]
-    modified = _modifier_cache(params)
+    weight, bias = layer.parameters()
     contributions = []
-    for group in rule.groups:
+    for group, terms in live:
         scale = _scale(group.scale, params)
-        terms = [t for t in group.terms if inputs[t.input] is not None]
-        if scale == 0 or not terms:
-            continue
-        weights = [modified(layer.weight, t.weight) for t in terms]
-        if terms == [PLAIN]:
-            z = output  # the forward pass's own pre-activation
-        else:
-            z = ops.add_all([_signed(ops, t.sign, layer.forward(ops, inputs[t.input], w,
-                                                                modified(layer.bias, t.bias)))
-                             for t, w in zip(terms, weights)])
-        upper = relevance
-        if group.gate:
-            kept = ops("Greater" if group.gate == "pos" else "Less", output, ops.scalar(0.0))
-            upper = ops("Where", kept, relevance, ops.scalar(0.0))
-        s = ops.divide_stabilized(upper, z, _scaled(ops, z, output, epsilon, params, rule), group.z_sign)
+        weights = [modified(weight, t.weight) for t in terms]
+        z = ops.add_all([_signed(ops, t.sign, layer.forward(ops, inputs[t.input], w, modified(bias, t.bias)))
+                         for t, w in zip(terms, weights)])
+        stabilizer = _scaled(ops, z, output, epsilon, params, rule)
+        s = _gated(ops, group, output, ops.divide_stabilized(relevance, z, stabilizer, group.sign))
         parts = []
-        for term, weight in zip(terms, weights):
-            c = layer.backward(ops, s, weight)
+        for term, w in zip(terms, weights):
+            c = layer.backward(ops, s, w)
             parts.append(_signed(ops, term.sign, c if term.input == "ones" else ops("Mul", inputs[term.input], c)))
         total = ops.add_all(parts)
         contributions.append(total if scale == 1 else ops("Mul", total, ops.scalar(scale)))
     return ops.add_all(contributions)
+
+
+def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, rule: Rule, params,
+          live, modified) -> Tensor:
+    """Rules whose terms all read x and modify weight and bias alike (a W + b W+): each group's denominator is
+    A z + B z+, with z the layer's own output and z+ = forward(x, W+, b+), and each group has one transposed pass
+    of its own weight, scale * (A W + B W+). With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma,
+    alpha-beta); the weights are constants of the graph, so combining them costs nothing per run.
+
+    z+ is computed once as c z+ + e, c the first group's B and e its signed stabilizer (in the bias), which every
+    group's denominator reuses when the groups mirror each other (gamma, alpha-beta): then no stabilizer op."""
+    epsilon = params[rule.stabilizer]
+    weight, bias = layer.parameters()
+    basis = [(group, _scale(group.scale, params), *_sum_coefficients(terms, params)) for group, terms in live]
+    c, sign = next(((b, group.sign) for group, _, _, b in basis if b != 0), (0.0, None))
+    folded = c != 0 and sign is not None and all(
+        b == 0 or group.sign is not None and group.sign * c == sign * b for group, _, _, b in basis)
+    positive_part = None
+    if c != 0:
+        shift = sign * epsilon if folded else 0.0
+        positive_bias = modified(bias, Modifier(0.0, c))
+        if shift and bias is None:
+            folded, shift = False, 0.0  # no bias to carry the stabilizer: each group adds it
+        if shift:
+            positive_bias = ops("Add", positive_bias, ops.scalar(shift))
+        positive_part = layer.forward(ops, x, modified(weight, Modifier(0.0, c)), positive_bias)
+
+    def backward(s: Tensor, scale: float, a: float, b: float) -> Tensor:
+        if weight is None:
+            gradient = layer.backward(ops, s, None)
+            return gradient if scale == 1 else ops("Mul", gradient, ops.scalar(scale))
+        return layer.backward(ops, s, modified(weight, Modifier(scale * a, scale * b)))
+
+    mirrored = _mirrored(basis, c) if folded and epsilon > 0 else None
+    if mirrored:
+        # Gamma: z + t where z > 0 and -(A z - t) where z < 0 are one LeakyRelu of z plus t (t = c z+ + e > 0).
+        (up, up_scale, up_a, up_b), (down, down_scale, down_a, down_b) = mirrored
+        q = ops("Div", relevance, ops("Add", ops("LeakyRelu", output, alpha=-down_a), positive_part))
+        parts = [backward(_gated(ops, up, output, q), up_scale, up_a, up_b),
+                 backward(_gated(ops, down, output, q), -down_scale, down_a, down_b)]
+        return ops("Mul", x, ops.add_all(parts))
+    parts = []
+    for group, scale, a, b in basis:
+        z = _combine(ops, [(a, output), (b / c if b else 0.0, positive_part)])
+        if folded and b != 0 and epsilon > 0:
+            if a != 0:  # z - z+ (alpha-beta) may cancel to 0 or the wrong sign in float: clamp to the known sign
+                z = ops("Min" if group.sign < 0 else "Max", z, ops.scalar(group.sign * epsilon))
+            s = ops("Div", relevance, z)
+        else:
+            s = ops.divide_stabilized(relevance, z, _scaled(ops, z, output, epsilon, params, rule), group.sign)
+        parts.append(backward(_gated(ops, group, output, s), scale, a, b))
+    return ops("Mul", x, ops.add_all(parts))
+
+
+def _mirrored(basis, c: float):
+    """The (pos, neg) pair of gated groups whose denominators are z + t and A z - t, t = c z+ + e, if so."""
+    gates = {item[0].gate: item for item in basis}
+    if len(basis) != 2 or set(gates) != {"pos", "neg"}:
+        return None
+    up, down = gates["pos"], gates["neg"]
+    if up[2] == 1 and up[3] == c and down[3] == -c and down[2] > 0:
+        return up, down
+    return None
+
+
+def _reads_x(layer: Layer, terms: list[Term], inputs: dict[str, Tensor | None], x: Tensor) -> bool:
+    """Whether every term reads x itself and modifies weight and bias alike (linearly in p and p+)."""
+    weight, bias = layer.parameters()
+    return all(inputs[t.input] is x and t.weight.kind == "linear" and t.sign == 1
+               and (t.bias == t.weight or (t.bias is None and bias is None))
+               and (weight is not None or t.weight == SAME) for t in terms)
+
+
+def _sum_coefficients(terms: list[Term], params) -> tuple[float, float]:
+    pairs = [t.weight.coefficients(params) for t in terms]
+    return sum(a for a, _ in pairs), sum(b for _, b in pairs)
+
+
+def _gated(ops: Ops, group: Group, output: Tensor, s: Tensor) -> Tensor:
+    """Keep s only where the layer's output has the group's gate sign (after the division: 0/0 cannot leak)."""
+    if not group.gate:
+        return s
+    kept = ops("Greater" if group.gate == "pos" else "Less", output, ops.scalar(0.0))
+    return ops("Where", kept, s, ops.scalar(0.0))
+
+
+def _combine(ops: Ops, terms: list[tuple[float, Tensor | None]]) -> Tensor | None:
+    """sum of coefficient * tensor with the fewest ops (no Mul for 1, a Sub for -1); None when all vanish."""
+    terms = sorted(((c, t) for c, t in terms if c != 0 and t is not None), key=lambda ct: ct[0] < 0)
+    if not terms:
+        return None
+    coefficient, total = terms[0]
+    total = total if coefficient == 1 else ops("Mul", total, ops.scalar(coefficient))
+    for coefficient, tensor in terms[1:]:
+        if coefficient == -1:
+            total = ops("Sub", total, tensor)
+        else:
+            total = ops("Add", total, tensor if coefficient == 1 else ops("Mul", tensor, ops.scalar(coefficient)))
+    return total
 
 
 def _inputs(ops: Ops, layer: Layer, x: Tensor, params, nonnegative: bool, rule: Rule) -> dict[str, Tensor | None]:
@@ -180,18 +272,30 @@ def _inputs(ops: Ops, layer: Layer, x: Tensor, params, nonnegative: bool, rule: 
     return inputs
 
 
-def _modifier_cache(params) -> Callable[[np.ndarray | None, Modifier | None], np.ndarray | None]:
-    """Modify parameters once per (array, modifier), so groups that share a modified weight share its constant."""
-    cache: dict[tuple[int, Modifier], np.ndarray] = {}
+def _modifier_cache(ops: Ops, params) -> Callable[[Tensor | None, Modifier | None], Tensor | None]:
+    """Modified parameters as graph ops on the model's own parameter (ONNX Runtime folds them once, when the
+    session starts, so the file stores no copies), made once per (tensor, modification)."""
+    cache: dict[tuple, Tensor] = {}
 
-    def modified(values, modifier):
-        if values is None or modifier is None:
+    def modified(tensor, modifier):
+        if tensor is None or modifier is None:
             return None
-        key = (id(values), modifier)
+        key = (tensor.name, modifier.kind, modifier.coefficients(params) if modifier.kind == "linear" else None)
         if key not in cache:
-            cache[key] = modifier(values, params)
+            cache[key] = _modify(ops, tensor, modifier, params)
         return cache[key]
     return modified
+
+
+def _modify(ops: Ops, tensor: Tensor, modifier: Modifier, params) -> Tensor:
+    if modifier.kind == "ones":
+        return ops("Expand", ops.scalar(1.0), ops.ints(tensor.shape))
+    if modifier.kind == "square":
+        return ops("Mul", tensor, tensor)
+    same, positive = modifier.coefficients(params)
+    if (same, positive) == (1.0, -1.0):
+        return ops.negative(tensor)
+    return _combine(ops, [(same, tensor), (positive, ops.positive(tensor) if positive else None)])
 
 
 def _scaled(ops: Ops, z: Tensor, output: Tensor, epsilon: float, params, rule: Rule) -> float | Tensor:

@@ -1,0 +1,58 @@
+"""A float16 copy of a built model, for GPU deployment: float32 weights and constants become float16, the
+graph's float32 inputs and outputs keep their type behind Casts (callers feed and read float32 as before)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# Inputs that ONNX requires in float32 whatever the data type (Resize and Upsample scales).
+FLOAT32_ONLY = {("Resize", 2), ("Upsample", 1)}
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of `model` that computes in float16 between a Cast at each float32 input and output."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    graph = half.graph
+    kept = {node.input[i] for node in graph.node for op, i in FLOAT32_ONLY
+            if node.op_type == op and len(node.input) > i}
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT and tensor.name not in kept:
+            values = numpy_helper.to_array(tensor).astype(np.float16)
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(values, tensor.name))
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and not node.attribute:  # float32 zeros by default
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.FLOAT16
+            elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == TensorProto.FLOAT:
+                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float16),
+                                                             attribute.t.name))
+    del graph.value_info[:]  # inferred again by the runtime, in the new types
+    casts_in = []
+    initializers = {t.name for t in graph.initializer}
+    for value in graph.input:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT or value.name in initializers:
+            continue
+        inner = f"{value.name}/float16"
+        _rename_uses(graph, value.name, inner)
+        casts_in.append(helper.make_node("Cast", [value.name], [inner], name=f"{inner}/cast", to=TensorProto.FLOAT16))
+    for value in graph.output:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        inner = f"{value.name}/float16"
+        for node in graph.node:
+            node.output[:] = [inner if name == value.name else name for name in node.output]
+        _rename_uses(graph, value.name, inner)
+        graph.node.append(helper.make_node("Cast", [inner], [value.name], name=f"{inner}/cast", to=TensorProto.FLOAT))
+    nodes = casts_in + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return half
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
