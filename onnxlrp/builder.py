@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import encoding, linear, pooling, quantized, routing  # noqa: F401  (they register their emitters)
+from . import elementwise, encoding, linear, pooling, quantized, routing, softmax, transformer  # noqa: F401
+from .datapath import data_path, explained_input
 from .export import export_model
 from .folding import fold_affine, fold_batchnorm
 from .composite import Composite
@@ -21,22 +22,26 @@ from .ops import Ops, Tensor
 from .order import as_soon_as_ready
 from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
+from .registry import data_path as on_data_path
 from .signs import nonnegative_tensors
 from .top import EXPLAIN, start, written_out_softmax
 from .validate import check_model_structure
 
-TARGET, RELEVANCE = "target", "relevance"
+TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 HEADS = ("Softmax", "LogSoftmax")
 
 
 class Builder:
     """Holds what emitters may ask for: the op writer, the rule of each node, the non-negative tensors."""
 
-    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops):
+    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops, explained: gs.Variable | None = None):
         self.ops = ops
         self.composite = composite
         self._nonnegative = nonnegative_tensors(graph)
         self._rule = composite.assign(graph)
+        # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
+        stopped = lambda node: softmax.stops(node, self.rule)  # noqa: E731
+        self._data_path = data_path(graph, explained, stopped) if explained is not None else None
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
 
     def rule(self, node: gs.Node) -> tuple[str, dict]:
@@ -48,9 +53,15 @@ class Builder:
     def walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
         """Propagate `seed` from tensor `top` to every tensor it depends on; return the relevance that reached
         the graph's inputs (contributions per tensor name)."""
+        with on_data_path(self._data_path):
+            return self._walk(graph, top, seed, source)
+
+    def _walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
         relevance: dict[str, list[Tensor]] = {top.name: [seed]}
         problems: dict[tuple[str, str], list[str]] = defaultdict(list)
         for node in list(reversed(graph.nodes)):
+            if not any(computed(t) for t in node.inputs):
+                continue  # a constant to the walk (or the lookup of the explained embedding)
             upper = [self.ops.add_all(relevance.pop(t.name)) if t.name in relevance else None for t in node.outputs]
             if all(r is None for r in upper):
                 continue
@@ -59,7 +70,7 @@ class Builder:
                 if node.op not in FAMILIES:
                     raise Unsupported("unsupported op type")
                 lower = FAMILIES[node.op].emit(self, node, upper)
-                if node.op in linear.LINEAR_OPS:
+                if node.op in linear.LINEAR_OPS and linear.is_layer(node):
                     self.layers.append(LayerRelevance(node, self.rule(node)[0], upper[0], lower[0]))
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
@@ -102,10 +113,10 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     fold_affine(graph)  # folded nodes hand their (inferred) output tensor to the linear node: shapes stay
     graph.cleanup().toposort()
     graph = _at_opset(graph, _needed_opset(graph, source_opset), source)
-    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE}
+    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
-    x = _model_input(graph, source)
+    x, ids = explained_input(graph, source)
     shown = _classifier_output(graph, output, source)
     logits = _logits(shown)
     classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
@@ -114,13 +125,19 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
 
     ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[_batch(x)])
-    builder = Builder(graph, composite, ops)
+    builder = Builder(graph, composite, ops, x)
     relevance = builder.walk(graph, *start(builder, logits, target, classes, explain), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
-    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype, shape=x.shape)
-    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[ops.add_all(relevance[x.name])],
-                               outputs=[result]))
+    total = ops.add_all(relevance[x.name])
+    if ids is not None:  # token relevance: the sum over the embedding axis, and the embedding's own
+        graph.outputs.append(gs.Variable(EMBEDDING_RELEVANCE, dtype=x.dtype, shape=x.shape))
+        graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance_embedding"), inputs=[total],
+                                   outputs=[graph.outputs[-1]]))
+        total = ops.reduce_sum(total, [len(x.shape) - 1], keepdims=False)
+    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype,
+                         shape=(ids if ids is not None else x).shape)
+    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
     layers = expose(graph, builder.layers[::-1]) if layer_relevance else None
@@ -132,7 +149,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
     if target_default:
-        built.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET))
+        batch = target.shape[0] if isinstance(target.shape[0], int) else 1  # the default must fit a static batch
+        built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
     if original is not None:  # the built graph is the float twin that explains the quantized model
         built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
@@ -164,17 +182,6 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
     graph = gs.import_onnx(converted)
     infer_shapes(graph)
     return graph
-
-
-def _model_input(graph: gs.Graph, source: str) -> gs.Variable:
-    """The first float input, else the first integer input that the graph one-hot encodes."""
-    for tensor in graph.inputs:
-        if floating(tensor):
-            return tensor
-    for tensor in graph.inputs:
-        if encoding.one_hot_encoded(tensor):
-            return tensor
-    raise LrpError(f"{source}: the model has no floating-point input to explain (nor a one-hot encoded one)")
 
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str) -> gs.Variable:

@@ -17,7 +17,7 @@ from .registry import FAMILIES
 from .rules import DEFAULTS, RULES, check_params
 
 MATCH_KEYS = ("names", "op_types", "first_linear", "index", "depth")
-RULE_NAMES = tuple(RULES) + ("pass", "wta")
+RULE_NAMES = tuple(RULES) + ("pass", "wta", "absorb", "stop", "softmax")
 VECTOR_PARAMS = ("low", "high")
 _EXTENDING: list[str] = []  # the composites being loaded through `extends`, to catch a circle
 NONNEGATIVE_PARAMS = ("epsilon", "stabilizer", "gamma", "alpha", "beta", "epsilon_scale")

@@ -13,6 +13,7 @@ from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 from .rules import RULES, propagate
+from .transformer import emit_product
 
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat", "wsquare", "norm")
@@ -117,8 +118,16 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
     return Convolution(node, weight, bias, list(in_shape), list(out_shape))
 
 
+def is_layer(node: gs.Node) -> bool:
+    """Whether a linear node is a layer with a constant weight (a MatMul of two computed tensors is not)."""
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    return computed(node.inputs[0]) and weight is not None and (node.op != "MatMul" or weight.ndim == 2)
+
+
 @family("linear", LINEAR_OPS, ("epsilon",) + tuple(r for r in LINEAR_RULES if r != "epsilon"))
 def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    if node.op == "MatMul" and not is_layer(node):
+        return emit_product(ctx, node, relevance)
     layer = linear_layer(node)
     name, params = ctx.rule(node)
     x = node.inputs[0]

@@ -1,8 +1,10 @@
 """The registry of op families: which op types an emitter handles and which rules it accepts."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -50,9 +52,25 @@ def family(name: str, op_types: Sequence[str], rules: Sequence[str],
     return register
 
 
+# The names of the tensors on a data path from the explained input, while a walk runs (None: every Variable).
+_DATA_PATH: ContextVar[Collection[str] | None] = ContextVar("data_path", default=None)
+
+
+@contextmanager
+def data_path(names: Collection[str]) -> Iterator[None]:
+    """Within this block, only the tensors named in `names` count as computed (see datapath.py)."""
+    token = _DATA_PATH.set(names)
+    try:
+        yield
+    finally:
+        _DATA_PATH.reset(token)
+
+
 def computed(tensor: Tensor | None) -> bool:
-    """Whether a node input is computed from the model input (a Variable), not a constant."""
-    return isinstance(tensor, gs.Variable)
+    """Whether a node input is computed from the explained input (a Variable on its data path), not a constant
+    (an initializer, or a tensor such as a mask or a shape that no data path from the explained input reaches)."""
+    names = _DATA_PATH.get()
+    return isinstance(tensor, gs.Variable) and (names is None or tensor.name in names)
 
 
 def floating(tensor: Tensor | None) -> bool:

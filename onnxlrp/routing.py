@@ -1,5 +1,5 @@
 """Layers that move relevance without a rule: elementwise activations, reshaping, transposes, slicing and
-concatenation, arithmetic with constants, gates, and sums of two computed tensors."""
+concatenation (arithmetic is in elementwise.py)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,9 +16,6 @@ from .registry import Context, Unsupported, computed, family, floating
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh",
                "Clip", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu")
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-GATES = ("Sigmoid", "HardSigmoid")
-# How far up a chain of one-input ops a Mul operand is searched for the other operand (x * f(x) activations).
-ACTIVATION_DEPTH = 8
 
 
 def _first_only(relevance: Tensor, node: gs.Node) -> list[Tensor | None]:
@@ -59,67 +56,24 @@ def emit_transpose(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | Non
 
 @family("concat", ("Concat",), ("pass",))
 def emit_concat(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Each input gets back the slice of the relevance that it contributed."""
+    """Each input gets back the slice of the relevance that it contributed (bounds read at run time where
+    the sizes along the axis are not static, e.g. a cls token expanded to a computed shape)."""
     axis = node.attrs["axis"]
     sizes = [t.shape[axis] if t.shape is not None else None for t in node.inputs]
-    if any(not isinstance(s, int) for s in sizes):
-        raise Unsupported("Concat needs static sizes along its axis")
-    starts = np.cumsum([0] + sizes)
-    return [ctx.ops.slice(relevance[0], [int(b)], [int(e)], [axis]) if computed(t) else None
-            for t, b, e in zip(node.inputs, starts[:-1], starts[1:])]
-
-
-@family("arithmetic", ("Add", "Sub", "Mul", "Div"), ("norm",))
-def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """With a constant operand: an affine layer, relevance passes. Add/Sub of two computed tensors: `norm`."""
-    flags = [computed(t) for t in node.inputs]
-    if flags.count(True) == 1:
-        return [relevance[0] if flag else None for flag in flags]
-    if node.op == "Mul":
-        return _gated(node, relevance[0])
-    if node.op not in ("Add", "Sub"):
-        raise Unsupported(f"{node.op} of two computed tensors is not supported")
-    a, b = node.inputs
-    if a.shape is None or list(a.shape) != list(b.shape):
-        raise Unsupported(f"{node.op} of two computed tensors needs equal shapes")
-    _, params = ctx.rule(node)
+    if all(isinstance(s, int) for s in sizes):
+        starts = np.cumsum([0] + sizes)
+        return [ctx.ops.slice(relevance[0], [int(b)], [int(e)], [axis]) if computed(t) else None
+                for t, b, e in zip(node.inputs, starts[:-1], starts[1:])]
     ops = ctx.ops
-    s = ops.divide_stabilized(relevance[0], node.outputs[0], params["stabilizer"])
-    lower_b = ops("Mul", b, s)
-    return [ops("Mul", a, s), lower_b if node.op == "Add" else ops("Neg", lower_b)]
-
-
-def _gated(node: gs.Node, relevance: Tensor) -> list[Tensor | None]:
-    """Mul of a signal and a gate: all relevance to the signal (Montavon 2019 §10.4).
-
-    The gate is a Sigmoid/HardSigmoid output (squeeze-and-excitation), or a function of the other operand
-    alone, which makes the Mul one decomposed activation: SiLU x*sigmoid(x), GELU, HardSwish, Mish.
-    """
-    a, b = node.inputs
-    for signal, gate in ((a, b), (b, a)):
-        if _derived_from(gate, signal) or (_producer_op(gate) in GATES and _producer_op(signal) not in GATES):
-            if signal.shape is None or list(signal.shape) != list(node.outputs[0].shape or []):
-                raise Unsupported("a gated Mul whose signal is broadcast is not supported")
-            return [relevance if t is signal else None for t in node.inputs]
-    raise Unsupported("Mul of two computed tensors that is not a gate is not supported")
-
-
-def _producer_op(tensor: Tensor) -> str | None:
-    return tensor.inputs[0].op if tensor.inputs else None
-
-
-def _derived_from(tensor: Tensor, source: Tensor) -> bool:
-    """Whether `tensor` comes from `source` through a short chain of ops with one computed input each."""
-    for _ in range(ACTIVATION_DEPTH):
-        if not tensor.inputs:
-            return False
-        sources = [t for t in tensor.inputs[0].inputs if computed(t)]
-        if len(sources) != 1:
-            return False
-        tensor = sources[0]
-        if tensor is source:
-            return True
-    return False
+    if node.inputs[0].shape is None:
+        raise Unsupported("Concat needs the rank of its inputs")
+    axis %= len(node.inputs[0].shape)
+    bounds, lower = [ops.ints([0])], []
+    for tensor in node.inputs:
+        bounds.append(ops("Add", bounds[-1], ops.slice(ops("Shape", tensor), [axis], [axis + 1], [0])))
+        lower.append(ops("Slice", relevance[0], bounds[-2], bounds[-1], ops.ints([axis])) if computed(tensor)
+                     else None)
+    return lower
 
 
 def _static_dims(tensor: Tensor, what: str) -> list[int]:
@@ -152,9 +106,16 @@ def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
     starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
-    if any(step != 1 for step in steps):
-        raise Unsupported("Slice with steps other than 1 is not supported")
     rank = len(shape)
+    if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
+        if any(axis % rank == 0 for axis in axes):
+            raise Unsupported("Slice along the batch axis with steps is not supported")
+        lower = relevance[0]
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            size = shape[axis % rank]
+            positions = np.array(range(*slice(start, end, step).indices(size)), dtype=np.int64)
+            lower = _route_along(ctx.ops, lower, axis % rank, rank, positions, size)
+        return [lower] + [None] * (len(node.inputs) - 1)
     pads = [0] * (2 * rank)
     for start, end, axis in zip(starts, ends, axes):
         axis %= rank
@@ -235,14 +196,28 @@ def _route_along(ops: Ops, relevance: Tensor, axis: int, rank: int, sources: np.
 @family("gather", ("Gather",), ("pass",))
 def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Gather of constant indices along one axis: each gathered element's relevance returns to its source
-    (repeated indices add up), as a product with a one-hot matrix."""
+    (repeated indices add up), as a product with a one-hot matrix; one index along an axis whose length is only
+    known at run time (BERT's pooler on a text of any length) pads the relevance around it."""
     indices = constant(node.inputs[1])
-    if indices is None or indices.ndim > 1:
-        raise Unsupported("Gather needs constant scalar or 1-D indices")
-    shape = _static_dims(node.inputs[0], "Gather")
-    axis = node.attrs.get("axis", 0) % len(shape)
-    if axis == 0:
-        raise Unsupported("Gather along the batch axis is not supported")
+    shape = node.inputs[0].shape
+    if indices is None or indices.ndim > 1 or shape is None:
+        raise Unsupported("Gather needs constant scalar or 1-D indices and an input of known rank")
+    axis = node.attrs.get("axis", 0) % len(shape)  # any axis: torch's attention packs q, k, v along the first
     upper = ctx.ops.unsqueeze(relevance[0], [axis]) if indices.ndim == 0 else relevance[0]
-    positions = np.atleast_1d(indices) % shape[axis]
-    return [_route_along(ctx.ops, upper, axis, len(shape), positions, shape[axis]), None]
+    if isinstance(shape[axis], int):
+        positions = np.atleast_1d(indices) % shape[axis]
+        return [_route_along(ctx.ops, upper, axis, len(shape), positions, shape[axis]), None]
+    if indices.ndim != 0:
+        raise Unsupported("Gather of several indices needs a static length along its axis")
+    return [_pad_around(ctx.ops, upper, node.inputs[0], axis, int(indices)), None]
+
+
+def _pad_around(ops: Ops, relevance: Tensor, source: Tensor, axis: int, index: int) -> Tensor:
+    """Relevance of one position (size 1 along `axis`) placed at `index` of `source`'s axis, zeros around it."""
+    length = ops.slice(ops("Shape", source), [axis], [axis + 1], [0])
+    before = ops.ints([index]) if index >= 0 else ops("Add", length, ops.ints([index]))
+    after = ops("Sub", ops("Sub", length, before), ops.ints([1]))
+    rank = len(source.shape)  # pads: [0] * axis, before, [0] * (rank - 1), after, [0] * (rank - axis - 1)
+    parts = [ops.ints([0] * axis), before, ops.ints([0] * (rank - 1)), after, ops.ints([0] * (rank - axis - 1))]
+    pads = ops("Concat", *[p for p in parts if not isinstance(p, gs.Constant) or p.values.size], axis=0)
+    return ops("Pad", relevance, pads)

@@ -18,7 +18,8 @@ def infer_shapes(graph: gs.Graph) -> None:
 
     Inference runs on a copy whose large weights are graph inputs of the same shape, so that no weight is
     serialized: this is what keeps building large models fast. Dimensions after the first that stay unknown
-    with a symbolic batch size (a Reshape to -1 of a computed shape) come from a second pass with batch 1.
+    with a symbolic batch size (a Reshape to -1 of a computed shape) come from passes with batch 1 and 2, where
+    they agree.
     """
     light = graph.copy()
     stand_ins: dict[str, gs.Variable] = {}
@@ -38,14 +39,20 @@ def infer_shapes(graph: gs.Graph) -> None:
             tensor.shape = shape if shape is not None else tensor.shape
     if not any(_unknown_after_batch(t) for t in tensors.values()):
         return
-    for value in exported.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name not in stand_ins and dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
-    for name, _, shape in _inferred(exported):
-        tensor = tensors.get(name)
-        if _unknown_after_batch(tensor) and shape is not None and len(shape) == len(tensor.shape):
-            tensor.shape = tensor.shape[:1] + shape[1:]
+    batch_dims = [value.type.tensor_type.shape.dim[0] for value in exported.graph.input
+                  if value.name not in stand_ins and value.type.tensor_type.shape.dim
+                  and not value.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    at_batch = []
+    for batch in (1, 2):  # a dimension is kept only where both agree (not the batch in a sequence-first layout)
+        for dim in batch_dims:
+            dim.dim_value = batch
+        at_batch.append({name: shape for name, _, shape in _inferred(exported)})
+    for name, shape in at_batch[0].items():
+        tensor, other = tensors.get(name), at_batch[1].get(name)
+        if _unknown_after_batch(tensor) and shape is not None and other is not None \
+                and len(shape) == len(tensor.shape) == len(other):
+            tensor.shape = tensor.shape[:1] + [a if a == b else d for a, b, d in
+                                               zip(shape[1:], other[1:], tensor.shape[1:])]
 
 
 def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
