@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,19 @@ def finite_difference_gradient(model: onnx.ModelProto, x: np.ndarray, target: in
     base = run(model, {"input": x}, names)[0][0, target]
     shifted = x + step * np.eye(x.size, dtype=np.float32).reshape(x.size, *x.shape[1:])
     return ((run(model, {"input": shifted}, names)[0][:, target] - base) / step).reshape(x.shape)
+
+
+def onnxlrp_cli(*args, **options) -> subprocess.CompletedProcess:
+    """The command as a user runs it, in a fresh process (options: cwd, env)."""
+    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True,
+                          **options)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A failed command: one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("onnxlrp: error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

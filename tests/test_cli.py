@@ -1,8 +1,6 @@
 """The command line as a user runs it: outputs, options, and one clear line for every error."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +8,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import FIXTURES, make_model, relative_error, run
+from conftest import FIXTURES, assert_one_line_error, make_model, onnxlrp_cli as onnxlrp, relative_error, run
 
 
-def onnxlrp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("onnxlrp: error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_build_writes_a_model_that_matches_zennit(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import FIXTURES, make_model, run
+import conftest
+from conftest import FIXTURES, make_model, onnxlrp_cli, run
 import onnxlrp
 
 DIGITS = FIXTURES / "digits"
@@ -21,18 +21,9 @@ SAMPLES = sorted((DIGITS / "samples").glob("*.png"))
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def onnxlrp_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env)
-
-
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("onnxlrp: error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    """As the command's other errors, and nothing on stdout: no input was reported as explained."""
+    conftest.assert_one_line_error(result, *fragments)
     assert result.stdout == ""
 
 

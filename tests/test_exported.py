@@ -305,7 +305,7 @@ def test_one_hot_encoded_integer_input_gets_relevance_per_position(kind, rng):
 
 
 def test_command_line_input_shape(tmp_path, rng):
-    from test_cli import assert_one_line_error, onnxlrp as command
+    from conftest import assert_one_line_error, onnxlrp_cli as command
     path = tmp_path / "dynamic.onnx"
     onnx.save(dynamic_cnn(rng), str(path))
     assert_one_line_error(command("build", path, "-o", tmp_path / "out.onnx"), "input 'input' has open dimensions",

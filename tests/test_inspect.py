@@ -1,21 +1,15 @@
 """`onnxlrp inspect`: the rule table of a model, folded BatchNorms, unsupported ops; it writes nothing."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from conftest import FIXTURES, make_model
+from conftest import FIXTURES, make_model, onnxlrp_cli
 import onnxlrp
 from onnxlrp import inspection
 
-
-def onnxlrp_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
 
 
 def test_rows_show_folding_rules_and_parameters():

@@ -12,8 +12,7 @@ import pytest
 
 import onnxlrp
 from onnxlrp.portable import WEIGHT_READERS
-from conftest import FIXTURES, relative_error, run
-from test_cli import onnxlrp as onnxlrp_command
+from conftest import FIXTURES, onnxlrp_cli as onnxlrp_command, relative_error, run
 
 
 def weight_layouts(model: onnx.ModelProto) -> dict[str, set[tuple[str, int]]]:
