@@ -23,7 +23,7 @@ from .order import as_soon_as_ready
 from .portable import separate_weight_views
 from .registry import FAMILIES, Unsupported, computed, floating
 from .registry import data_path as on_data_path
-from .signs import nonnegative_tensors
+from .signs import nonnegative_tensors, unbounded_tensors
 from .top import EXPLAIN, start, written_out_softmax
 from .validate import check_model_structure
 
@@ -32,12 +32,13 @@ HEADS = ("Softmax", "LogSoftmax")
 
 
 class Builder:
-    """Holds what emitters may ask for: the op writer, the rule of each node, the non-negative tensors."""
+    """Holds what emitters may ask for: the op writer, the rule of each node, what is known of tensors' values."""
 
     def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops, explained: gs.Variable | None = None):
         self.ops = ops
         self.composite = composite
         self._nonnegative = nonnegative_tensors(graph)
+        self._unbounded = unbounded_tensors(graph, [explained.name] if explained is not None else [])
         self._rule = composite.assign(graph)
         # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
         stopped = lambda node: softmax.stops(node, self.rule)  # noqa: E731
@@ -49,6 +50,9 @@ class Builder:
 
     def nonnegative(self, tensor: Tensor) -> bool:
         return tensor.name in self._nonnegative
+
+    def finite(self, tensor: Tensor) -> bool:
+        return tensor.name not in self._unbounded
 
     def walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
         """Propagate `seed` from tensor `top` to every tensor it depends on; return the relevance that reached

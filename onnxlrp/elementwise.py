@@ -51,7 +51,7 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
             shares = [upper if flag else None for flag in flags]
         else:
             s = ctx.ops.divide_stabilized(upper, output, params["stabilizer"])
-            shares = [_times(ctx.ops, t, s) if flag else None for t, flag in zip(node.inputs, flags)]
+            shares = [_times(ctx, t, s) if flag else None for t, flag in zip(node.inputs, flags)]
             if node.op == "Sub" and shares[1] is not None:
                 shares[1] = ctx.ops("Neg", shares[1])
     elif node.op == "Div" and all(flags) and softmax.written_out(node):
@@ -68,10 +68,10 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
             for share, t in zip(shares, node.inputs)]
 
 
-def _times(ops: Ops, operand: Tensor, s: Tensor) -> Tensor:
-    """operand * s, and 0 where s is 0 even if the operand is infinite (scores masked with -inf before a softmax)."""
-    zero = ops.scalar(0.0)
-    return ops("Where", ops("Equal", s, zero), zero, ops("Mul", operand, s))
+def _times(ctx: Context, operand: Tensor, s: Tensor) -> Tensor:
+    """operand * s, and 0 where s is 0 if the operand may be infinite (scores masked with -inf before a softmax)."""
+    product = ctx.ops("Mul", operand, s)
+    return product if ctx.finite(operand) else ctx.ops.zero_where_zero(s, product)
 
 
 def _product(ops: Ops, node: gs.Node, relevance: Tensor, rule: str) -> list[Tensor | None]:

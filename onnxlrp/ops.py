@@ -91,6 +91,11 @@ class Ops:
             total = self("Add", total, term)
         return total
 
+    def zero_where_zero(self, tensor: Tensor, value: Tensor) -> gs.Variable:
+        """`value`, with 0 where `tensor` is 0 (a product with it or a quotient by it, 0 * inf or 0 / 0, is NaN)."""
+        zero = self.scalar(0.0)
+        return self("Where", self("Equal", tensor, zero), zero, value)
+
     def divide_stabilized(self, numerator: Tensor, z: Tensor, epsilon: float | Tensor,
                           sign: int | None = None) -> gs.Variable:
         """numerator / (z + epsilon * sign0(z)) with sign0(0) = +1; epsilon = 0 guards 0/0 to 0.
@@ -101,10 +106,9 @@ class Ops:
         if isinstance(epsilon, gs.Tensor):
             shift = self("Where", self("Less", z, self.scalar(0.0)), self("Neg", epsilon), epsilon)
             denominator = self("Add", z, shift)
-            return self("Where", self("Equal", denominator, self.scalar(0.0)), self.scalar(0.0),
-                        self("Div", numerator, denominator))
+            return self.zero_where_zero(denominator, self("Div", numerator, denominator))
         if epsilon == 0:
-            return self("Where", self("Equal", z, self.scalar(0.0)), self.scalar(0.0), self("Div", numerator, z))
+            return self.zero_where_zero(z, self("Div", numerator, z))
         if sign is not None:
             return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
         shift = self("Where", self("Less", z, self.scalar(0.0)), self.scalar(-epsilon), self.scalar(epsilon))

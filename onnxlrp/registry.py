@@ -24,6 +24,8 @@ class Context(Protocol):
 
     def nonnegative(self, tensor: Tensor) -> bool: ...
 
+    def finite(self, tensor: Tensor) -> bool: ...
+
 
 Emit = Callable[[Context, gs.Node, Sequence[Tensor | None]], Sequence[Tensor | None]]
 

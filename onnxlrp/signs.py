@@ -1,5 +1,8 @@
-"""Which tensors are known to be non-negative, so that rules can drop the terms of their negative part."""
+"""What is known of tensors' values before they are computed: which cannot be negative, so that rules can drop
+the terms of their negative part, and which may be infinite, so that products with a zero relevance are guarded."""
 from __future__ import annotations
+
+from typing import Collection
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -10,6 +13,10 @@ IF_ALL_INPUTS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                  "Concat", "Slice", "Split", "Gather", "Pad", "Resize", "Upsample", "Add", "Mul", "Div", "Min",
                  "Tile", "Expand"}
 IF_ANY_INPUT = {"Max"}
+# Ops whose outputs are finite whatever their inputs.
+BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Sin", "Cos", "Softsign"}
+# Share of a float type's largest value from which a constant counts as a mask value: two of them overflow a sum.
+LARGE = 0.25
 # Ops whose inputs after the first are shapes, indices or sizes, not data.
 SHAPE_ARGUMENTS = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Tile", "Expand"}
 
@@ -44,3 +51,39 @@ def nonnegative_tensors(graph: gs.Graph) -> set[str]:
         if result:
             known.update(t.name for t in node.outputs[:1])
     return known
+
+
+def unbounded_tensors(graph: gs.Graph, finite_inputs: Collection[str]) -> set[str]:
+    """Names of the floating tensors that may hold infinities: masks of -inf or of a float's minimum (which a sum
+    turns into -inf), inputs other than `finite_inputs`, and what is computed from them up to a bounded op."""
+    unbounded = {t.name for t in graph.inputs if t.name not in finite_inputs and _floating(t)}
+
+    def infinite(tensor: gs.Tensor | None) -> bool:
+        if isinstance(tensor, gs.Constant):
+            return _large(tensor.values)
+        return tensor is not None and tensor.name in unbounded
+
+    for node in graph.nodes:
+        data = node.inputs[:1] if node.op in SHAPE_ARGUMENTS else node.inputs
+        if node.op == "ConstantOfShape":
+            value = node.attrs.get("value")
+            result = value is not None and _large(getattr(value, "values", value))
+        else:
+            result = node.op not in BOUNDED and any(infinite(t) for t in data)
+        if result:
+            unbounded.update(t.name for t in node.outputs if _floating(t))
+    return unbounded
+
+
+def _large(values: np.ndarray) -> bool:
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating) or values.size == 0:
+        return False
+    return bool(np.max(np.abs(values)) >= LARGE * np.finfo(values.dtype).max)
+
+
+def _floating(tensor: gs.Tensor) -> bool:
+    try:
+        return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
+    except TypeError:
+        return False

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import onnx_graphsurgeon as gs
 
 from .graph import constant
-from .ops import Ops, Tensor
+from .ops import Tensor
 from .registry import Context, Unsupported, family
 
 # softmax: R_z = z * (R_s - s * sum(R_s)); stop: the attention weights are constants (CP-LRP), so a product with
@@ -42,12 +42,13 @@ def _normalized_axes(tensor: Tensor, axes: Sequence[int], what: str) -> list[int
     return sorted(a % len(tensor.shape) for a in axes)
 
 
-def relevance_at_input(ops: Ops, z: Tensor, s: Tensor, relevance: Tensor, axes: list[int]) -> Tensor:
-    """z * g with g = R_s - s * sum(R_s) over `axes` (the softmax gradient of R_s / s); 0 where g is 0, so that
-    masked positions (z = -inf or the float minimum, s = 0) get 0."""
+def relevance_at_input(ctx: Context, z: Tensor, s: Tensor, relevance: Tensor, axes: list[int]) -> Tensor:
+    """z * g with g = R_s - s * sum(R_s) over `axes` (the softmax gradient of R_s / s); where z may be infinite,
+    0 where g is 0, so that masked positions (z = -inf or the float minimum, s = 0) get 0."""
+    ops = ctx.ops
     g = ops("Sub", relevance, ops("Mul", s, ops.reduce_sum(relevance, axes)))
-    zero = ops.scalar(0.0)
-    return ops("Where", ops("Equal", g, zero), zero, ops("Mul", z, g))
+    product = ops("Mul", z, g)
+    return product if ctx.finite(z) else ops.zero_where_zero(g, product)
 
 
 @family("softmax", ("Softmax",), SOFTMAX_RULES)
@@ -59,7 +60,7 @@ def emit_softmax(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]
     axes = _normalized_axes(z, [axis], "Softmax")
     if ops.opset < 13:
         axes = list(range(axes[0], len(z.shape)))
-    return [relevance_at_input(ops, z, node.outputs[0], relevance[0], axes)]
+    return [relevance_at_input(ctx, z, node.outputs[0], relevance[0], axes)]
 
 
 def written_out(node: gs.Node) -> tuple[Tensor, list[int]] | None:
@@ -88,7 +89,7 @@ def emit_written_out(ctx: Context, node: gs.Node, relevance: Tensor) -> list[Ten
     """The softmax rule at the Div of a softmax written out, computed for the logits z before any max subtraction;
     the Exp and the Sub of the maximum hand it on unchanged."""
     z, axes = written_out(node)
-    return [relevance_at_input(ctx.ops, z, node.outputs[0], relevance, axes), None]
+    return [relevance_at_input(ctx, z, node.outputs[0], relevance, axes), None]
 
 
 @family("exp", ("Exp",), ("softmax",))
