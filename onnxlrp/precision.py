@@ -19,8 +19,8 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
             if node.op_type == op and len(node.input) > i}
     for index, tensor in enumerate(graph.initializer):
         if tensor.data_type == TensorProto.FLOAT and tensor.name not in kept:
-            values = numpy_helper.to_array(tensor).astype(np.float16)
-            graph.initializer[index].CopyFrom(numpy_helper.from_array(values, tensor.name))
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(tensor)),
+                                                                      tensor.name))
     for node in graph.node:
         if node.op_type == "ConstantOfShape" and not node.attribute:  # float32 zeros by default
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
@@ -28,7 +28,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
             if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
                 attribute.i = TensorProto.FLOAT16
             elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == TensorProto.FLOAT:
-                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float16),
+                attribute.t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(attribute.t)),
                                                              attribute.t.name))
     del graph.value_info[:]  # inferred again by the runtime, in the new types
     casts_in = []
@@ -51,6 +51,13 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return half
+
+
+def _half(values: np.ndarray) -> np.ndarray:
+    """float16 values; finite float32 values beyond its range (masks of the float32 minimum) become its extremes,
+    not infinities (then 0 * mask would be NaN where a mask is off)."""
+    limit = np.finfo(np.float16).max
+    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values).astype(np.float16)
 
 
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -83,6 +83,19 @@ def test_float16_copy_keeps_float32_inputs_and_outputs_and_stays_close():
     assert relative_error(reduced, full) < 2e-2
 
 
+def test_float16_copy_of_a_masked_text_model():
+    """BERT's mask is the float32 minimum times (1 - mask): in float16 it becomes float16's minimum, not -inf,
+    so that unmasked tokens are not 0 * -inf (NaN) and the logits and relevance stay those of float32."""
+    data = np.load(FIXTURES / "transformers" / "references.npz")
+    built = onnxlrp.build(FIXTURES / "transformers" / "bert_op17.onnx", "attnlrp")
+    feeds = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "target": data["targets"]}
+    outputs = ["logits", "relevance"]
+    full, reduced = run(built, feeds, outputs), run(to_float16(built), feeds, outputs)
+    assert data["attention_mask"].min() == 0
+    for a, b in zip(reduced, full):
+        assert relative_error(a, b) < 2e-2
+
+
 def test_alpha_beta_where_the_negative_part_is_zero(rng, tmp_path):
     """With non-negative weights and input, z- = z - z+ is 0 but its float difference may round to exactly 0
     (large z+); the denominator keeps its sign, and alpha-beta(2, 1) gives twice z+."""
