@@ -7,7 +7,7 @@ preset and batch size, in one run; write the results as a markdown table.
     python bench/bench.py --models resnet152 --build-only          # build time, peak memory, file size
 
 MODEL is a torchvision model name (random weights; needs torch and torchvision; Zennit, when installed, adds its
-timings on the same device) or an .onnx file. With CUDA, the graphs run with io_binding (inputs and outputs on
+timings on the same device; for vit_* models under cp_lrp, LXT's own map does) or an .onnx file. With CUDA, the graphs run with io_binding (inputs and outputs on
 the GPU) and also with host copies, torch and Zennit run on the GPU, and the relevance is compared with the CPU's.
 Build time and peak memory are measured in a fresh process per build (peak resident set of the process that
 loads the model, builds and starts a session). Medians of --repeats rounds after warm-up; in each round the
@@ -16,6 +16,7 @@ forward pass and the LRP graph (torch and Zennit) run in turn, so that each rati
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -147,9 +149,10 @@ def runners(model_bytes: bytes, provider: str, x: np.ndarray, outputs: list[str]
     return hosted, bound, session
 
 
-def zennit_seconds(model, name: str, x: np.ndarray, preset: str, device: str, repeats: int
-                   ) -> tuple[float, float | None]:
-    """Median seconds of a torch forward pass and of Zennit's attribution with the same preset, on `device`."""
+def reference_seconds(model, name: str, x: np.ndarray, preset: str, device: str, repeats: int
+                      ) -> tuple[float, float | None]:
+    """Median seconds of a torch forward pass and of the reference implementation's attribution with the same
+    preset (Zennit, or LXT for torchvision's ViT), on `device`."""
     import torch
     if THREADS:
         torch.set_num_threads(THREADS)
@@ -161,20 +164,55 @@ def zennit_seconds(model, name: str, x: np.ndarray, preset: str, device: str, re
         with torch.no_grad():
             model(tensor)
         sync()
+    attribution = lxt_attribution(model, name, preset) if name.startswith("vit_") else \
+        zennit_attribution(model, name, preset)
+    if attribution is None:
+        return paired_medians([forward], repeats)[0], None
+    with attribution as attribute:
+        def explained():
+            attribute(tensor.clone().requires_grad_(True))
+            sync()
+        seconds, reference = paired_medians([forward, explained], repeats)
+    return seconds, reference
+
+
+@contextmanager
+def _zennit(model, chosen):
+    from zennit.attribution import Gradient
+    with Gradient(model=model, composite=chosen) as attributor:
+        yield lambda x: attributor(x, lambda y: torch_one_hot(y) * y)
+
+
+def torch_one_hot(y):
+    import torch
+    return torch.eye(y.shape[1], device=y.device)[y.argmax(1)]
+
+
+def zennit_attribution(model, name: str, preset: str):
+    """Zennit's attribution of `model` under the preset of the same name (None where it has none)."""
     try:
         chosen = zennit_composite(name, preset)
     except ImportError:
-        chosen = None
-    if chosen is None:
-        return paired_medians([forward], repeats)[0], None
-    from zennit.attribution import Gradient
-    with Gradient(model=model, composite=chosen) as attributor:
-        def attribute():
-            attributor(tensor.clone().requires_grad_(True),
-                       lambda y: torch.eye(y.shape[1], device=device)[y.argmax(1)] * y)
-            sync()
-        seconds, explained = paired_medians([forward, attribute], repeats)
-    return seconds, explained
+        return None
+    return None if chosen is None else _zennit(model, chosen)
+
+
+@contextmanager
+def _lxt(model):
+    from lxt.efficient import monkey_patch
+    from torchvision.models import vision_transformer
+    monkey_patch(vision_transformer)  # patches the classes' methods for the rest of the process
+
+    def attribute(x):
+        logits = model(x)
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+        return x * x.grad
+    yield attribute
+
+
+def lxt_attribution(model, name: str, preset: str):
+    """LXT's own map of torchvision's ViT (cp_LRP); None for other presets or without LXT."""
+    return _lxt(model) if preset == "cp_lrp" and importlib.util.find_spec("lxt") else None
 
 
 def zennit_composite(name: str, preset: str):
@@ -232,7 +270,7 @@ def main() -> None:
                         help="CPU threads for ONNX Runtime and torch alike (default: their own choice); on a shared "
                              "machine 1 keeps the timings stable")
     parser.add_argument("--tf32", action="store_true", help="CUDA: allow TensorFloat-32 products (faster, ~1e-3)")
-    parser.add_argument("--no-zennit", action="store_true", help="skip torch and Zennit")
+    parser.add_argument("--no-zennit", action="store_true", help="skip torch and Zennit (or LXT)")
     parser.add_argument("--build-only", action="store_true", help="only build time, peak memory and file size")
     parser.add_argument("--out", type=Path, help="write the markdown table here (and print it)")
     args = parser.parse_args()
@@ -285,7 +323,7 @@ def main() -> None:
                     except Exception as error:  # ONNX Runtime CPU lacks float16 kernels for some ops
                         print(f"  float16 does not run on {args.provider}: {str(error).splitlines()[0][:200]}")
                 if torch_model is not None and not args.no_zennit:
-                    row["torch"], row["zennit"] = zennit_seconds(torch_model, name, x, preset, device, args.repeats)
+                    row["torch"], row["zennit"] = reference_seconds(torch_model, name, x, preset, device, args.repeats)
                 speeds.append(row)
                 print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
@@ -303,6 +341,8 @@ def markdown(args, builds: list, speeds: list[dict]) -> str:
         time_note = " (io_binding; with host copies)" if cuda else ""
         head = ["model", "batch", "preset", "LRP / forward", "floor", "Zennit / torch", "onnxlrp / Zennit",
                 f"forward ms{time_note}", f"LRP ms{time_note}", "Zennit ms"]
+        if any(r["model"].startswith("vit_") for r in speeds):
+            head = [cell.replace("Zennit", "Zennit or LXT") for cell in head]
         if cuda:
             head.append("CUDA vs CPU (rel. L2)")
         if args.dtype == "float16":
