@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import LrpError
-from .graph import constant, opset_of, replace
+from .graph import constant, is_bias, opset_of, replace
 from .names import fresh_name, name_nodes
 from .shapes import fold_batch_independent, infer_shapes, observe_shapes
 
@@ -109,7 +109,7 @@ def canonical_gemm(graph: gs.Graph) -> None:
             graph, node.inputs[1], weight.astype(np.float64) * alpha, "weight")]
         if len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant(node.inputs[2])
-            if bias is None or not _is_bias(bias, out_features):
+            if bias is None or not is_bias(bias, out_features):
                 continue  # a computed or per-sample C: the emitter refuses the node
             bias = np.broadcast_to(bias.reshape(-1) * np.float64(beta), (out_features,))
             inputs.append(_constant_like(graph, node.inputs[2], bias, "bias"))
@@ -136,7 +136,7 @@ def fuse_matmul_add(graph: gs.Graph) -> None:
         add = output.outputs[0] if len(output.outputs) == 1 else None
         if add is not None and add.op == "Add" and output not in graph.outputs:
             other = next(t for t in add.inputs if t is not output) if add.inputs.count(output) == 1 else None
-            if other is not None and constant(other) is not None and _is_bias(other.values, weight.shape[1]):
+            if other is not None and constant(other) is not None and is_bias(other.values, weight.shape[1]):
                 bias = np.broadcast_to(other.values.reshape(-1), (weight.shape[1],))
                 inputs.append(_constant_like(graph, other, bias, "bias"))
                 replace(node.outputs, [add.outputs[0]])
@@ -144,11 +144,6 @@ def fuse_matmul_add(graph: gs.Graph) -> None:
                 add.inputs.clear()
         node.op = "Gemm"
         replace(node.inputs, inputs)
-
-
-def _is_bias(values: np.ndarray, features: int) -> bool:
-    """Whether an added constant is a per-output-feature bias of a dense layer."""
-    return values.size in (1, features) and (values.ndim <= 1 or values.shape[:-1] == (1,) * (values.ndim - 1))
 
 
 def _constant_like(graph: gs.Graph, template: gs.Tensor, values: np.ndarray, suffix: str) -> gs.Constant:
