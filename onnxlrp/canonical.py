@@ -250,7 +250,8 @@ def _attention_refusal(graph: gs.Graph, node: gs.Node) -> str | None:
     outputs = {id(t) for t in graph.outputs}
     used = [name for index, name in ATTENTION_STATE_OUTPUTS.items() if index < len(node.outputs)
             and (node.outputs[index].outputs or id(node.outputs[index]) in outputs)]
-    given = [name for index, name in ATTENTION_STATE_INPUTS.items() if index < len(node.inputs) and node.inputs[index].name]
+    given = [name for index, name in ATTENTION_STATE_INPUTS.items()
+             if index < len(node.inputs) and node.inputs[index].name]
     if node.attrs.get("softcap", 0.0):
         given.append("softcap")
     if node.attrs.get("left_window_size", -1) != -1 or node.attrs.get("right_window_size", -1) != -1:

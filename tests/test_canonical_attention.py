@@ -79,10 +79,12 @@ def _model(nodes: list, floats: dict, masks: dict | None = None) -> onnx.ModelPr
     ints = ("axes", "merged", "shape1", "shape2")
     initializers = [numpy_helper.from_array(np.asarray(v, np.int64 if k in ints else np.float32), k)
                     for k, v in floats.items()]
-    initializers += [numpy_helper.from_array(v if v.dtype == bool else v.astype(np.float32), k) for k, v in (masks or {}).items()]
+    initializers += [numpy_helper.from_array(v if v.dtype == bool else v.astype(np.float32), k)
+                     for k, v in (masks or {}).items()]  # a boolean mask stays boolean
     graph = helper.make_graph(nodes, "attention",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", TOKENS, HIDDEN])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], initializers)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     onnx.checker.check_model(model)
