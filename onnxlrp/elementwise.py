@@ -7,7 +7,8 @@ Rules of the arithmetic family:
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant (the sigma of a
 norm written out); x * f(x) is one activation (identity); a Sigmoid gate gives all to its signal; any other product
 of two computed tensors gives each factor half (AttnLRP's uniform rule); the Div of a softmax written out gets the
-softmax rule (softmax.py). A broadcast operand gets the sum over the axes it was broadcast along.
+softmax rule (softmax.py). A broadcast operand gets the sum over the axes it was broadcast along. The Add of a
+dense layer's bias after a MatMul (graph.bias_add) passes: the layer's rule counts the bias, as in a Gemm.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Sequence
 import onnx_graphsurgeon as gs
 
 from . import softmax
+from .graph import biased_matmul
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 
@@ -46,6 +48,8 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
     rule, params = ctx.rule(node)
     output, upper = node.outputs[0], relevance[0]
     flags = [computed(t) for t in node.inputs]
+    if biased_matmul(node) is not None:  # a dense layer's bias: the layer's rule accounts for it (linear.py)
+        return [upper if flag else None for flag in flags]
     if node.op in ("Add", "Sub"):
         if (flags.count(True) == 1 and rule == "norm") or softmax.subtracts_max(node):
             shares = [upper if flag else None for flag in flags]

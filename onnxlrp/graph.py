@@ -26,3 +26,27 @@ def replace(tensors: list, items: list) -> None:
     items = list(items)
     tensors.clear()
     tensors.extend(items)
+
+
+def is_bias(values: np.ndarray, features: int) -> bool:
+    """Whether an added constant is a per-output-feature bias of a dense layer."""
+    return values.size in (1, features) and (values.ndim <= 1 or values.shape[:-1] == (1,) * (values.ndim - 1))
+
+
+def bias_add(matmul: gs.Node) -> gs.Node | None:
+    """The Add of a per-feature constant that alone reads the output of a MatMul by a constant matrix: that dense
+    layer's bias, kept as its own node where no Gemm can carry it (inputs of rank 3 or more)."""
+    weight = constant(matmul.inputs[1]) if matmul.op == "MatMul" else None
+    users = matmul.outputs[0].outputs
+    if weight is None or weight.ndim != 2 or len(users) != 1 or users[0].op != "Add" or \
+            users[0].inputs.count(matmul.outputs[0]) != 1:
+        return None
+    other = next(t for t in users[0].inputs if t is not matmul.outputs[0])
+    values = constant(other)
+    return users[0] if values is not None and is_bias(values, weight.shape[1]) else None
+
+
+def biased_matmul(add: gs.Node) -> gs.Node | None:
+    """The MatMul whose bias `add` is (see `bias_add`), or None."""
+    producers = [t.inputs[0] for t in add.inputs if t.inputs] if add.op == "Add" else []
+    return next((p for p in producers if p.op == "MatMul" and bias_add(p) is add), None)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import LrpError
-from .graph import constant
+from .graph import bias_add, constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 from .rules import RULES, propagate
@@ -31,6 +31,12 @@ class Dense:
     weight: np.ndarray
     bias: np.ndarray | None
     rows: bool = False
+    bias_add: gs.Node | None = None  # a MatMul's bias, added by the Add that follows it (graph.bias_add)
+
+    @property
+    def output(self) -> Tensor:
+        """The layer's output z, bias included."""
+        return (self.bias_add or self.node).outputs[0]
 
     @property
     def matrix(self) -> bool:
@@ -39,6 +45,8 @@ class Dense:
         return shape is not None and len(shape) == 2
 
     def parameters(self) -> tuple[Tensor, Tensor | None]:
+        if self.bias_add is not None:
+            return self.node.inputs[1], next(t for t in self.bias_add.inputs if t is not self.node.outputs[0])
         return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
 
     def stored(self, weight: Tensor | np.ndarray) -> Tensor:
@@ -74,6 +82,10 @@ class Convolution:
     @property
     def transposed(self) -> bool:
         return self.node.op == "ConvTranspose"
+
+    @property
+    def output(self) -> Tensor:
+        return self.node.outputs[0]
 
     def parameters(self) -> tuple[Tensor, Tensor | None]:
         return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
@@ -111,7 +123,11 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
         weight = weight.T if rows else weight  # a view: [K, M] for the rules, no copy
         if set(node.attrs) - {"transB"} or (bias is not None and bias.shape != weight.shape[1:]):
             raise Unsupported("Gemm with a C that is not a per-feature constant bias is not supported")
-        return Dense(node, weight, bias, rows)
+        add = bias_add(node) if node.op == "MatMul" else None
+        if add is not None:
+            values = constant(next(t for t in add.inputs if t is not node.outputs[0]))
+            bias = np.broadcast_to(values.reshape(-1), weight.shape[1:])
+        return Dense(node, weight, bias, rows, add)
     in_shape, out_shape = x.shape, node.outputs[0].shape
     if not _static(in_shape, 1) or not _static(out_shape, 1):
         raise Unsupported("convolutions need static channel and spatial dimensions")
@@ -131,7 +147,7 @@ def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None])
     layer = linear_layer(node)
     name, params = ctx.rule(node)
     x = node.inputs[0]
-    lower = propagate(ctx.ops, layer, x, node.outputs[0], relevance[0], RULES[name], params, ctx.nonnegative(x))
+    lower = propagate(ctx.ops, layer, x, layer.output, relevance[0], RULES[name], params, ctx.nonnegative(x))
     return [lower] + [None] * (len(node.inputs) - 1)
 
 
