@@ -437,14 +437,14 @@ def test_einsum_equals_its_matmul_form(rng):
 # LXT's vision recipe: cp_lrp with Zennit's gamma (0.25 on Conv, 0.05 on dense layers), `cp_lrp_gamma`.
 
 GAMMA_REFERENCES = dict(np.load(TRANSFORMERS / "gamma_references.npz"))
-CP_LRP_GAMMA = FIXTURES.parent / "rules" / "cp_lrp_gamma.toml"  # by path: the preset is a file of this checkout
+CP_LRP_GAMMA = "cp_lrp_gamma"  # by name, as a user picks it
 
 
 @pytest.mark.parametrize("model", ("vit_op14", "vit_op17", "vit_dynamo"))
 def test_cp_lrp_gamma_matches_lxts_vision_recipe(model):
     """Every projection of the Hugging Face ViT is an nn.Linear that Zennit hooks: the preset as it is. The dense
     layers' biases count in gamma's denominators, as in Zennit, also at rank 3 (MatMul, then Add of the bias)."""
-    built_model = onnxlrp.build(onnx.load(TRANSFORMERS / f"{model}.onnx"), onnxlrp.load_composite(str(CP_LRP_GAMMA)))
+    built_model = onnxlrp.build(onnx.load(TRANSFORMERS / f"{model}.onnx"), onnxlrp.load_composite(CP_LRP_GAMMA))
     actual = run(built_model, feeds("vit"), ["relevance"])[0]
     assert relative_error(actual, GAMMA_REFERENCES["vit_cp_lrp_gamma"]) < 1e-4
 
@@ -453,19 +453,19 @@ def test_cp_lrp_gamma_on_torchvisions_vit(tmp_path):
     """torch's MultiheadAttention projects with its parameters, not by calling nn.Linear, so Zennit never hooks
     them and LXT's recipe leaves them LRP-0: a composite that extends the preset says so by name."""
     own = tmp_path / "torchvision_vit.toml"
-    own.write_text(f'extends = "{CP_LRP_GAMMA.as_posix()}"\n\n[[layers]]\nnames = ["*/self_attention/*"]\n'
+    own.write_text(f'extends = "{CP_LRP_GAMMA}"\n\n[[layers]]\nnames = ["*/self_attention/*"]\n'
                    'op_types = ["Gemm", "MatMul"]\nrule = "zero"\n')
     source = onnx.load(TRANSFORMERS / "torchvision_vit_op17.onnx")
     feed = {"x": REFERENCES["pixel_values_32"], "target": REFERENCES["targets"]}
     expected = GAMMA_REFERENCES["torchvision_vit_cp_lrp_gamma"]
     actual = run(onnxlrp.build(source, onnxlrp.load_composite(str(own))), feed, ["relevance"])[0]
     assert relative_error(actual, expected) < 1e-4
-    preset = run(onnxlrp.build(source, onnxlrp.load_composite(str(CP_LRP_GAMMA))), feed, ["relevance"])[0]
+    preset = run(onnxlrp.build(source, onnxlrp.load_composite(CP_LRP_GAMMA)), feed, ["relevance"])[0]
     assert relative_error(preset, expected) > 0.1  # gamma on the attention projections too
 
 
 def test_cp_lrp_gamma_extends_cp_lrp():
-    composite = onnxlrp.load_composite(str(CP_LRP_GAMMA))
+    composite = onnxlrp.load_composite(CP_LRP_GAMMA)
     base = onnxlrp.load_composite("cp_lrp")
     assert composite.entries[2:] == base.entries and composite.params == base.params
     assert [(e.rule, e.params["gamma"], e.params["stabilizer"]) for e in composite.entries[:2]] == \
@@ -477,7 +477,7 @@ def test_bias_of_a_rank_3_dense_layer_counts_in_gamma(rng):
     w, b = rng.standard_normal((4, 3)), rng.standard_normal(3)
     x = rng.standard_normal((2, 5, 4)).astype(np.float32)
     target = np.array([0, 2])
-    composite = onnxlrp.load_composite(str(CP_LRP_GAMMA))
+    composite = onnxlrp.load_composite(CP_LRP_GAMMA)
     rank3 = make_model([helper.make_node("MatMul", ["input", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["y"]),
                         helper.make_node("ReduceSum", ["y", "axes"], ["logits"], keepdims=0)], (2, 5, 4), (2, 3),
                        {"w": w, "b": b, "axes": [1]})
