@@ -1,6 +1,8 @@
 """Shapes: what onnx's inference can tell, and shape arithmetic that is the same for every batch size."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -89,15 +91,7 @@ def fold_batch_independent(graph: gs.Graph) -> bool:
     candidates = _shape_derived(graph)
     if not candidates:
         return False
-    trial = graph.copy()
-    tensors = trial.tensors()
-    trial.outputs = [tensors[t.name] for t in candidates]
-    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
-    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    observed = [dict(zip(names, session.run(names, {t.name: np.zeros([batch] + list(t.shape[1:]), t.dtype)
-                                                     for t in graph.inputs})))
-                for batch in (1, 2)]
+    observed = _observe(graph, candidates, (1, 2))
     folded = False
     for tensor in candidates:
         first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
@@ -106,6 +100,24 @@ def fold_batch_independent(graph: gs.Graph) -> bool:
             tensor.inputs.clear()
             folded = True
     return folded
+
+
+def _observe(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple, keep: Callable = lambda value: value
+             ) -> list[dict[str, object]]:
+    """`keep` of the values of the `wanted` tensors, one run of the graph in ONNX Runtime on zero inputs per batch
+    size (None: the input's own). Each run's values are let go before the next starts, and the model's serialized
+    copy once the session holds it: a large model's intermediate tensors and weights are not held twice."""
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in wanted]
+    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
+    del trial, tensors
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    del blob
+    names = [o.name for o in session.get_outputs()]
+    return [{name: keep(value) for name, value in zip(names, session.run(names, {
+        t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in graph.inputs}))}
+        for batch in batches]
 
 
 def _shape_derived(graph: gs.Graph) -> list[gs.Variable]:
@@ -196,16 +208,8 @@ def observe_shapes(graph: gs.Graph) -> bool:
         return False
     symbolic = [t.shape[0] for t in graph.inputs if not isinstance(t.shape[0], int)]
     batches = (1, 2) if symbolic else (None,)
-    trial = graph.copy()
-    tensors = trial.tensors()
-    trial.outputs = [tensors[t.name] for t in wanted]
     try:
-        blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
-        session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        runs = [dict(zip(names, (np.shape(v) for v in session.run(names, {
-            t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in graph.inputs}))))
-            for batch in batches]
+        runs = _observe(graph, wanted, batches, np.shape)
     except Exception:  # a model ONNX Runtime cannot run at these sizes keeps the inferred shapes
         return False
     filled = False
