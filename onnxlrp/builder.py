@@ -26,6 +26,7 @@ from .registry import data_path as on_data_path
 from .signs import nonnegative_tensors, unbounded_tensors
 from .top import EXPLAIN, start, written_out_softmax
 from .validate import check_model_structure
+from .zeros import rectified_outputs, vanishing_relevance
 
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 HEADS = ("Softmax", "LogSoftmax")
@@ -43,6 +44,8 @@ class Builder:
         # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
         stopped = lambda node: softmax.stops(node, self.rule)  # noqa: E731
         self._data_path = data_path(graph, explained, stopped) if explained is not None else None
+        with on_data_path(self._data_path):
+            self._rectified = rectified_outputs(graph, vanishing_relevance(graph, self.rule))
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
 
     def rule(self, node: gs.Node) -> tuple[str, dict]:
@@ -53,6 +56,9 @@ class Builder:
 
     def finite(self, tensor: Tensor) -> bool:
         return tensor.name not in self._unbounded
+
+    def rectified(self, tensor: Tensor) -> Tensor | None:
+        return self._rectified.get(tensor.name)
 
     def walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
         """Propagate `seed` from tensor `top` to every tensor it depends on; return the relevance that reached

@@ -43,7 +43,13 @@ def unbroadcast(ops: Ops, relevance: Tensor, operand: Tensor, output: Tensor, ma
     return ops.reshape_like(summed, operand) if lead else summed
 
 
-@family("arithmetic", ("Add", "Sub", "Mul", "Div"), ARITHMETIC_RULES)
+def _zeros(node: gs.Node, rule: str) -> str | None:
+    """A sum of two computed tensors gives each its own share, the operand times R / z."""
+    sums = node.op in ("Add", "Sub") and all(computed(t) for t in node.inputs) and not softmax.subtracts_max(node)
+    return "kept" if sums else None
+
+
+@family("arithmetic", ("Add", "Sub", "Mul", "Div"), ARITHMETIC_RULES, zeros=_zeros)
 def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     rule, params = ctx.rule(node)
     output, upper = node.outputs[0], relevance[0]
@@ -54,7 +60,7 @@ def emit_arithmetic(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | No
         if (flags.count(True) == 1 and rule == "norm") or softmax.subtracts_max(node):
             shares = [upper if flag else None for flag in flags]
         else:
-            s = ctx.ops.divide_stabilized(upper, output, params["stabilizer"])
+            s = ctx.ops.divide_stabilized(upper, output, params["stabilizer"], rectified=ctx.rectified(output))
             shares = [_times(ctx, t, s) if flag else None for t, flag in zip(node.inputs, flags)]
             if node.op == "Sub" and shares[1] is not None:
                 shares[1] = ctx.ops("Neg", shares[1])

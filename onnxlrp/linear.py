@@ -140,14 +140,16 @@ def is_layer(node: gs.Node) -> bool:
     return computed(node.inputs[0]) and weight is not None and (node.op != "MatMul" or weight.ndim == 2)
 
 
-@family("linear", LINEAR_OPS, ("epsilon",) + tuple(r for r in LINEAR_RULES if r != "epsilon"))
+@family("linear", LINEAR_OPS, ("epsilon",) + tuple(r for r in LINEAR_RULES if r != "epsilon"),
+        zeros=lambda node, rule: "kept" if is_layer(node) and rule in RULES and RULES[rule].keeps_zeros else None)
 def emit_linear(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     if node.op == "MatMul" and not is_layer(node):
         return emit_product(ctx, node, relevance)
     layer = linear_layer(node)
     name, params = ctx.rule(node)
     x = node.inputs[0]
-    lower = propagate(ctx.ops, layer, x, layer.output, relevance[0], RULES[name], params, ctx.nonnegative(x))
+    lower = propagate(ctx.ops, layer, x, layer.output, relevance[0], RULES[name], params, ctx.nonnegative(x),
+                      ctx.rectified(layer.output))
     return [lower] + [None] * (len(node.inputs) - 1)
 
 

@@ -97,12 +97,16 @@ class Ops:
         return self("Where", self("Equal", tensor, zero), zero, value)
 
     def divide_stabilized(self, numerator: Tensor, z: Tensor, epsilon: float | Tensor,
-                          sign: int | None = None) -> gs.Variable:
+                          sign: int | None = None, rectified: Tensor | None = None) -> gs.Variable:
         """numerator / (z + epsilon * sign0(z)) with sign0(0) = +1; epsilon = 0 guards 0/0 to 0.
 
         `sign` is the known sign of z (+1 for z >= 0, -1 for z <= 0), which saves the sign computation.
+        `rectified` is ReLU(z) where the numerator is 0 wherever z <= 0 (zeros.py): the denominator is then
+        ReLU(z) + epsilon, the same quotient in one Add.
         `epsilon` may be a tensor (one value per sample, see `scaled_epsilon`); a zero denominator then gives 0.
         """
+        if rectified is not None and not isinstance(epsilon, gs.Tensor) and epsilon > 0:
+            return self("Div", numerator, self("Add", rectified, self.scalar(epsilon)))
         if isinstance(epsilon, gs.Tensor):
             shift = self("Where", self("Less", z, self.scalar(0.0)), self("Neg", epsilon), epsilon)
             denominator = self("Add", z, shift)

@@ -139,12 +139,12 @@ def _norm(ctx: Context, node: gs.Node, layer, relevance: Tensor) -> list[Tensor 
     return [lower] + [None] * (len(node.inputs) - 1)
 
 
-@family("average pooling", ("AveragePool",), ("norm",))
+@family("average pooling", ("AveragePool",), ("norm",), zeros="kept")
 def emit_average_pool(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     return _norm(ctx, node, _window(node, average=True), relevance[0])
 
 
-@family("reduction", ("GlobalAveragePool", "ReduceMean", "ReduceSum"), ("norm",))
+@family("reduction", ("GlobalAveragePool", "ReduceMean", "ReduceSum"), ("norm",), zeros="kept")
 def emit_reduction(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     return _norm(ctx, node, _reduction(node), relevance[0])
 
@@ -156,7 +156,8 @@ def _overlapping(node: gs.Node) -> bool:
     return any(s < (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
 
 
-@family("max pooling", ("MaxPool",), ("wta", "norm"), min_opset=lambda node: 16 if _overlapping(node) else 0)
+@family("max pooling", ("MaxPool",), ("wta", "norm"), min_opset=lambda node: 16 if _overlapping(node) else 0,
+        zeros=lambda node, rule: "kept" if rule == "norm" else "routed")
 def emit_max_pool(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     name, params = ctx.rule(node)
     if name == "norm":
@@ -180,7 +181,8 @@ def _winner_take_all(ops: Ops, node: gs.Node, relevance: Tensor) -> Tensor:
     return ops.reshape_like(scattered, x)
 
 
-@family("max reduction", ("GlobalMaxPool", "ReduceMax"), ("wta", "norm"))
+@family("max reduction", ("GlobalMaxPool", "ReduceMax"), ("wta", "norm"),
+        zeros=lambda node, rule: "kept" if rule == "norm" else "routed")
 def emit_max_reduction(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Winner-take-all as for MaxPool: the relevance of each maximum goes to the inputs that attain it (shared
     equally between ties, which is the gradient); `norm` treats the maximum as a sum."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -26,8 +26,14 @@ class Context(Protocol):
 
     def finite(self, tensor: Tensor) -> bool: ...
 
+    def rectified(self, tensor: Tensor) -> Tensor | None: ...
+
 
 Emit = Callable[[Context, gs.Node, Sequence[Tensor | None]], Sequence[Tensor | None]]
+# How a node's input relevance relates to the input's zeros, given the node and its rule: "kept" (the input times
+# something, so 0 where the input is 0), "routed" (relevance only where an input element equals an output
+# element: copies, and a maximum's winners) or None (neither).
+Zeros = Callable[[gs.Node, str], Union[str, None]]
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,19 @@ class Family:
     rules: tuple[str, ...]
     emit: Emit
     min_opset: Callable[[gs.Node], int]
+    zeros: Zeros
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def family(name: str, op_types: Sequence[str], rules: Sequence[str],
-           min_opset: Callable[[gs.Node], int] | None = None) -> Callable[[Emit], Emit]:
-    """Register the decorated function as the emitter of `op_types`."""
+           min_opset: Callable[[gs.Node], int] | None = None, zeros: Zeros | str | None = None
+           ) -> Callable[[Emit], Emit]:
+    """Register the decorated function as the emitter of `op_types` (`zeros`: see Zeros; a string for all)."""
     def register(emit: Emit) -> Emit:
-        entry = Family(name, tuple(op_types), tuple(rules), emit, min_opset or (lambda node: 0))
+        entry = Family(name, tuple(op_types), tuple(rules), emit, min_opset or (lambda node: 0),
+                       zeros if callable(zeros) else (lambda node, rule: zeros))
         for op_type in op_types:
             FAMILIES[op_type] = entry
         return emit

@@ -16,19 +16,22 @@ from .registry import Context, Unsupported, computed, family, floating
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh",
                "Clip", "HardSwish", "Softplus", "Softsign", "Mish", "ThresholdedRelu")
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+# Elementwise layers whose output is 0 exactly where their input is.
+ZERO_PRESERVING = ("Relu", "LeakyRelu", "Identity", "Dropout")
 
 
 def _first_only(relevance: Tensor, node: gs.Node) -> list[Tensor | None]:
     return [relevance] + [None] * (len(node.inputs) - 1)
 
 
-@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization"), ("pass",))
+@family("activation", ACTIVATIONS + ("Identity", "Dropout", "BatchNormalization"), ("pass",),
+        zeros=lambda node, rule: "routed" if node.op in ZERO_PRESERVING else None)
 def emit_pass(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Elementwise layers (and BatchNormalization that could not be folded) pass relevance unchanged."""
     return _first_only(relevance[0], node)
 
 
-@family("cast", ("Cast",), ("pass",))
+@family("cast", ("Cast",), ("pass",), zeros="routed")
 def emit_cast(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Relevance passes, in the type of the cast's input (a double model input cast to float), or in its own type
     from a one-hot encoding (encoding.py)."""
@@ -41,12 +44,12 @@ def emit_cast(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -
     return [ctx.ops("Cast", relevance[0], to=dtype)]
 
 
-@family("reshape", RESHAPES, ("pass",))
+@family("reshape", RESHAPES, ("pass",), zeros="routed")
 def emit_reshape(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     return _first_only(ctx.ops.reshape_like(relevance[0], node.inputs[0]), node)
 
 
-@family("transpose", ("Transpose",), ("pass",))
+@family("transpose", ("Transpose",), ("pass",), zeros="routed")
 def emit_transpose(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     perm = node.attrs.get("perm")
     if perm is None:
@@ -54,7 +57,7 @@ def emit_transpose(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | Non
     return [ctx.ops("Transpose", relevance[0], perm=[int(i) for i in np.argsort(perm)])]
 
 
-@family("concat", ("Concat",), ("pass",))
+@family("concat", ("Concat",), ("pass",), zeros="routed")
 def emit_concat(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Each input gets back the slice of the relevance that it contributed (bounds read at run time where
     the sizes along the axis are not static, e.g. a cls token expanded to a computed shape)."""
@@ -99,7 +102,7 @@ def _zeros_like(ops: Ops, tensor: Tensor) -> Tensor:
 WHOLE = 2**31 - 1  # a Slice bound at least this large reaches past any batch size
 
 
-@family("slice", ("Slice",), ("pass",))
+@family("slice", ("Slice",), ("pass",), zeros="routed")
 def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
     shape = _static_dims(node.inputs[0], "Slice")
@@ -130,7 +133,7 @@ def emit_slice(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
     return [lower] + [None] * (len(node.inputs) - 1)
 
 
-@family("split", ("Split",), ("pass",))
+@family("split", ("Split",), ("pass",), zeros="routed")
 def emit_split(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The relevance of the parts, concatenated back (zeros for parts nothing explained)."""
     parts = [r if r is not None else _zeros_like(ctx.ops, out) for r, out in zip(relevance, node.outputs)]
@@ -138,7 +141,7 @@ def emit_split(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) 
     return [lower] + [None] * (len(node.inputs) - 1)
 
 
-@family("pad", ("Pad",), ("pass",))
+@family("pad", ("Pad",), ("pass",), zeros="routed")
 def emit_pad(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Constant mode: relevance of the padding is dropped, the input gets that of its own positions. Edge,
     reflect and wrap modes: padded values are copies of inner positions, and their relevance goes back to the

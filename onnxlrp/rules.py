@@ -76,6 +76,12 @@ class Rule:
     params: tuple[str, ...] = ()
     fixed: Mapping[str, float] = field(default_factory=dict)
 
+    @property
+    def keeps_zeros(self) -> bool:
+        """Whether the lower relevance is the input times something (every term reads x, x+ or x-), so 0 where
+        the input is 0; flat, w-square and zbox's bounds give relevance to inputs that are 0."""
+        return all(term.input in ("x", "pos", "neg") for group in self.groups for term in group.terms)
+
 
 PLAIN = Term("x")
 RULES: dict[str, Rule] = {rule.name: rule for rule in (
@@ -132,15 +138,16 @@ class Layer(Protocol):
 
 
 def propagate(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, rule: Rule,
-              params: Mapping[str, object], nonnegative: bool) -> Tensor:
-    """Apply `rule` to one layer: the four steps of LRP.md §1, once per group, terms that vanish left out."""
+              params: Mapping[str, object], nonnegative: bool, rectified: Tensor | None = None) -> Tensor:
+    """Apply `rule` to one layer: the four steps of LRP.md §1, once per group, terms that vanish left out.
+    `rectified`: ReLU(output) where the relevance is 0 wherever output <= 0 (see Ops.divide_stabilized)."""
     params = {**params, **rule.fixed}
     inputs = _inputs(ops, layer, x, params, nonnegative, rule)
     live = [(group, [t for t in group.terms if inputs[t.input] is not None]) for group in rule.groups]
     live = [(group, terms) for group, terms in live if terms and _scale(group.scale, params) != 0]
     modified = _modifier_cache(ops, params)
     if all(_reads_x(layer, terms, inputs, x) for _, terms in live):
-        return _on_x(ops, layer, x, output, relevance, rule, params, live, modified)
+        return _on_x(ops, layer, x, output, relevance, rule, params, live, modified, rectified)
     epsilon = params[rule.stabilizer]
     weight, bias = layer.parameters()
     contributions = []
@@ -161,7 +168,7 @@ def propagate(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tens
 
 
 def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, rule: Rule, params,
-          live, modified) -> Tensor:
+          live, modified, rectified: Tensor | None) -> Tensor:
     """Rules whose terms all read x and modify weight and bias alike (a W + b W+): each group's denominator is
     A z + B z+, with z the layer's own output and z+ = forward(x, W+, b+), and each group has one transposed pass
     of its own weight, scale * (A W + B W+). With the forward, that is 2 passes (epsilon), 3 (z+) or 4 (gamma,
@@ -207,7 +214,8 @@ def _on_x(ops: Ops, layer: Layer, x: Tensor, output: Tensor, relevance: Tensor, 
                 z = ops("Min" if group.sign < 0 else "Max", z, ops.scalar(group.sign * epsilon))
             s = ops("Div", relevance, z)
         else:
-            s = ops.divide_stabilized(relevance, z, _scaled(ops, z, output, epsilon, params, rule), group.sign)
+            s = ops.divide_stabilized(relevance, z, _scaled(ops, z, output, epsilon, params, rule), group.sign,
+                                      rectified if z is output else None)
         parts.append(backward(_gated(ops, group, output, s), scale, a, b))
     return ops("Mul", x, ops.add_all(parts))
 

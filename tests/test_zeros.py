@@ -1,0 +1,60 @@
+"""Denominators of layers whose output feeds only a ReLU are ReLU(z) + epsilon where relevance reaches the ReLU
+only where it is non-zero (zeros.py), and the relevance stays that of z + epsilon sign0(z) (numpy, float64)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+import onnxlrp
+from conftest import make_model, run
+from lrp_numpy import lrp_chain
+from onnxlrp.builder import Builder
+from onnxlrp.ops import Ops
+
+EPSILON = 0.1  # large enough that a denominator of -epsilon where +epsilon belongs would show
+
+
+def chain(rng):
+    """conv0, ReLU, 2x2 MaxPool, conv1, ReLU, Flatten, dense; conv0's bias leaves whole windows at 0."""
+    init = {"w0": rng.normal(size=(3, 2, 3, 3)), "b0": np.array([-4.0, 0.5, -0.5]),
+            "w1": rng.normal(size=(4, 3, 3, 3)), "b1": rng.normal(size=4),
+            "wd": rng.normal(size=(3, 4 * 3 * 3)), "bd": rng.normal(size=3)}
+    nodes = [helper.make_node("Conv", ["input", "w0", "b0"], ["z0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z0"], ["a0"], name="relu0"),
+             helper.make_node("MaxPool", ["a0"], ["p0"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p0", "w1", "b1"], ["z1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z1"], ["a1"], name="relu1"),
+             helper.make_node("Flatten", ["a1"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wd", "bd"], ["logits"], name="dense", transB=1)]
+    return make_model(nodes, [1, 2, 6, 6], [1, 3], init)
+
+
+def rectified(model, composite: onnxlrp.Composite) -> set[str]:
+    """The tensors whose ReLU the builder uses as their denominator."""
+    graph = gs.import_onnx(model)
+    builder = Builder(graph, composite, Ops(graph, graph.opset), graph.inputs[0])
+    return {name for name, tensor in graph.tensors().items() if builder.rectified(tensor) is not None}
+
+
+@pytest.mark.parametrize("conv1_rule", ["epsilon", "zbox"])
+def test_relu_denominators_keep_the_relevance(rng, tmp_path, conv1_rule):
+    """Under epsilon everywhere both convolutions' outputs feed a ReLU whose relevance vanishes with it (through
+    the MaxPool's winners); zbox on conv1 gives relevance to inputs that are 0, so conv0 keeps its sign."""
+    source = chain(rng)
+    path = tmp_path / "composite.toml"
+    path.write_text(f'[params]\nepsilon = {EPSILON}\nlow = -1.0\nhigh = 1.0\n\n'
+                    f'[[layers]]\nnames = ["conv1"]\nrule = "{conv1_rule}"\n\n'
+                    '[[layers]]\nop_types = ["Conv", "Gemm"]\nrule = "epsilon"\n')
+    composite = onnxlrp.load_composite(str(path))
+    assert rectified(source, composite) == ({"z0", "z1"} if conv1_rule == "epsilon" else {"z1"})
+    x = rng.normal(size=(2, 2, 6, 6)).astype(np.float32)
+    target = np.array([0, 2])
+    params = {"epsilon": EPSILON, "low": -1.0, "high": 1.0}
+    rules = {"conv0": ("epsilon", params), "conv1": (conv1_rule, params), "dense": ("epsilon", params),
+             "pool": ("wta", {})}
+    logits, expected, _ = lrp_chain(source, x, target, rules)
+    assert (logits != 0).all() and np.any(np.maximum(x, 0).sum() > 0)
+    relevance = run(onnxlrp.build(source, composite), {"input": x, "target": target}, ["relevance"])[0]
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
