@@ -42,7 +42,7 @@ class Builder:
         self._unbounded = unbounded_tensors(graph, [explained.name] if explained is not None else [])
         self._rule = composite.assign(graph)
         # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
-        stopped = lambda node: softmax.stops(node, self.rule)  # noqa: E731
+        stopped = lambda node: softmax.stops(node, self.rule) or transformer.sigma_of_a_norm(node)  # noqa: E731
         self._data_path = data_path(graph, explained, stopped) if explained is not None else None
         with on_data_path(self._data_path):
             self._rectified = rectified_outputs(graph, vanishing_relevance(graph, self.rule))

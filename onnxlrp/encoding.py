@@ -6,6 +6,7 @@ from typing import Sequence
 
 import onnx_graphsurgeon as gs
 
+from .graph import constant
 from .ops import Tensor
 from .registry import Context, Unsupported, computed, family
 
@@ -21,9 +22,18 @@ def encoded(tensor: Tensor) -> bool:
 
 def one_hot_encoded(tensor: Tensor, depth: int = 4) -> bool:
     """Whether the graph one-hot encodes the tensor (after at most `depth` reshaping or casting ops)."""
-    return any(consumer.op in ENCODINGS or (depth > 0 and consumer.op in PLACING
-                                            and one_hot_encoded(consumer.outputs[0], depth - 1))
+    return any(_encodes(consumer, tensor) or (depth > 0 and consumer.op in PLACING
+                                              and one_hot_encoded(consumer.outputs[0], depth - 1))
                for consumer in tensor.outputs)
+
+
+def _encodes(node: gs.Node, tensor: Tensor) -> bool:
+    """OneHot, or Equal against a constant range of values; an Equal against one value (DistilBERT's
+    `attention_mask == 0`) is a test, not an encoding."""
+    if node.op != "Equal":
+        return node.op in ENCODINGS
+    values = constant(next((t for t in node.inputs if t is not tensor), tensor))
+    return values is not None and values.size > 1
 
 
 @family("one-hot encoding", ENCODINGS, ("pass",))

@@ -1,5 +1,6 @@
-"""Transformer layers (ATTNLRP.md §3): LayerNormalization with sigma constant, and MatMul of two computed tensors
-(the uniform rule of Prop. 3.3; CP-LRP stops at the softmax, see softmax.py)."""
+"""Transformer layers (ATTNLRP.md §3): LayerNormalization with sigma constant (also written out: the sigma of a norm
+is a constant to the walk), and MatMul of two computed tensors (the uniform rule of Prop. 3.3; CP-LRP stops at the
+softmax, see softmax.py)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,8 +8,35 @@ from typing import Sequence
 import onnx_graphsurgeon as gs
 
 from .elementwise import unbroadcast
+from .graph import constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
+
+
+MEANS = ("ReduceMean", "GlobalAveragePool")  # tf2onnx writes a mean over the last axis as GlobalAveragePool
+EPSILONS = ("Add", "Max")  # var + eps, or max(var, eps)
+
+
+def sigma_of_a_norm(node: gs.Node) -> bool:
+    """Whether a node computes the sigma of a norm written out: Sqrt(mean(d * d or d ^ 2) + eps), eps added or
+    taken as a floor. Its output is a constant to the walk (LXT's stop-gradient), so that whatever divides or
+    multiplies by sigma or 1 / sigma (torch's Div, tf2onnx's Reciprocal and Mul, RMSNorm) passes relevance."""
+    if node.op != "Sqrt":
+        return False
+    tensor = node.inputs[0]
+    while tensor.inputs and tensor.inputs[0].op in EPSILONS:
+        operands = tensor.inputs[0].inputs
+        computed_operands = [t for t in operands if constant(t) is None]
+        if len(computed_operands) != 1:
+            return False
+        tensor = computed_operands[0]
+    mean = tensor.inputs[0] if tensor.inputs else None
+    if mean is None or mean.op not in MEANS or not mean.inputs[0].inputs:
+        return False
+    square = mean.inputs[0].inputs[0]
+    return (square.op == "Mul" and square.inputs[0] is square.inputs[1]) or (
+        square.op == "Pow" and constant(square.inputs[1]) is not None and constant(square.inputs[1]).size == 1
+        and float(constant(square.inputs[1]).reshape(())) == 2.0)
 
 
 def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
