@@ -21,15 +21,7 @@ def infer_shapes(graph: gs.Graph) -> None:
     with a symbolic batch size (a Reshape to -1 of a computed shape) come from passes with batch 1 and 2, where
     they agree.
     """
-    light = graph.copy()
-    stand_ins: dict[str, gs.Variable] = {}
-    for node in light.nodes:
-        for index, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
-                if tensor.name not in stand_ins:
-                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
-                node.inputs[index] = stand_ins[tensor.name]
-    light.inputs.extend(stand_ins.values())
+    light, stand_ins = _light(graph.copy())
     exported = gs.export_onnx(light, do_type_check=False)
     tensors = graph.tensors()
     for name, dtype, shape in _inferred(exported):
@@ -53,6 +45,43 @@ def infer_shapes(graph: gs.Graph) -> None:
                 and len(shape) == len(tensor.shape) == len(other):
             tensor.shape = tensor.shape[:1] + [a if a == b else d for a, b, d in
                                                zip(shape[1:], other[1:], tensor.shape[1:])]
+
+
+def _light(graph: gs.Graph) -> tuple[gs.Graph, dict[str, np.ndarray]]:
+    """The graph (a copy, changed in place) with its large constants turned into graph inputs of the same name,
+    type and shape, and their values: exporting it serializes no weight."""
+    stand_ins: dict[str, gs.Variable] = {}
+    values: dict[str, np.ndarray] = {}
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
+                if tensor.name not in stand_ins:
+                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
+                    values[tensor.name] = tensor.values
+                node.inputs[index] = stand_ins[tensor.name]
+    graph.inputs.extend(stand_ins.values())
+    return graph, values
+
+
+def _trial_runs(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple) -> list[dict[str, np.ndarray]]:
+    """The values of `wanted` when the graph runs in ONNX Runtime on zero inputs, once per batch size (None: the
+    inputs' own). The weights are fed to the session, not serialized into it, and the session is not optimized:
+    it runs once or twice, and for a large model both would take longer than the runs."""
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in wanted]
+    inputs = list(graph.inputs)
+    trial, weights = _light(trial.cleanup())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(gs.export_onnx(trial, do_type_check=False).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feeds = {name: value for name, value in weights.items() if name in {i.name for i in session.get_inputs()}}
+    return [dict(zip(names, session.run(names, {**feeds, **{
+        t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in inputs}})))
+        for batch in batches]
 
 
 def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
@@ -89,15 +118,7 @@ def fold_batch_independent(graph: gs.Graph) -> bool:
     candidates = _shape_derived(graph)
     if not candidates:
         return False
-    trial = graph.copy()
-    tensors = trial.tensors()
-    trial.outputs = [tensors[t.name] for t in candidates]
-    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
-    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    observed = [dict(zip(names, session.run(names, {t.name: np.zeros([batch] + list(t.shape[1:]), t.dtype)
-                                                     for t in graph.inputs})))
-                for batch in (1, 2)]
+    observed = _trial_runs(graph, candidates, (1, 2))
     folded = False
     for tensor in candidates:
         first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
@@ -196,16 +217,9 @@ def observe_shapes(graph: gs.Graph) -> bool:
         return False
     symbolic = [t.shape[0] for t in graph.inputs if not isinstance(t.shape[0], int)]
     batches = (1, 2) if symbolic else (None,)
-    trial = graph.copy()
-    tensors = trial.tensors()
-    trial.outputs = [tensors[t.name] for t in wanted]
     try:
-        blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
-        session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        runs = [dict(zip(names, (np.shape(v) for v in session.run(names, {
-            t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in graph.inputs}))))
-            for batch in batches]
+        runs = [{name: np.shape(value) for name, value in run.items()}
+                for run in _trial_runs(graph, wanted, batches)]
     except Exception:  # a model ONNX Runtime cannot run at these sizes keeps the inferred shapes
         return False
     filled = False
