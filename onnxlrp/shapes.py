@@ -23,15 +23,7 @@ def infer_shapes(graph: gs.Graph) -> None:
     with a symbolic batch size (a Reshape to -1 of a computed shape) come from passes with batch 1 and 2, where
     they agree.
     """
-    light = graph.copy()
-    stand_ins: dict[str, gs.Variable] = {}
-    for node in light.nodes:
-        for index, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
-                if tensor.name not in stand_ins:
-                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
-                node.inputs[index] = stand_ins[tensor.name]
-    light.inputs.extend(stand_ins.values())
+    light, stand_ins = _light(graph.copy())
     exported = gs.export_onnx(light, do_type_check=False)
     tensors = graph.tensors()
     for name, dtype, shape in _inferred(exported):
@@ -55,6 +47,45 @@ def infer_shapes(graph: gs.Graph) -> None:
                 and len(shape) == len(tensor.shape) == len(other):
             tensor.shape = tensor.shape[:1] + [a if a == b else d for a, b, d in
                                                zip(shape[1:], other[1:], tensor.shape[1:])]
+
+
+def _light(graph: gs.Graph) -> tuple[gs.Graph, dict[str, np.ndarray]]:
+    """The graph (a copy, changed in place) with its large constants turned into graph inputs of the same name,
+    type and shape, and their values: exporting it serializes no weight."""
+    stand_ins: dict[str, gs.Variable] = {}
+    values: dict[str, np.ndarray] = {}
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > LIGHT_LIMIT:
+                if tensor.name not in stand_ins:
+                    stand_ins[tensor.name] = gs.Variable(tensor.name, tensor.dtype, list(tensor.shape))
+                    values[tensor.name] = tensor.values
+                node.inputs[index] = stand_ins[tensor.name]
+    graph.inputs.extend(stand_ins.values())
+    return graph, values
+
+
+def _trial_runs(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple,
+                keep: Callable = lambda value: value) -> list[dict[str, object]]:
+    """`keep` of the values of `wanted` when the graph runs in ONNX Runtime on zero inputs, once per batch size
+    (None: the inputs' own; each run's values are let go before the next). The weights are fed to the session,
+    not serialized into it, and the session is not optimized: it runs once or twice, and for a large model both
+    would take longer than the runs."""
+    trial = graph.copy()
+    tensors = trial.tensors()
+    trial.outputs = [tensors[t.name] for t in wanted]
+    inputs = list(graph.inputs)
+    trial, weights = _light(trial.cleanup())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(gs.export_onnx(trial, do_type_check=False).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feeds = {name: value for name, value in weights.items() if name in {i.name for i in session.get_inputs()}}
+    return [{name: keep(value) for name, value in zip(names, session.run(names, {**feeds, **{
+        t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in inputs}}))}
+        for batch in batches]
 
 
 def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
@@ -91,7 +122,7 @@ def fold_batch_independent(graph: gs.Graph) -> bool:
     candidates = _shape_derived(graph)
     if not candidates:
         return False
-    observed = _observe(graph, candidates, (1, 2))
+    observed = _trial_runs(graph, candidates, (1, 2))
     folded = False
     for tensor in candidates:
         first, second = observed[0].get(tensor.name), observed[1].get(tensor.name)
@@ -100,24 +131,6 @@ def fold_batch_independent(graph: gs.Graph) -> bool:
             tensor.inputs.clear()
             folded = True
     return folded
-
-
-def _observe(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple, keep: Callable = lambda value: value
-             ) -> list[dict[str, object]]:
-    """`keep` of the values of the `wanted` tensors, one run of the graph in ONNX Runtime on zero inputs per batch
-    size (None: the input's own). Each run's values are let go before the next starts, and the model's serialized
-    copy once the session holds it: a large model's intermediate tensors and weights are not held twice."""
-    trial = graph.copy()
-    tensors = trial.tensors()
-    trial.outputs = [tensors[t.name] for t in wanted]
-    blob = gs.export_onnx(trial.cleanup(), do_type_check=False).SerializeToString()
-    del trial, tensors
-    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    del blob
-    names = [o.name for o in session.get_outputs()]
-    return [{name: keep(value) for name, value in zip(names, session.run(names, {
-        t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in graph.inputs}))}
-        for batch in batches]
 
 
 def _shape_derived(graph: gs.Graph) -> list[gs.Variable]:
@@ -209,7 +222,7 @@ def observe_shapes(graph: gs.Graph) -> bool:
     symbolic = [t.shape[0] for t in graph.inputs if not isinstance(t.shape[0], int)]
     batches = (1, 2) if symbolic else (None,)
     try:
-        runs = _observe(graph, wanted, batches, np.shape)
+        runs = _trial_runs(graph, wanted, batches, np.shape)
     except Exception:  # a model ONNX Runtime cannot run at these sizes keeps the inferred shapes
         return False
     filled = False

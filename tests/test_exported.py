@@ -163,6 +163,32 @@ def test_observed_shapes_keep_the_batch_symbolic(rng):
     assert flat.shape == ["N", 24]
 
 
+def test_shape_runs_feed_the_weights(rng, monkeypatch):
+    """The ONNX Runtime runs that fold shape arithmetic and observe shapes get the large weights as feeds, not
+    serialized into their models (each run took seconds on ViT-B/16); what they fold is the same."""
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["hidden"]), helper.make_node("Shape", ["hidden"], ["shape"]),
+             helper.make_node("Slice", ["shape", "one", "two"], ["width"]),
+             helper.make_node("Concat", ["minus_one", "width"], ["flat_shape"], axis=0),
+             helper.make_node("Reshape", ["hidden", "flat_shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w2"], ["logits"])]
+    ints = {name: np.array([value], np.int64) for name, value in (("one", 1), ("two", 2), ("minus_one", -1))}
+    model = model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
+                     [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                     {"w": floats(rng, 8, 1024), "w2": floats(rng, 1024, 3, scale=0.1), **ints})
+    from onnxlrp import shapes
+    serialized = []
+    real = shapes.ort.InferenceSession
+    monkeypatch.setattr(shapes.ort, "InferenceSession",
+                        lambda blob, *args, **kwargs: serialized.append(len(blob)) or real(blob, *args, **kwargs))
+    built = onnxlrp.build(model, "zero")
+    monkeypatch.undo()
+    assert serialized and max(serialized) < 4 * 1024, serialized
+    assert not any(node.op_type == "Shape" for node in built.graph.node if node.output[0] == "shape")
+    x = floats(rng, 2, 8)
+    logits, relevance = run(built, {"input": x}, ["logits", "relevance"])
+    np.testing.assert_allclose(relevance.sum(1), logits.max(1), rtol=1e-4)
+
+
 def tf_port(rng, pad_mode: str = "reflect", opset: int = 13) -> onnx.ModelProto:
     """Layout idioms: Pad in reflect/edge mode, a bias and a BatchNorm written as Add/Mul/Add after a Conv, a
     Transpose to NHWC and a float Cast; GlobalMaxPool and ReduceMax; a Slice that keeps the whole batch."""

@@ -1,5 +1,6 @@
 """Every CNN family and exporter: torchvision architectures (fixtures/zoo, weights drawn from a seed), the
-dynamo and older TorchScript exporters, Keras through tf2onnx, scikit-learn through skl2onnx."""
+dynamo and older TorchScript exporters, Keras through tf2onnx, scikit-learn through skl2onnx; torchvision's
+transformers and ConvNeXt."""
 from __future__ import annotations
 
 import functools
@@ -20,6 +21,7 @@ from seeded import materialize  # noqa: E402
 ZOO = FIXTURES / "zoo"
 MANIFEST = json.loads((ZOO / "manifest.json").read_text())
 MODELS = {**MANIFEST["families"], **MANIFEST["variants"]}
+TRANSFORMERS = MANIFEST["transformers"]
 IMAGENET_BOUNDS = {k: tuple(v) for k, v in MANIFEST["bounds"].items()}
 # Every preset keeps the sum of relevance within two orders of magnitude of the logit. Rules whose denominators
 # are sums of non-negative terms only absorb relevance (biases, stabilizer), never amplify it; the epsilon and
@@ -47,6 +49,31 @@ def test_every_family_builds_with_every_preset(name):
         assert 0.01 < abs(ratio) < 100, f"{composite}: sum of relevance / logit = {ratio:.3g}"
         if composite in ABSORBING:
             assert 0.01 < ratio < 1.1, f"{composite}: sum of relevance / logit = {ratio:.3g}"
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_case(name: str) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """The model with its drawn weights, one input and the model's own logits for it."""
+    info = TRANSFORMERS[name]
+    model = materialize(onnxlrp.load(ZOO / info["file"]))
+    x = np.random.default_rng(0).normal(size=(1, 3, info["side"], info["side"])).astype(np.float32)
+    return model, x, run(model, {"input": x})[0]
+
+
+@pytest.mark.parametrize("composite", onnxlrp.preset_names())  # the top decorator varies fastest: one model
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))          # in memory at a time
+def test_transformers_build_with_every_preset(name, composite):
+    """torchvision's ViT-B/16, Swin-T (shifted windows: rolls as Slice/Concat, window partitions, an attention
+    mask computed from shapes), MaxViT-T (Einsum, depthwise convolutions, squeeze-excitation, relative-position
+    biases) and ConvNeXt-T (LayerNorm over channels last, layer scale): the logits stay the model's, the relevance
+    is finite and not zero. ConvNeXt has no softmax and its biases are small: under attnlrp it conserves."""
+    model, x, expected = transformer_case(name)
+    logits, relevance = run(explain(model, composite, **IMAGENET_BOUNDS), {"input": x}, ["logits", "relevance"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert relevance.shape == x.shape
+    assert np.all(np.isfinite(relevance)) and np.abs(relevance).sum() > 0
+    if name == "convnext_tiny" and composite == "attnlrp":
+        assert relevance.sum() == pytest.approx(logits.max(), rel=1e-2)
 
 
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
