@@ -91,6 +91,16 @@ class Ops:
             total = self("Add", total, term)
         return total
 
+    def scatter_flat(self, like: Tensor, indices: Tensor, values: Tensor, add: bool = True) -> gs.Variable:
+        """`values` placed at the flat positions `indices` of a tensor of `like`'s shape, zeros elsewhere (added up
+        where positions repeat, with `add`): the way back of a gather."""
+        flat = self.ints([-1])
+        zeros = self("ConstantOfShape", self("Shape", self("Reshape", like, flat)))
+        reduction = {"reduction": "add"} if add else {}
+        scattered = self("ScatterElements", zeros, self("Reshape", indices, flat), self("Reshape", values, flat),
+                         axis=0, **reduction)
+        return self.reshape_like(scattered, like)
+
     def zero_where_zero(self, tensor: Tensor, value: Tensor) -> gs.Variable:
         """`value`, with 0 where `tensor` is 0 (a product with it or a quotient by it, 0 * inf or 0 / 0, is NaN)."""
         zero = self.scalar(0.0)

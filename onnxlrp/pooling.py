@@ -172,13 +172,7 @@ def _winner_take_all(ops: Ops, node: gs.Node, relevance: Tensor) -> Tensor:
     """All relevance of a window to its arg-max input; overlapping windows add up (the gradient of MaxPool)."""
     if len(node.outputs) < 2:
         node.outputs.append(gs.Variable(ops.fresh(f"{node.name}/indices"), dtype=np.int64))
-    x, indices = node.inputs[0], node.outputs[1]
-    flat = ops.ints([-1])
-    zeros = ops("ConstantOfShape", ops("Shape", ops("Reshape", x, flat)))
-    reduction = {"reduction": "add"} if _overlapping(node) else {}
-    scattered = ops("ScatterElements", zeros, ops("Reshape", indices, flat), ops("Reshape", relevance, flat),
-                    axis=0, **reduction)
-    return ops.reshape_like(scattered, x)
+    return ops.scatter_flat(node.inputs[0], node.outputs[1], relevance, add=_overlapping(node))
 
 
 @family("max reduction", ("GlobalMaxPool", "ReduceMax"), ("wta", "norm"),

@@ -196,11 +196,20 @@ def _route_along(ops: Ops, relevance: Tensor, axis: int, rank: int, sources: np.
     return ops("Transpose", moved, perm=[int(i) for i in np.argsort(to_last)])
 
 
-@family("gather", ("Gather",), ("pass",))
+def _runtime_indices_on_a_vector(node: gs.Node) -> bool:
+    """A Gather from a 1-D tensor at indices computed at run time (torch's as_strided over a flattened tensor)."""
+    shape = node.inputs[0].shape
+    return constant(node.inputs[1]) is None and shape is not None and len(shape) == 1
+
+
+@family("gather", ("Gather",), ("pass",), min_opset=lambda node: 16 if _runtime_indices_on_a_vector(node) else 0)
 def emit_gather(ctx: Context, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Gather of constant indices along one axis: each gathered element's relevance returns to its source
     (repeated indices add up), as a product with a one-hot matrix; one index along an axis whose length is only
-    known at run time (BERT's pooler on a text of any length) pads the relevance around it."""
+    known at run time (BERT's pooler on a text of any length) pads the relevance around it. From a 1-D tensor,
+    indices computed at run time (not from the explained input) scatter the relevance back (ScatterElements)."""
+    if _runtime_indices_on_a_vector(node):
+        return [ctx.ops.scatter_flat(node.inputs[0], node.inputs[1], relevance[0]), None]
     indices = constant(node.inputs[1])
     shape = node.inputs[0].shape
     if indices is None or indices.ndim > 1 or shape is None:
