@@ -41,9 +41,13 @@ def bias_add(matmul: gs.Node) -> gs.Node | None:
     if weight is None or weight.ndim != 2 or len(users) != 1 or users[0].op != "Add" or \
             users[0].inputs.count(matmul.outputs[0]) != 1:
         return None
-    other = next(t for t in users[0].inputs if t is not matmul.outputs[0])
-    values = constant(other)
+    values = constant(addend(users[0], matmul.outputs[0]))
     return users[0] if values is not None and is_bias(values, weight.shape[1]) else None
+
+
+def addend(add: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
+    """The input of a two-input node that is not `tensor` (the bias of a bias Add)."""
+    return next(t for t in add.inputs if t is not tensor)
 
 
 def biased_matmul(add: gs.Node) -> gs.Node | None:

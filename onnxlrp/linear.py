@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import LrpError
-from .graph import bias_add, constant
+from .graph import addend, bias_add, constant
 from .ops import Ops, Tensor
 from .registry import Context, Unsupported, computed, family
 from .rules import RULES, propagate
@@ -46,7 +46,7 @@ class Dense:
 
     def parameters(self) -> tuple[Tensor, Tensor | None]:
         if self.bias_add is not None:
-            return self.node.inputs[1], next(t for t in self.bias_add.inputs if t is not self.node.outputs[0])
+            return self.node.inputs[1], addend(self.bias_add, self.node.outputs[0])
         return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
 
     def stored(self, weight: Tensor | np.ndarray) -> Tensor:
@@ -125,7 +125,7 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
             raise Unsupported("Gemm with a C that is not a per-feature constant bias is not supported")
         add = bias_add(node) if node.op == "MatMul" else None
         if add is not None:
-            values = constant(next(t for t in add.inputs if t is not node.outputs[0]))
+            values = constant(addend(add, node.outputs[0]))
             bias = np.broadcast_to(values.reshape(-1), weight.shape[1:])
         return Dense(node, weight, bias, rows, add)
     in_shape, out_shape = x.shape, node.outputs[0].shape

@@ -82,7 +82,8 @@ def _trial_runs(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple,
     session = ort.InferenceSession(gs.export_onnx(trial, do_type_check=False).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    feeds = {name: value for name, value in weights.items() if name in {i.name for i in session.get_inputs()}}
+    fed = {i.name for i in session.get_inputs()}
+    feeds = {name: value for name, value in weights.items() if name in fed}
     return [{name: keep(value) for name, value in zip(names, session.run(names, {**feeds, **{
         t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in inputs}}))}
         for batch in batches]

@@ -7,6 +7,8 @@ from typing import Collection
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .registry import floating
+
 ALWAYS = {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus", "Shape", "Size"}
 IF_ALL_INPUTS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum",
                  "ReduceMax", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
@@ -17,6 +19,8 @@ IF_ANY_INPUT = {"Max"}
 BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Sin", "Cos", "Softsign"}
 # Share of a float type's largest value from which a constant counts as a mask value: two of them overflow a sum.
 LARGE = 0.25
+# Ops whose constant inputs are weights and biases (read once per build would be a pass over every weight), not masks.
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Ops whose inputs after the first are shapes, indices or sizes, not data.
 SHAPE_ARGUMENTS = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Tile", "Expand"}
 
@@ -65,6 +69,8 @@ def unbounded_tensors(graph: gs.Graph, finite_inputs: Collection[str]) -> set[st
 
     for node in graph.nodes:
         data = node.inputs[:1] if node.op in SHAPE_ARGUMENTS else node.inputs
+        if node.op in WEIGHTED:
+            data = [t for t in data if not isinstance(t, gs.Constant)]
         if node.op == "ConstantOfShape":
             value = node.attrs.get("value")
             result = value is not None and _large(getattr(value, "values", value))
@@ -83,7 +89,5 @@ def _large(values: np.ndarray) -> bool:
 
 
 def _floating(tensor: gs.Tensor) -> bool:
-    try:
-        return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
-    except TypeError:
-        return False
+    """Floating, or of a type not known (then it may be)."""
+    return tensor.dtype is None or floating(tensor)

@@ -34,9 +34,9 @@ def sigma_of_a_norm(node: gs.Node) -> bool:
     if mean is None or mean.op not in MEANS or not mean.inputs[0].inputs:
         return False
     square = mean.inputs[0].inputs[0]
+    exponent = constant(square.inputs[1]) if square.op == "Pow" else None
     return (square.op == "Mul" and square.inputs[0] is square.inputs[1]) or (
-        square.op == "Pow" and constant(square.inputs[1]) is not None and constant(square.inputs[1]).size == 1
-        and float(constant(square.inputs[1]).reshape(())) == 2.0)
+        exponent is not None and exponent.size == 1 and float(exponent.reshape(())) == 2.0)
 
 
 def _normalized_axes(node: gs.Node, axis: int) -> list[int]:

@@ -38,6 +38,7 @@ def vanishing_relevance(graph: gs.Graph, rule: Callable[[gs.Node], tuple[str, di
 
 def rectified_outputs(graph: gs.Graph, vanishing: set[str]) -> dict[str, gs.Variable]:
     """z -> ReLU(z) for the tensors z used only by a ReLU whose output's relevance vanishes with it."""
+    outputs = {t.name for t in graph.outputs}
     return {node.inputs[0].name: node.outputs[0] for node in graph.nodes
             if node.op == "Relu" and node.outputs[0].name in vanishing and len(node.inputs[0].outputs) == 1
-            and node.inputs[0].name not in {t.name for t in graph.outputs}}
+            and node.inputs[0].name not in outputs}

@@ -35,6 +35,24 @@ def explain(model: onnx.ModelProto, composite: str = "epsilon", explain: str = "
     return onnxlrp.build(model, onnxlrp.load_composite(composite).with_params(params), explain=explain)
 
 
+def assert_padded_text(model: onnx.ModelProto, references: dict, expected_alone: np.ndarray) -> None:
+    """A padded batch of two texts (`references`: input_ids, attention_mask, targets): relevance per token is the
+    embedding relevance summed, padded tokens get exactly 0, and the padded text's tokens get the relevance of the
+    text run alone, which is `expected_alone` (the reference's)."""
+    ids, mask, targets = references["input_ids"], references["attention_mask"], references["targets"]
+    token, embedding = run(model, {"input_ids": ids, "attention_mask": mask, "target": targets},
+                           ["relevance", "relevance_embedding"])
+    assert token.shape == ids.shape
+    np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-7)
+    length = int(mask[1].sum())
+    assert np.all(embedding[1, length:] == 0) and np.all(token[1, length:] == 0)
+    assert np.all(embedding[1, :length] != 0) and np.all(token[1, :length] != 0)
+    alone = run(model, {"input_ids": ids[1:, :length], "attention_mask": mask[1:, :length], "target": targets[1:]},
+                ["relevance_embedding"])[0]
+    assert relative_error(embedding[1:, :length], alone) < 1e-5
+    assert relative_error(alone[0], expected_alone[:length]) < 1e-4
+
+
 def make_model(nodes, input_shape, output_shape, initializers=(), opset=17, output="logits") -> onnx.ModelProto:
     """A float32 model with input `input` of `input_shape` (first dim symbolic) and one output."""
     graph = helper.make_graph(

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxlrp
-from conftest import FIXTURES, make_model, relative_error, run
+from conftest import FIXTURES, assert_padded_text, make_model, relative_error, run
 
 HF = FIXTURES / "transformers" / "hf"
 KERAS = FIXTURES / "transformers" / "keras"
@@ -66,17 +66,7 @@ def test_parity_with_lxt(family, export, composite):
 def test_padded_text(family, composite):
     """Padded tokens get exactly 0, and the padded text's tokens the relevance of the text alone (LXT's too);
     RoBERTa's position ids, computed from the token ids, are constants."""
-    model = built(family, "op17", composite)
-    token, embedding = run(model, {**feeds(family), "target": REFERENCES["targets"]},
-                           ["relevance", "relevance_embedding"])
-    np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-7)
-    length = int(REFERENCES["attention_mask"][1].sum())
-    assert np.all(token[1, length:] == 0) and np.all(token[1, :length] != 0)
-    alone = run(model, {"input_ids": REFERENCES["input_ids"][1:, :length],
-                        "attention_mask": REFERENCES["attention_mask"][1:, :length],
-                        "target": REFERENCES["targets"][1:]}, ["relevance_embedding"])[0]
-    assert relative_error(embedding[1:, :length], alone) < 1e-5
-    assert relative_error(alone[0], REFERENCES[f"{family}_{composite}"][2, :length]) < 1e-4
+    assert_padded_text(built(family, "op17", composite), REFERENCES, REFERENCES[f"{family}_{composite}"][2])
 
 
 @lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxlrp
-from conftest import FIXTURES, make_model, relative_error, run
+from conftest import FIXTURES, assert_padded_text, make_model, relative_error, run
 from onnxlrp.layers import METADATA_KEY
 
 TRANSFORMERS = FIXTURES / "transformers"
@@ -78,17 +78,7 @@ def test_cp_lrp_sends_nothing_into_queries_and_keys(model):
 def test_padded_text(composite):
     """Padded tokens get exactly 0; the padded text's tokens get the relevance of the text alone (the BERT exports
     have a dynamic sequence length), which is also LXT's."""
-    model = built("bert", 17, composite)
-    token, embedding = run(model, feeds("bert"), ["relevance", "relevance_embedding"])
-    assert token.shape == REFERENCES["input_ids"].shape
-    np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-7)
-    length = int(REFERENCES["attention_mask"][1].sum())
-    assert np.all(embedding[1, length:] == 0) and np.all(embedding[1, :length] != 0)
-    alone = run(model, {"input_ids": REFERENCES["input_ids"][1:, :length],
-                        "attention_mask": REFERENCES["attention_mask"][1:, :length],
-                        "target": REFERENCES["targets"][1:]}, ["relevance_embedding"])[0]
-    assert relative_error(embedding[1:, :length], alone) < 1e-5
-    assert relative_error(alone[0], REFERENCES[f"bert_{composite}"][2, :length]) < 1e-4
+    assert_padded_text(built("bert", 17, composite), REFERENCES, REFERENCES[f"bert_{composite}"][2])
 
 
 def test_text_model_keeps_its_inputs_and_outputs():
