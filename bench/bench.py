@@ -80,7 +80,7 @@ def export_torchvision(name: str, path: Path, side: int):
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxlrp.precision import to_float16 as convert
+    from onnxlrp.ir.precision import to_float16 as convert
     return convert(model)
 
 

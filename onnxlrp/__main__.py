@@ -2,9 +2,9 @@
 
 
 def main() -> None:
-    from .interrupts import install
+    from .ir.interrupts import install
     install()
-    from .cli import main as run
+    from .app.cli import main as run
     run()
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import builder
-from .composite import Composite, load_composite, parse_value
+from . import pipeline
 from .errors import LrpError
-from .io import load
-from .rules import DEFAULTS
+from .ir.files import load
+from .lrp.composite import Composite, load_composite
+from .lrp.rules import DEFAULTS, parse_value
+from .lrp.seed import RELEVANCE, TARGET, chosen_classes
 
 DEVICES = ("cpu", "cuda")
 # TensorFloat-32 products (ONNX Runtime's CUDA default) round to 10 bits, which the stabilized divisions of LRP
@@ -41,7 +42,7 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
     overrides = {k: parse_value(k, list(v) if isinstance(v, tuple) else v, k)
                  for k, v in rule_params.items() if v is not None}
     chosen = composite if isinstance(composite, Composite) else load_composite(str(composite))
-    built = builder.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
+    built = pipeline.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
                           output=output, source=source, layer_relevance=layer_relevance, input_shape=input_shape,
                           target_default=target_default)
     return built
@@ -49,7 +50,7 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
 
 def is_built(model: onnx.ModelProto) -> bool:
     """Whether the model already computes relevance (has the `relevance` output)."""
-    return any(value.name == builder.RELEVANCE for value in model.graph.output)
+    return any(value.name == RELEVANCE for value in model.graph.output)
 
 
 def open_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
@@ -115,14 +116,14 @@ class Explainer:
                            "apply to plain models only")
         self.model = model
         self.session = open_session(self.model, device)
-        inputs = [i for i in self.session.get_inputs() if i.name != builder.TARGET]
+        inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "
                            f"{', '.join(i.name for i in inputs)})")
         self.input_name = inputs[0].name
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
         self.input_dtype = np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32))
-        outputs = [o for o in self.session.get_outputs() if o.name != builder.RELEVANCE]
+        outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
         scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2), None)
         if scores is None or not isinstance(scores.shape[1], int):
             raise LrpError(f"{source}: no output of shape [N, C] among {', '.join(o.name for o in outputs)}")
@@ -150,22 +151,14 @@ class Explainer:
 
     def check_target(self, target: int | np.ndarray | None, batch: int) -> np.ndarray:
         """One class per sample (negative: the predicted class); an LrpError for classes out of range."""
-        chosen = np.full(batch, -1, dtype=np.int64) if target is None else np.asarray(target, dtype=np.int64)
-        chosen = np.broadcast_to(chosen, (batch,)).copy() if chosen.ndim == 0 else chosen
-        if chosen.shape != (batch,):
-            raise LrpError(f"target: expected one class per sample ({batch}), got shape {list(chosen.shape)}")
-        if np.any(chosen >= self.classes):
-            raise LrpError(f"target: class {int(chosen.max())} is out of range (the model has "
-                           f"{self.classes} classes, 0 to {self.classes - 1})")
-        return chosen
+        return chosen_classes(target, batch, self.classes)
 
     def explain(self, x: np.ndarray, target: int | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, C] and relevance (x's shape) of the batch `x` for class `target` (an int for all samples,
         one per sample, or None / negative for the predicted class)."""
         x = self.check_input(x)
         chosen = self.check_target(target, len(x))
-        logits, relevance = self.session.run([self.logits_name, builder.RELEVANCE],
-                                             {self.input_name: x, builder.TARGET: chosen})
+        logits, relevance = self.session.run([self.logits_name, RELEVANCE], {self.input_name: x, TARGET: chosen})
         return logits, relevance
 
     def label(self, index: int) -> str | None:

@@ -82,7 +82,7 @@ def finite_difference_gradient(model: onnx.ModelProto, x: np.ndarray, target: in
 
 def onnxlrp_cli(*args, **options) -> subprocess.CompletedProcess:
     """The command as a user runs it, in a fresh process (options: cwd, env)."""
-    return subprocess.run([sys.executable, "-m", "onnxlrp.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "onnxlrp", *map(str, args)], capture_output=True, text=True,
                           **options)
 
 

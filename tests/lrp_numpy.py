@@ -1,5 +1,5 @@
 """An independent LRP in numpy (float64) for chains of Conv (stride 1, symmetric pads), Relu, MaxPool (stride = kernel),
-Flatten and Gemm, written from the formulas of LRP.md, to check the graphs onnxlrp builds."""
+Flatten and Gemm, written from the formulas of docs/lrp.md, to check the graphs onnxlrp builds."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +55,7 @@ class Dense:
 
 
 def lrp_linear(layer, a, relevance, rule: str, params: dict) -> np.ndarray:
-    """R_lower for one linear layer under `rule` (LRP.md §3), written out term by term."""
+    """R_lower for one linear layer under `rule` (docs/lrp.md §3), written out term by term."""
     w, b = layer.weight, layer.bias
     back = lambda s, weight: layer.backward(s, weight, a.shape)  # noqa: E731
     if rule in ("zero", "epsilon"):

@@ -129,7 +129,7 @@ def test_heatmap_colours_are_symmetric_around_zero(cmap, lowest, centre, highest
 
 
 def api_table(cmap: str) -> np.ndarray:
-    from onnxlrp.heatmaps import lookup_table
+    from onnxlrp.app.heatmaps import lookup_table
     return lookup_table(cmap)
 
 

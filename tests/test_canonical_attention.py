@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxlrp
 from conftest import FIXTURES, relative_error, run
-from onnxlrp.canonical import expand_attention
+from onnxlrp.canonical.attention import expand_attention
 from onnxlrp.errors import LrpError
 
 TOKENS, HIDDEN, CLASSES = 4, 8, 3
@@ -114,7 +114,7 @@ def test_attention_written_out(rng, case, four_d):
 
 def test_expand_attention_leaves_no_attention(rng):
     with_op, _ = _models(CASES["causal"], _projections(rng, 2, 2), four_d=False)
-    graph = onnxlrp.canonical.canonicalize(with_op)
+    graph = onnxlrp.canonical.passes.canonicalize(with_op)
     assert not any(n.op == "Attention" for n in graph.nodes) and any(n.op == "Softmax" for n in graph.nodes)
     assert not expand_attention(graph)
 

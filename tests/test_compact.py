@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxlrp
-from onnxlrp.precision import to_float16
+from onnxlrp.ir.precision import to_float16
 from conftest import FIXTURES, explain, finite_difference_gradient, make_model, relative_error, run
 from test_rules import relu_cnn
 

@@ -154,7 +154,7 @@ def test_fixed_batch_shufflenet_block_builds(rng):
 
 def test_observed_shapes_keep_the_batch_symbolic(rng):
     import onnx_graphsurgeon as gs
-    from onnxlrp.shapes import infer_shapes, observe_shapes, with_input_shape
+    from onnxlrp.ir.shapes import infer_shapes, observe_shapes, with_input_shape
     graph = gs.import_onnx(with_input_shape(dynamic_cnn(rng), ("input", ["N", 3, 8, 12]), "test"))
     infer_shapes(graph)
     flat = graph.tensors()["flat"]
@@ -175,7 +175,7 @@ def test_shape_runs_feed_the_weights(rng, monkeypatch):
     model = model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
                      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
                      {"w": floats(rng, 8, 1024), "w2": floats(rng, 1024, 3, scale=0.1), **ints})
-    from onnxlrp import shapes
+    from onnxlrp.ir import shapes
     serialized = []
     real = shapes.ort.InferenceSession
     monkeypatch.setattr(shapes.ort, "InferenceSession",
@@ -233,8 +233,8 @@ def test_layout_idioms(pad_mode, rng):
 
 def test_affine_folds_through_transpose_and_cast(rng):
     import onnx_graphsurgeon as gs
-    from onnxlrp.folding import fold_affine
-    from onnxlrp.shapes import infer_shapes
+    from onnxlrp.canonical.folding import fold_affine
+    from onnxlrp.ir.shapes import infer_shapes
     source = tf_port(rng)
     graph = gs.import_onnx(source)
     infer_shapes(graph)

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxlrp
-from onnxlrp import io
+from onnxlrp.ir import files as io
 from conftest import FIXTURES, explain
 
 MLP = FIXTURES / "mlp_ts.onnx"
@@ -102,7 +102,7 @@ def run_and_signal(args, number, delay, cwd, after_install: bool) -> subprocess.
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_files_are_written_removes_them(tmp_path, number):
-    script = ("import sys, time; from pathlib import Path; from onnxlrp import interrupts; interrupts.install()\n"
+    script = ("import sys, time; from pathlib import Path; from onnxlrp.ir import interrupts; interrupts.install()\n"
               "with interrupts.temporary_files(Path('.'), 2):\n"
               "    print('written', flush=True); time.sleep(30)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -10,7 +10,8 @@ import pytest
 from onnx import helper
 
 from conftest import FIXTURES, make_model
-from onnxlrp import cli, interrupts
+from onnxlrp.app import cli
+from onnxlrp.ir import interrupts
 
 
 def build_in_process(capsys, monkeypatch, *args) -> str:

@@ -8,7 +8,7 @@ from onnx import helper
 
 from conftest import FIXTURES, make_model, onnxlrp_cli
 import onnxlrp
-from onnxlrp import inspection
+from onnxlrp.app import inspect as inspection
 
 
 

@@ -15,9 +15,9 @@ from onnx import helper
 import onnxlrp
 from conftest import FIXTURES, make_model, relative_error, run, session
 from lrp_numpy import lrp_chain
-from onnxlrp.check import check
-from onnxlrp.cli import cli, main
-from onnxlrp.layers import METADATA_KEY, output_name
+from onnxlrp.app.check import check
+from onnxlrp.app.cli import cli, main
+from onnxlrp.lrp.layers import METADATA_KEY, output_name
 from test_montavon import VGG, build_vgg, conv_dense, montavon_rules
 from test_rules import relu_cnn, relu_mlp
 

@@ -94,7 +94,7 @@ def test_scaled_epsilon_formula(epsilon, scale, rng):
 
 def test_scaled_epsilon_on_the_command_line(tmp_path, rng):
     from click.testing import CliRunner
-    from onnxlrp.cli import cli
+    from onnxlrp.app.cli import cli
     source = tmp_path / "m.onnx"
     onnx.save(conv_dense(rng), source)
     out = tmp_path / "out.onnx"
@@ -127,7 +127,7 @@ def chain(ops: list[str]) -> list[gs.Node]:
 
 def rules_of(composite: onnxlrp.Composite, nodes: list[gs.Node]) -> list[tuple[str, str]]:
     first = next(n for n in nodes if n.op in ("Conv", "Gemm"))
-    return [(n.name, composite.rule_for(n, first, nodes)[0]) for n in nodes]
+    return [(n.name, composite.rule_for(n, first, nodes)[0].name) for n in nodes]
 
 
 VGG16 = (["Conv"] * 2 + ["MaxPool"] + ["Conv"] * 2 + ["MaxPool"] + ["Conv"] * 3 + ["MaxPool"] + ["Conv"] * 3

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxlrp
-from onnxlrp.portable import WEIGHT_READERS
+from onnxlrp.ir.portable import WEIGHT_READERS
 from conftest import FIXTURES, onnxlrp_cli as onnxlrp_command, relative_error, run
 
 

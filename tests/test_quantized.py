@@ -35,7 +35,7 @@ def test_integer_operators_are_refused_in_one_line(name, op):
 @pytest.mark.parametrize("axis,scale_shape", [(None, ()), (0, (4,)), (1, (3,))])
 def test_dequantized_weights_fold_as_onnx_runtime_computes_them(axis, scale_shape):
     import onnx_graphsurgeon as gs
-    from onnxlrp.canonical import fold_dequantized_weights
+    from onnxlrp.canonical.quantized import fold_dequantized_weights
     rng = np.random.default_rng(3)
     weights = {"q": rng.integers(-128, 127, size=(4, 3, 2), dtype=np.int8),
                "scale": rng.uniform(0.001, 0.1, size=scale_shape).astype(np.float32),

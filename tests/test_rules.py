@@ -1,4 +1,4 @@
-"""Properties of the rules (LRP.md §7) on small graphs built here with numpy weights."""
+"""Properties of the rules (docs/lrp.md §7) on small graphs built here with numpy weights."""
 from __future__ import annotations
 
 import numpy as np
@@ -145,7 +145,7 @@ def stabilized(z, epsilon):
 
 
 def numpy_epsilon_lrp_logodds(model, x, target, epsilon=1e-6):
-    """LRP.md §5 written out in float64 numpy for a Gemm/Relu chain: pairwise differences on the last layer."""
+    """docs/lrp.md §5 written out in float64 numpy for a Gemm/Relu chain: pairwise differences on the last layer."""
     weights = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     layers = [(weights[n.input[1]], weights[n.input[2]]) for n in model.graph.node if n.op_type == "Gemm"]
     activations = [x.astype(np.float64)]

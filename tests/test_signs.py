@@ -9,7 +9,7 @@ from onnx import helper
 
 import onnxlrp
 from conftest import make_model, run
-from onnxlrp.signs import unbounded_tensors
+from onnxlrp.lrp.facts import unbounded_tensors
 
 
 def masked_attention(mask_value: float):

@@ -1,4 +1,4 @@
-"""Transformers (ATTNLRP.md): parity with LXT 2.1 on tiny Hugging Face ViT and BERT exports, opset independence,
+"""Transformers (docs/attnlrp.md): parity with LXT 2.1 on tiny Hugging Face ViT and BERT exports, opset independence,
 CP-LRP's stop at the queries and keys, conservation, padded text, and each transformer emitter against numpy."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 import onnxlrp
 from conftest import FIXTURES, assert_padded_text, make_model, relative_error, run
-from onnxlrp.layers import METADATA_KEY
+from onnxlrp.lrp.layers import METADATA_KEY
 
 TRANSFORMERS = FIXTURES / "transformers"
 REFERENCES = dict(np.load(TRANSFORMERS / "references.npz"))

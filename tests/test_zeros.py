@@ -10,8 +10,8 @@ from onnx import helper
 import onnxlrp
 from conftest import make_model, run
 from lrp_numpy import lrp_chain
-from onnxlrp.builder import Builder
-from onnxlrp.ops import Ops
+from onnxlrp.lrp.walk import Walk as Builder
+from onnxlrp.ir.ops import Ops
 
 EPSILON = 0.1  # large enough that a denominator of -epsilon where +epsilon belongs would show
 

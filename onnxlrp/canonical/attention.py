@@ -1,0 +1,128 @@
+"""ONNX's Attention op (opset 23) written out in plain ops, so that the MatMul, Softmax and Add emitters give it
+AttnLRP's or CP-LRP's rules."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import replace
+from ..ir.ops import Ops, Tensor
+
+
+# Attention (opset 23+): its inputs and outputs by position, and what this rewrite refuses when present.
+ATTENTION_STATE_INPUTS = {4: "past_key", 5: "past_value", 6: "nonpad_kv_seqlen"}
+ATTENTION_STATE_OUTPUTS = {1: "present_key", 2: "present_value", 3: "qk_matmul_output"}
+
+
+def expand_attention(graph: gs.Graph) -> bool:
+    """Write every Attention node out as its definition in plain ops (ONNX's reference: Q K^T times the scale,
+    plus the mask and the causal bias, Softmax, times V), so that the MatMul, Softmax and Add emitters give it
+    AttnLRP's or CP-LRP's rules. Returns whether there was one."""
+    nodes = [n for n in graph.nodes if n.op == "Attention"]
+    for node in nodes:
+        _expand_attention(graph, node)
+    return bool(nodes)
+
+
+def _attention_refusal(graph: gs.Graph, node: gs.Node) -> str | None:
+    """What of an Attention node the rewrite does not write out (a KV cache, softcap, windows), or None."""
+    outputs = {id(t) for t in graph.outputs}
+    used = [name for index, name in ATTENTION_STATE_OUTPUTS.items() if index < len(node.outputs)
+            and (node.outputs[index].outputs or id(node.outputs[index]) in outputs)]
+    given = [name for index, name in ATTENTION_STATE_INPUTS.items()
+             if index < len(node.inputs) and node.inputs[index].name]
+    if node.attrs.get("softcap", 0.0):
+        given.append("softcap")
+    if node.attrs.get("left_window_size", -1) != -1 or node.attrs.get("right_window_size", -1) != -1:
+        given.append("a sliding window")
+    if used or given:
+        return ", ".join(given + [f"output {name}" for name in used])
+    if any(t.shape is None or len(t.shape) != len(node.inputs[0].shape or []) for t in node.inputs[:3]) or \
+            len(node.inputs[0].shape or []) not in (3, 4):
+        return "inputs of unknown or different ranks (3 or 4 needed)"
+    return None
+
+
+def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
+    where = f"node '{node.name}' (Attention)"
+    refused = _attention_refusal(graph, node)
+    if refused:
+        raise LrpError(f"{where}: {refused} is not supported")
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    ops = Ops(graph, graph.opset, np.dtype(q.dtype))
+    ops.scope = node.name
+    split = len(q.shape) == 3  # [N, S, heads * size]: split into heads, and merge them again at the end
+    heads = (node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")) if split else (q.shape[1], k.shape[1])
+    sizes = [_head_size(t, h if split else None) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1]))]
+    lengths = [t.shape[1 if split else 2] for t in (q, k)]
+    if not all(isinstance(n, int) and n > 0 for n in list(heads) + sizes) or heads[0] % heads[1]:
+        raise LrpError(f"{where}: needs static head counts and head sizes (query heads a multiple of key heads)")
+    if split:
+        q, k, v = (_split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
+    k, v = (_repeat_heads(ops, t, heads, size) for t, size in ((k, sizes[1]), (v, sizes[2])))
+    scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
+    scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
+    bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), lengths, where)
+    probabilities = _softmax(ops, scores if bias is None else ops("Add", scores, bias), node.attrs)
+    if mask is not None:  # a row with every key masked gives 0, not NaN
+        masked = ops("Equal", ops("ReduceMax", bias, ops.ints([-1]), keepdims=1), ops.scalar(-np.inf))
+        probabilities = ops("Where", masked, ops.scalar(0.0), probabilities)
+    y = ops("MatMul", probabilities, v)
+    if split:
+        y = ops("Reshape", ops("Transpose", y, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+    output = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    replace(y.inputs[0].outputs, [output])
+
+
+def _head_size(tensor: gs.Tensor, heads: int | None) -> int | None:
+    """The size of one head: the last axis of a 4D input, the last axis over the head count of a 3D one."""
+    last = tensor.shape[-1]
+    if not isinstance(last, int) or (heads is not None and (not heads or last % heads)):
+        return None
+    return last // heads if heads is not None else last
+
+
+def _split_heads(ops: Ops, tensor: Tensor, heads: int) -> Tensor:
+    """[N, S, heads * size] -> [N, heads, S, size]."""
+    return ops("Transpose", ops("Reshape", tensor, ops.ints([0, 0, heads, -1])), perm=[0, 2, 1, 3])
+
+
+def _repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) -> Tensor:
+    """Grouped-query attention: each of the key/value heads repeated in place ([h0, h0, h1, h1, ...]) until there
+    are as many as query heads (`heads`: query and key/value head counts)."""
+    if heads[0] == heads[1]:
+        return tensor
+    times = heads[0] // heads[1]
+    copies = ops("Expand", ops("Unsqueeze", tensor, ops.ints([2])), ops.ints([1, 1, times, 1, 1]))
+    return ops("Reshape", copies, ops.ints([0, heads[0], -1, size]))
+
+
+def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, lengths: list, where: str) -> Tensor | None:
+    """The additive bias of the scores: the mask (a boolean one as 0 / -inf) plus the causal -inf above the
+    diagonal; None when there is neither."""
+    terms = []
+    if mask is not None:
+        if mask.shape is not None and isinstance(mask.shape[-1], int) and mask.shape[-1] != lengths[1]:
+            raise LrpError(f"{where}: an attn_mask shorter than the key sequence is not supported")
+        is_bool = mask.dtype is not None and np.dtype(mask.dtype) == np.bool_
+        terms.append(ops("Where", mask, ops.scalar(0.0), ops.scalar(-np.inf)) if is_bool else mask)
+    if causal:
+        if not all(isinstance(n, int) for n in lengths):
+            raise LrpError(f"{where}: is_causal needs static query and key lengths")
+        above = np.triu(np.ones(lengths, dtype=bool), k=1)
+        terms.append(ops.const(np.where(above, -np.inf, 0.0)))
+    return ops("Add", *terms) if len(terms) == 2 else (terms[0] if terms else None)
+
+
+def _softmax(ops: Ops, scores: Tensor, attrs: dict) -> Tensor:
+    """Softmax over the keys, in `softmax_precision` when it names another float type (cast there and back)."""
+    precision = attrs.get("softmax_precision")
+    if precision is None or onnx.helper.tensor_dtype_to_np_dtype(precision) == ops.dtype:
+        return ops("Softmax", scores, axis=-1)
+    back = onnx.helper.np_dtype_to_tensor_dtype(ops.dtype)
+    return ops("Cast", ops("Softmax", ops("Cast", scores, to=precision), axis=-1), to=back)

@@ -1,0 +1,208 @@
+"""Canonical passes: turn an exported model into the small, regular graph the relevance walk expects.
+Each pass is a function of the graph that keeps the shapes it touches."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import constant, is_bias, opset_of, replace
+from ..ir.names import fresh_name, name_nodes
+from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
+from .attention import expand_attention
+from .quantized import fold_dequantized_weights
+
+MIN_OPSET = 11
+REMOVABLE = {"Identity", "Dropout"}
+
+
+def canonicalize(model: onnx.ModelProto) -> gs.Graph:
+    """Turn an exported model into the small, regular graph the relevance walk expects.
+
+    Constants become initializers and constant subgraphs are folded, Attention is written out in plain ops,
+    Identity/Dropout disappear, Gemm loses
+    alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
+    explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
+    can rely on static non-batch dimensions.
+    """
+    if opset_of(model) < MIN_OPSET:
+        model = onnx.version_converter.convert_version(model, MIN_OPSET)
+    graph = gs.import_onnx(model)
+    _own_weights(graph)
+    name_nodes(graph)
+    fold_dequantized_weights(graph)  # graphsurgeon's constant folding never folds Q/DQ
+    infer_shapes(graph)
+    graph.fold_constants(error_ok=True)
+    graph.cleanup().toposort()
+    if fold_batch_independent(graph):
+        graph.cleanup()
+        infer_shapes(graph)
+    if observe_shapes(graph):  # what inference could not follow, read from one run; then fold what became static
+        graph.fold_constants(error_ok=True)
+        graph.cleanup().toposort()
+    if expand_attention(graph):  # its plain ops get their shapes from inference
+        graph.cleanup().toposort()
+        infer_shapes(graph)
+    for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
+        rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
+    graph.cleanup().toposort()
+    return graph
+
+
+def _own_weights(graph: gs.Graph) -> None:
+    """Load every constant into an array of the graph's own, so that the graph no longer refers to the source
+    model's tensors (which lets the source's memory go once the caller lets go of it)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
+    graph.import_domains = [onnx.OperatorSetIdProto(domain=o.domain, version=o.version) for o in graph.import_domains]
+
+
+def _bypass(graph: gs.Graph, node: gs.Node) -> None:
+    """Let every consumer of the node's single output read the node's first input instead."""
+    source, output = node.inputs[0], node.outputs[0]
+    for consumer in list(output.outputs):
+        replace(consumer.inputs, [source if t is output else t for t in consumer.inputs])
+    node.outputs.clear()
+
+
+
+def remove_identities(graph: gs.Graph) -> None:
+    """Drop Identity and inference Dropout nodes whose output is not a graph output."""
+    outputs = set(id(t) for t in graph.outputs)
+    for node in graph.nodes:
+        if node.op in REMOVABLE and id(node.outputs[0]) not in outputs:
+            if len(node.outputs) > 1 and node.outputs[1].outputs:
+                continue  # a Dropout mask that something reads
+            _bypass(graph, node)
+
+
+def canonical_gemm(graph: gs.Graph) -> None:
+    """Rewrite Gemm as y = A @ B + C (B given as B^T with transB = 1) with constant B, a per-feature bias C,
+    alpha = beta = 1 and no transA. The weight keeps its layout: no copy of a large matrix."""
+    for node in [n for n in graph.nodes if n.op == "Gemm"]:
+        weight = constant(node.inputs[1])
+        if weight is None or constant(node.inputs[0]) is not None:
+            continue  # left for the emitter to refuse with the node's name
+        transposed = bool(node.attrs.get("transB", 0))
+        out_features = weight.shape[0 if transposed else 1]
+        alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+        inputs = [node.inputs[0], node.inputs[1] if alpha == 1 else _constant_like(
+            graph, node.inputs[1], weight.astype(np.float64) * alpha, "weight")]
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = constant(node.inputs[2])
+            if bias is None or not is_bias(bias, out_features):
+                continue  # a computed or per-sample C: the emitter refuses the node
+            bias = np.broadcast_to(bias.reshape(-1) * np.float64(beta), (out_features,))
+            inputs.append(_constant_like(graph, node.inputs[2], bias, "bias"))
+        if node.attrs.get("transA", 0):
+            shape = node.inputs[0].shape
+            name = fresh_name(graph, f"{node.name}/transA")
+            swapped = gs.Variable(name, dtype=node.inputs[0].dtype,
+                                  shape=list(shape)[::-1] if shape is not None else None)
+            graph.nodes.append(gs.Node("Transpose", name, {"perm": [1, 0]},
+                                       [node.inputs[0]], [swapped]))
+            inputs[0] = swapped
+        replace(node.inputs, inputs)
+        node.attrs = {"transB": 1} if transposed else {}
+
+
+def fuse_matmul_add(graph: gs.Graph) -> None:
+    """A rank-2 MatMul by a constant (plus an Add of a constant) becomes one Gemm: one linear layer."""
+    for node in [n for n in graph.nodes if n.op == "MatMul"]:
+        data, weight = node.inputs
+        if constant(weight) is None or weight.values.ndim != 2 or data.shape is None or len(data.shape) != 2:
+            continue
+        output = node.outputs[0]
+        inputs = [data, weight]
+        add = output.outputs[0] if len(output.outputs) == 1 else None
+        if add is not None and add.op == "Add" and output not in graph.outputs:
+            other = next(t for t in add.inputs if t is not output) if add.inputs.count(output) == 1 else None
+            if other is not None and constant(other) is not None and is_bias(other.values, weight.shape[1]):
+                bias = np.broadcast_to(other.values.reshape(-1), (weight.shape[1],))
+                inputs.append(_constant_like(graph, other, bias, "bias"))
+                replace(node.outputs, [add.outputs[0]])
+                add.outputs.clear()
+                add.inputs.clear()
+        node.op = "Gemm"
+        replace(node.inputs, inputs)
+
+
+def _constant_like(graph: gs.Graph, template: gs.Tensor, values: np.ndarray, suffix: str) -> gs.Constant:
+    """A new constant of the template's type: the template may be shared by other nodes and stays as it is."""
+    dtype = template.values.dtype if isinstance(template, gs.Constant) else np.float32
+    return gs.Constant(fresh_name(graph, f"{template.name}/{suffix}"), np.ascontiguousarray(values, dtype=dtype))
+
+
+def explicit_pads(graph: gs.Graph) -> None:
+    """Replace auto_pad by explicit pads, and ConvTranspose's output_shape by pads plus output_padding."""
+    for node in graph.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+            continue
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad == "NOTSET" and "output_shape" not in node.attrs:
+            continue
+        spatial = _spatial_shape(node.inputs[0])
+        if spatial is None:
+            raise LrpError(f"node '{node.name}' ({node.op}): auto_pad needs static spatial input dimensions")
+        kernel = _kernel_shape(node)
+        rank = len(spatial)
+        strides = node.attrs.get("strides", [1] * rank)
+        dilations = node.attrs.get("dilations", [1] * rank)
+        effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+        if node.op == "ConvTranspose":
+            pads, output_padding = _transpose_pads(node, spatial, strides, effective, auto_pad)
+            node.attrs["output_padding"] = output_padding
+            node.attrs.pop("output_shape", None)
+        elif auto_pad == "VALID":
+            pads = [0] * (2 * rank)
+        else:
+            totals = [max((-(-n // s) - 1) * s + e - n, 0) for n, s, e in zip(spatial, strides, effective)]
+            pads = _split_pads(totals, auto_pad)
+        node.attrs["pads"] = pads
+        node.attrs.pop("auto_pad", None)
+
+
+def _transpose_pads(node, spatial, strides, effective, auto_pad):
+    rank = len(spatial)
+    padding = list(node.attrs.get("output_padding", [0] * rank))
+    full = [(n - 1) * s + e + p for n, s, e, p in zip(spatial, strides, effective, padding)]
+    if "output_shape" in node.attrs:
+        wanted = list(node.attrs["output_shape"])[-rank:]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [n * s for n, s in zip(spatial, strides)]
+    elif auto_pad == "VALID":
+        wanted = full
+    else:
+        return list(node.attrs.get("pads", [0] * 2 * rank)), padding
+    totals = [f - w for f, w in zip(full, wanted)]
+    if any(t < 0 for t in totals):
+        # A larger output than the kernel covers: the extra goes into output_padding.
+        padding = [p - min(t, 0) for p, t in zip(padding, totals)]
+        totals = [max(t, 0) for t in totals]
+    # As ONNX Runtime splits it: the larger half of odd padding at the start only for SAME_UPPER.
+    begin_big = auto_pad == "SAME_UPPER"
+    pads = [(t + 1) // 2 if begin_big else t // 2 for t in totals]
+    return pads + [t - b for t, b in zip(totals, pads)], padding
+
+
+def _split_pads(totals, auto_pad):
+    begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    return begins + [t - b for t, b in zip(totals, begins)]
+
+
+def _kernel_shape(node: gs.Node) -> list[int]:
+    if "kernel_shape" in node.attrs:
+        return list(node.attrs["kernel_shape"])
+    return list(node.inputs[1].shape[2:])
+
+
+def _spatial_shape(tensor: gs.Tensor) -> list[int] | None:
+    """The static spatial dimensions of an N, C, ... tensor, or None."""
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape[2:]):
+        return None
+    return list(shape[2:])

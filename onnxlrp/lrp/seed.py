@@ -1,0 +1,127 @@
+"""What is explained (docs/lrp.md §5): the input `target` and its checks, the seed of the walk (the target's logit,
+its log-odds or a one-hot), and the same choice of class on the numpy side for the API and `check`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.ops import Ops, Tensor
+from .emitters.linear import Dense, linear_layer
+from .families import Context, Unsupported
+from .rules import Shared, propagate
+
+EXPLAIN = ("logit", "logodds", "onehot")
+LOGODDS_RULES = ("epsilon", "zero")
+# The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
+TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
+TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
+
+
+def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
+    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0.
+
+    A target of length 1 applies to the whole batch. Other lengths than N or 1, and classes >= C, make ONNX Runtime
+    fail in nodes whose names (which its error message quotes) say what is wrong with `target`.
+    """
+    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
+    length = f"{TARGET_CHECK}: its length must be the batch size or 1"
+    chosen = _named(ops, ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target), length)
+    labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
+    # The checks are a side branch that adds zero: their outputs' batch dimension is unknown to ONNX Runtime's
+    # shape inference, and a relevance graph without the batch symbol N loads quadratically slower (bench/).
+    exact = _named(ops, ops("Reshape", chosen, ops("Shape", predicted)), f"{length} (the batch size is 1 here)")
+    in_range = _named(ops, ops("Gather", labels, exact),
+                      f"{TARGET_CHECK}: each class must be below the number of classes, {classes}")
+    zero = ops("Mul", ops.reduce_sum(in_range, [0], keepdims=False), ops.scalar(0, np.int64))
+    chosen = ops("Add", chosen, zero)
+    return ops("Cast", ops("Equal", ops.unsqueeze(chosen, [1]), labels),
+               to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
+
+
+def _named(ops: Ops, tensor: gs.Variable, name: str) -> gs.Variable:
+    """Rename the node that computes `tensor` (ONNX Runtime's errors quote node names)."""
+    tensor.inputs[0].name = ops.fresh(name)
+    return tensor
+
+
+def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str) -> tuple[Tensor, Tensor]:
+    """The tensor where the walk starts and its relevance."""
+    ops = ctx.ops
+    ops.scope = "lrp/top"
+    hot = one_hot_target(ops, logits, target, classes)
+    if explain == "onehot":
+        return logits, hot
+    if explain == "logit":
+        return logits, ops("Mul", hot, logits)
+    return _logodds(ctx, logits, hot)
+
+
+@dataclass
+class Differences(Shared):
+    """The last dense layer as the differences z_c' = y_c - y_c' (weights w_c - w_c'): c = w_c * sum(s) - W s."""
+    layer: Dense
+    hot: Tensor
+    output: Tensor
+
+    @property
+    def inputs(self) -> list[Tensor | None]:
+        return [self.layer.x]
+
+    def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
+        chosen_weight = self.layer.backward(ops, self.hot, self.layer.weight)  # the row w_c of each sample
+        return [ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), self.layer.backward(ops, s, self.layer.weight))]
+
+
+def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Tensor]:
+    """Explain log(P(c) / (1 - P(c))) through the last dense layer, replaced by the differences
+    z_c' = y_c - y_c' and a reverse log-sum-exp pooling that gives R_c' = z_c' * softmin_c'(z); the layer's rule
+    (epsilon or zero) then runs on the differences, which needs no per-class weight copies."""
+    producer = logits.inputs[0] if logits.inputs else None
+    try:
+        layer = linear_layer(producer) if producer is not None else None
+    except Unsupported:
+        layer = None
+    if not isinstance(layer, Dense):
+        raise LrpError("--explain logodds needs the logits to come straight from a dense layer (Gemm or MatMul)")
+    rule, params = ctx.rule(producer)
+    if rule.name not in LOGODDS_RULES:
+        raise LrpError(f"--explain logodds supports the {' or '.join(LOGODDS_RULES)} rule on the last layer "
+                       f"'{producer.name}' (the composite gives it {rule.name})")
+    if params.get("epsilon_scale") and "epsilon_scale" in rule.params:
+        raise LrpError(f"--explain logodds does not support epsilon_scale on the last layer '{producer.name}'")
+    ops = ctx.ops
+    chosen_logit = ops.reduce_sum(ops("Mul", hot, logits), [1])
+    differences = ops("Sub", chosen_logit, logits)  # z_c' = y_c - y_c', 0 at c' = c
+    exponents = ops("Where", ops("Cast", hot, to=onnx.TensorProto.BOOL), ops.scalar(-np.inf),
+                    ops("Neg", differences))
+    weights = ops("Softmax", exponents, axis=1)  # softmin over c' != c
+    pair_relevance = ops("Mul", differences, weights)
+    lower = propagate(ctx, producer, Differences(layer, hot, differences), [pair_relevance])
+    return layer.x, lower[0]
+
+
+def chosen_classes(target: int | np.ndarray | None, batch: int, classes: int) -> np.ndarray:
+    """The `target` to feed for a batch: one class per sample (negative: the predicted class), or an LrpError
+    for a class out of range or a length that is neither 1 nor the batch."""
+    chosen = np.full(batch, -1, dtype=np.int64) if target is None else np.asarray(target, dtype=np.int64)
+    chosen = np.broadcast_to(chosen, (batch,)).copy() if chosen.ndim == 0 else chosen
+    if chosen.shape != (batch,):
+        raise LrpError(f"target: expected one class per sample ({batch}), got shape {list(chosen.shape)}")
+    if np.any(chosen >= classes):
+        raise LrpError(f"target: class {int(chosen.max())} is out of range (the model has "
+                       f"{classes} classes, 0 to {classes - 1})")
+    return chosen
+
+
+def explained_value(mode: str, logits: np.ndarray, chosen: int) -> tuple[str, float]:
+    """What the seed of the walk sums to for one sample: the logit, the log-odds or 1 (one-hot)."""
+    if mode == "logodds":
+        others = np.delete(logits.astype(np.float64), chosen)
+        return "log-odds", float(logits[chosen] - np.log(np.exp(others - others.max()).sum()) - others.max())
+    if mode == "onehot":
+        return "one-hot seed", 1.0
+    return "logit", float(logits[chosen])

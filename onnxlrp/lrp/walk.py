@@ -1,0 +1,167 @@
+"""The relevance walk: from the explained logits back to the model input, one layer per node through the rule
+skeleton, and the graph's new input `target` and outputs `relevance` (docs/lrp.md §5)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import floating
+from ..ir.ops import Ops, Tensor
+from .composite import Composite
+from .emitters import FAMILIES
+from .emitters.linear import Linear
+from .facts import (computed, data_path, explained_input, nonnegative_tensors, on_data_path, rectified_outputs,
+                    unbounded_tensors, vanishing_relevance)
+from .families import Unsupported
+from .layers import LayerRelevance
+from .rules import Rule, propagate
+from .seed import EMBEDDING_RELEVANCE, RELEVANCE, TARGET, start
+
+HEADS = ("Softmax", "LogSoftmax")
+
+
+class Walk:
+    """Holds what emitters may ask for: the op writer, the rule of each node, what is known of tensors' values."""
+
+    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops, explained: gs.Variable | None = None):
+        self.ops = ops
+        self.composite = composite
+        self._nonnegative = nonnegative_tensors(graph)
+        self._unbounded = unbounded_tensors(graph, [explained.name] if explained is not None else [])
+        self._rule = composite.assign(graph)
+        # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
+        self._data_path = data_path(graph, explained, self.detached) if explained is not None else None
+        with on_data_path(self._data_path):
+            self._rectified = rectified_outputs(graph, vanishing_relevance(graph, self.rule, FAMILIES))
+        self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
+
+    def rule(self, node: gs.Node) -> tuple[Rule, dict]:
+        return self._rule(node)
+
+    def detached(self, node: gs.Node) -> bool:
+        """Whether a node's output is a constant to the walk under its rule (CP-LRP's attention weights)."""
+        family = FAMILIES.get(node.op)
+        return family is not None and family.detachable and self.rule(node)[0].detaches
+
+    def nonnegative(self, tensor: Tensor) -> bool:
+        return tensor.name in self._nonnegative
+
+    def finite(self, tensor: Tensor) -> bool:
+        return tensor.name not in self._unbounded
+
+    def rectified(self, tensor: Tensor) -> Tensor | None:
+        return self._rectified.get(tensor.name)
+
+    def walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
+        """Propagate `seed` from tensor `top` to every tensor it depends on; return the relevance that reached
+        the graph's inputs (contributions per tensor name)."""
+        with on_data_path(self._data_path):
+            return self._walk(graph, top, seed, source)
+
+    def _walk(self, graph: gs.Graph, top: Tensor, seed: Tensor, source: str) -> dict[str, list[Tensor]]:
+        relevance: dict[str, list[Tensor]] = {top.name: [seed]}
+        problems: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for node in list(reversed(graph.nodes)):
+            if not any(computed(t) for t in node.inputs):
+                continue  # a constant to the walk (or the lookup of the explained embedding)
+            upper = [self.ops.add_all(relevance.pop(t.name)) if t.name in relevance else None for t in node.outputs]
+            if all(r is None for r in upper):
+                continue
+            self.ops.scope = f"lrp/{node.name}"
+            try:
+                if node.op not in FAMILIES:
+                    raise Unsupported("unsupported op type")
+                layer = FAMILIES[node.op].describe(self, node)
+                lower = propagate(self, node, layer, upper)
+                if isinstance(layer, Linear):
+                    self.layers.append(LayerRelevance(node, self.rule(node)[0].name, upper[0], lower[0]))
+            except Unsupported as reason:
+                problems[(node.op, str(reason))].append(node.name)
+                # Keep walking through the float inputs, so that every problem is reported at once.
+                lower = [t if floating(t) else None for t in node.inputs]
+            for tensor, contribution in zip(node.inputs, lower):
+                if contribution is not None and computed(tensor):
+                    relevance.setdefault(tensor.name, []).append(contribution)
+        if problems:
+            details = "; ".join(f"{op} ({', '.join(repr(n) for n in names)}): {reason}"
+                                for (op, reason), names in problems.items())
+            raise LrpError(f"{source}: cannot explain {sum(map(len, problems.values()))} node(s): {details}")
+        return relevance
+
+
+@dataclass
+class Explained:
+    """What `explain` added to a graph: the explained input and logits, and the linear layers it walked."""
+    x: gs.Variable
+    logits: gs.Variable
+    target: gs.Variable
+    layers: list[LayerRelevance]
+
+
+def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | None, source: str,
+            hidden: Mapping[str, gs.Tensor] = {}) -> Explained:
+    """Add the input `target` and the output `relevance` (and `relevance_embedding` for token ids) to a canonical
+    graph: the walk from the explained logit back to the explained input. `hidden`: tensors of the model that
+    canonical nodes stand for (canonical/patterns.py), which `output` may name."""
+    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE}
+    if taken:
+        raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
+    x, ids = explained_input(graph, source)
+    shown = _classifier_output(graph, output, source, hidden)
+    logits = _logits(shown)
+    classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
+    if not isinstance(classes, int):
+        raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
+    ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[x.shape[0] if x.shape else "N"])
+    walk = Walk(graph, composite, ops, x)
+    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain), source)
+    if x.name not in relevance:
+        raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
+    total = ops.add_all(relevance[x.name])
+    if ids is not None:  # token relevance: the sum over the embedding axis, and the embedding's own
+        graph.outputs.append(gs.Variable(EMBEDDING_RELEVANCE, dtype=x.dtype, shape=x.shape))
+        graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance_embedding"), inputs=[total],
+                                   outputs=[graph.outputs[-1]]))
+        total = ops.reduce_sum(total, [len(x.shape) - 1], keepdims=False)
+    result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype,
+                         shape=(ids if ids is not None else x).shape)
+    graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
+    graph.inputs.append(target)
+    graph.outputs.append(result)
+    return Explained(x, logits, target, walk.layers[::-1])
+
+
+def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: Mapping[str, gs.Tensor]
+                       ) -> gs.Variable:
+    """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
+    if name is not None:
+        chosen = next((t for t in graph.outputs if t.name == name), None) or graph.tensors().get(name)
+        if chosen is None and name in hidden:
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C] that the walk "
+                           f"sees (it lies inside a written-out softmax, norm or activation)")
+        if chosen is None:
+            raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
+        return chosen
+    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
+    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
+    for tensor in list(graph.outputs) + zipped:
+        if floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2:
+            return tensor
+    raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
+
+
+def _logits(output: gs.Variable) -> gs.Variable:
+    """The tensor before a trailing Softmax/LogSoftmax (also written out: canonical/patterns.py) and Identity, so
+    that the logits are explained."""
+    tensor = output
+    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
