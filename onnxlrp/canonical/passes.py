@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import constant, is_bias, opset_of, replace
+from ..ir.graph import constant, is_bias, opset_of, replace, static
 from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
@@ -202,7 +202,4 @@ def _kernel_shape(node: gs.Node) -> list[int]:
 
 def _spatial_shape(tensor: gs.Tensor) -> list[int] | None:
     """The static spatial dimensions of an N, C, ... tensor, or None."""
-    shape = tensor.shape
-    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape[2:]):
-        return None
-    return list(shape[2:])
+    return list(tensor.shape[2:]) if static(tensor.shape, 2) else None

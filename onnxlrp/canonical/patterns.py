@@ -23,8 +23,9 @@ ACTIVATION = "Activation"  # an elementwise x * f(x) written out (SiLU, GELU)
 # How far up a chain of elementwise ops the gate of an activation x * f(x) is searched for x.
 ACTIVATION_DEPTH = 8
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh",
-               "Sigmoid", "HardSigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Clip",
-               "Min", "Max", "Cast", "Sin", "Cos")
+               "Sigmoid", "HardSigmoid", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "HardSwish",
+               "Mish", "Softplus", "Softsign", "ThresholdedRelu", "Clip", "Min", "Max", "Cast", "Sin", "Cos",
+               "QuantizeLinear", "DequantizeLinear")
 # Ops whose output is an elementwise nonlinearity of their one computed input (a gate in a gated product).
 GATES = ("Sigmoid", "HardSigmoid")
 ACTIVATION_OPS = GATES + ("Relu", "Gelu", "Tanh", "Elu", "Selu", "Softplus", "Mish", "HardSwish", "Erf", ACTIVATION)

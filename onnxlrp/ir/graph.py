@@ -16,6 +16,11 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def static(shape, start: int = 1) -> bool:
+    """Whether a shape is known with fixed sizes from axis `start` on (by default: every axis after the batch)."""
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape[start:])
+
+
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (or None for a computed one)."""
     return tensor.values if isinstance(tensor, gs.Constant) else None

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from ..errors import LrpError
 from .files import first_line
+from .graph import static
 
 # Constants with more elements than this stay out of shape inference (only their shape matters there).
 LIGHT_LIMIT = 4096
@@ -90,8 +91,7 @@ def _trial_runs(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple,
 
 
 def _unknown_after_batch(tensor: gs.Tensor | None) -> bool:
-    return (isinstance(tensor, gs.Variable) and tensor.shape is not None
-            and any(not isinstance(d, int) for d in tensor.shape[1:]))
+    return isinstance(tensor, gs.Variable) and tensor.shape is not None and not static(tensor.shape)
 
 
 def _inferred(model: onnx.ModelProto) -> list[tuple[str, np.dtype | None, list | None]]:
@@ -187,7 +187,7 @@ def with_input_shape(model: onnx.ModelProto, spec: tuple[str | None, list], sour
 
 def _open(tensor: gs.Tensor) -> bool:
     """Whether a variable's shape is unknown, or unknown after the batch axis."""
-    return isinstance(tensor, gs.Variable) and (tensor.shape is None or _unknown_after_batch(tensor))
+    return isinstance(tensor, gs.Variable) and not static(tensor.shape)
 
 
 def require_static_input(graph: gs.Graph, source: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
@@ -194,6 +195,23 @@ class Layer:
     def route(self, ops: Ops, rule: Rule, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
         """J^T R per node input, from the relevance of each node output (`rule` may say how R is shared)."""
         raise Unsupported("this layer has no gradient to route relevance by")
+
+
+class OfNode:
+    """A layer that is one node of the graph: x is its first input, z its first output."""
+    node: gs.Node
+
+    @property
+    def x(self) -> Tensor:
+        return self.node.inputs[0]
+
+    @property
+    def output(self) -> Tensor:
+        return self.node.outputs[0]
+
+    @property
+    def arity(self) -> int:
+        return len(self.node.inputs)
 
 
 class Routing(Layer):

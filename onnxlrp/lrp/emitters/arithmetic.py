@@ -21,7 +21,7 @@ from ...canonical.patterns import GATES, is_activation
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
-from ..rules import Layer, Rule, Shared
+from ..rules import Layer, OfNode, Rule, Shared
 
 ARITHMETIC_RULES = ("norm", "absorb", "stop")
 
@@ -41,17 +41,17 @@ def unbroadcast(ops: Ops, relevance: Tensor, operand: Tensor, output: Tensor, ma
 
 
 @dataclass
-class Elementwise(Shared):
-    """A node with broadcasting operands; relevance reaching an operand is summed over its broadcast axes."""
+class Operands(OfNode, Shared):
+    """A node whose computed inputs share its output as the denominator (constants get no relevance)."""
     node: gs.Node
 
     @property
     def inputs(self) -> list[Tensor | None]:
         return [t if computed(t) else None for t in self.node.inputs]
 
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
+
+class Elementwise(Operands):
+    """A node with broadcasting operands; relevance reaching an operand is summed over its broadcast axes."""
 
     def fit(self, ops: Ops, index: int, relevance: Tensor) -> Tensor:
         return unbroadcast(ops, relevance, self.node.inputs[index], self.output)

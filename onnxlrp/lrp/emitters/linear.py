@@ -7,28 +7,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...errors import LrpError
-from ...ir.graph import constant
+from ...ir.graph import constant, static
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
-from ..rules import Layer, Weighted
+from ..rules import Layer, OfNode, Weighted
 from .transformer import Product
 
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 LINEAR_RULES = ("epsilon", "zero", "gamma", "zplus", "alpha_beta", "zbox", "flat", "wsquare", "norm")
 
 
-class Linear(Weighted):
+class Linear(OfNode, Weighted):
     """A linear layer with a constant weight: the layers whose relevance `--layer-relevance` records."""
-    node: gs.Node
-
-    @property
-    def x(self) -> Tensor:
-        return self.node.inputs[0]
-
-    @property
-    def arity(self) -> int:
-        return len(self.node.inputs)
 
 
 @dataclass
@@ -44,11 +35,6 @@ class Dense(Linear):
     weight: np.ndarray
     bias: np.ndarray | None
     rows: bool = False
-
-    @property
-    def output(self) -> Tensor:
-        """The layer's output z, bias included."""
-        return self.node.outputs[0]
 
     @property
     def matrix(self) -> bool:
@@ -93,10 +79,6 @@ class Convolution(Linear):
     def transposed(self) -> bool:
         return self.node.op == "ConvTranspose"
 
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
-
     def parameters(self) -> tuple[Tensor, Tensor | None]:
         return self.node.inputs[1], self.node.inputs[2] if self.bias is not None else None
 
@@ -137,7 +119,7 @@ def linear_layer(node: gs.Node) -> Dense | Convolution:
             raise Unsupported("Gemm with a C that is not a per-feature constant bias is not supported")
         return Dense(node, weight, bias, rows)
     in_shape, out_shape = x.shape, node.outputs[0].shape
-    if not _static(in_shape, 1) or not _static(out_shape, 1):
+    if not static(in_shape) or not static(out_shape):
         raise Unsupported("convolutions need static channel and spatial dimensions")
     return Convolution(node, weight, bias, list(in_shape), list(out_shape))
 
@@ -164,8 +146,3 @@ def _per_channel(node: gs.Node, values: np.ndarray, channels: int) -> np.ndarray
         raise LrpError(f"node '{node.name}' ({node.op}): low/high (--low/--high) give {flat.size} values, but its "
                        f"input has {channels} channels: give 1 value or {channels}")
     return flat
-
-
-def _static(shape, start: int) -> bool:
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape[start:])
-

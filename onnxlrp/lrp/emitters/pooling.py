@@ -10,30 +10,22 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...ir.graph import constant
+from ...ir.graph import constant, static
 from ...ir.ops import Ops, Tensor
 from ..families import Context, Unsupported, family
-from ..rules import Layer, Rule, Weighted
+from ..rules import Layer, OfNode, Rule, Weighted
 
 WINDOW_ATTRS = ("kernel_shape", "strides", "pads", "ceil_mode")
 
 
 @dataclass
-class Window(Weighted):
+class Window(OfNode, Weighted):
     """A sliding-window sum or average over each channel (AveragePool, or MaxPool treated as sum pooling)."""
     node: gs.Node
     attrs: dict
     in_shape: list[int]
     out_shape: list[int]
     average: bool
-
-    @property
-    def x(self) -> Tensor:
-        return self.node.inputs[0]
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
 
     @property
     def kernel(self) -> list[int]:
@@ -75,24 +67,12 @@ class Window(Weighted):
 
 
 @dataclass
-class Reduction(Weighted):
+class Reduction(OfNode, Weighted):
     """A mean or sum over some axes (GlobalAveragePool, ReduceMean, ReduceSum)."""
     node: gs.Node
     axes: list[int]
     keepdims: bool
     divisor: float
-
-    @property
-    def x(self) -> Tensor:
-        return self.node.inputs[0]
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
-
-    @property
-    def arity(self) -> int:
-        return len(self.node.inputs)
 
     def forward(self, ops: Ops, x: Tensor, weight=None, bias=None) -> Tensor:
         total = ops.reduce_sum(x, self.axes, self.keepdims)
@@ -108,7 +88,7 @@ class Reduction(Weighted):
 
 def _static_shapes(node: gs.Node) -> tuple[list[int], list[int]]:
     shapes = [node.inputs[0].shape, node.outputs[0].shape]
-    if any(s is None or any(not isinstance(d, int) for d in s[1:]) for s in shapes):
+    if not all(static(s) for s in shapes):
         raise Unsupported("pooling needs static channel and spatial dimensions")
     return list(shapes[0]), list(shapes[1])
 

@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...canonical.patterns import ACTIVATION
-from ...ir.graph import constant, floating
+from ...ir.graph import constant, floating, static
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Family, Unsupported, family
@@ -109,10 +109,9 @@ def concat(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[
 
 
 def _static_dims(tensor: Tensor, what: str) -> list[int]:
-    shape = tensor.shape
-    if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+    if not static(tensor.shape):
         raise Unsupported(f"{what} needs static non-batch dimensions")
-    return list(shape)
+    return list(tensor.shape)
 
 
 def _constant_ints(node: gs.Node, index: int, what: str) -> list[int] | None:

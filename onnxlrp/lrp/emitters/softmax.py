@@ -10,13 +10,13 @@ import onnx_graphsurgeon as gs
 from ...canonical.patterns import CANONICAL
 from ...ir.ops import Ops, Tensor
 from ..families import Context, Unsupported, family
-from ..rules import Layer, Shared
+from ..rules import Layer, OfNode, Shared
 
 SOFTMAX_RULES = ("softmax", "stop")
 
 
 @dataclass
-class Softmax(Shared):
+class Softmax(OfNode, Shared):
     """s = softmax(z) over `axes`: c = J^T (R / s) = R - s * sum(R), in closed form (R_z = z * c)."""
     node: gs.Node
     axes: list[int]
@@ -24,10 +24,6 @@ class Softmax(Shared):
     @property
     def inputs(self) -> list[Tensor | None]:
         return [self.node.inputs[0]]
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
 
     def exact_backward(self, ops: Ops, relevance: Tensor) -> list[Tensor | None]:
         return [ops("Sub", relevance, ops("Mul", self.output, ops.reduce_sum(relevance, self.axes)))]

@@ -10,8 +10,8 @@ import onnx_graphsurgeon as gs
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
-from ..rules import Layer, Shared
-from .arithmetic import unbroadcast
+from ..rules import Layer, OfNode, Shared
+from .arithmetic import Operands, unbroadcast
 
 
 def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
@@ -22,7 +22,7 @@ def _normalized_axes(node: gs.Node, axis: int) -> list[int]:
 
 
 @dataclass
-class LayerNorm(Shared):
+class LayerNorm(OfNode, Shared):
     """y = w * (x - mean) / sigma + b with sigma a constant: c = (w * s - mean(w * s)) / sigma on the normalised
     axes, so R_x = x * c. The bias absorbs its share; the mean subtraction is a linear map (the closed form of
     docs/attnlrp.md §3)."""
@@ -31,10 +31,6 @@ class LayerNorm(Shared):
     @property
     def inputs(self) -> list[Tensor | None]:
         return [self.node.inputs[0]] + [None] * (len(self.node.inputs) - 1)
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
 
     def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
         x, scale = self.node.inputs[0], self.node.inputs[1]
@@ -53,25 +49,16 @@ def layer_norm(ctx: Context, node: gs.Node) -> Layer:
 
 
 @dataclass
-class Product(Shared):
+class Product(Operands):
     """MatMul C = A B of two computed tensors (or of one computed tensor and a constant of rank 3 or more): with
     s = R_C / stab(C) under the node's epsilon (0 for `zero`), each computed factor gets its share, half each when
     both are computed: c_A = share * s B^T, c_B = share * A^T s; a constant factor gets none. Whatever the rule,
     only its epsilon applies (a linear rule's modifiers need a constant weight)."""
-    node: gs.Node
     stabilizer = "epsilon"
 
     def __post_init__(self):
         if any(t.shape is None or len(t.shape) < 2 for t in self.node.inputs):
             raise Unsupported("a product of two tensors needs operands of rank 2 or more")
-
-    @property
-    def inputs(self) -> list[Tensor | None]:
-        return [t if computed(t) else None for t in self.node.inputs]
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
 
     def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
         a, b = self.node.inputs
@@ -90,10 +77,9 @@ def _transposed(ops: Ops, tensor: Tensor) -> Tensor:
 
 
 @dataclass
-class Einsum(Shared):
+class Einsum(Operands):
     """Einsum of two operands, as `Product`: each computed operand X gets share * X * (the Einsum's gradient for X
     applied to s), half each when both are computed."""
-    node: gs.Node
     stabilizer = "epsilon"
 
     def __post_init__(self):
@@ -107,14 +93,6 @@ class Einsum(Shared):
         for index, mine in enumerate(self.operands):
             if computed(self.node.inputs[index]) and set(mine) - set(self.operands[1 - index]) - set(result):
                 raise Unsupported("Einsum that sums an index of one operand alone is not supported")
-
-    @property
-    def inputs(self) -> list[Tensor | None]:
-        return [t if computed(t) else None for t in self.node.inputs]
-
-    @property
-    def output(self) -> Tensor:
-        return self.node.outputs[0]
 
     def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
         if all(t is not None for t in self.inputs):
