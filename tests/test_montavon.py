@@ -35,7 +35,7 @@ def test_montavon2019_with_winner_take_all_matches_zennit(model_file, tmp_path):
     relevance, = run(build_vgg(str(path), model_file), {"input": VGG["input"], "target": VGG["target"]},
                      ["relevance"])
     reference = np.load(FIXTURES / "montavon2019.npz")["relevance/montavon2019_wta"]
-    assert relative_error(relevance, reference) < 1e-4
+    assert relative_error(relevance, reference) < 2e-6  # measured 4.4e-7 (both exports)
 
 
 def test_numpy_reference_agrees_with_zennit():
@@ -43,7 +43,7 @@ def test_numpy_reference_agrees_with_zennit():
     model = onnx.load(FIXTURES / "vgg_ts.onnx")
     _, relevance, _ = lrp_chain(model, VGG["input"], VGG["target"], montavon_rules("wta"))
     reference = np.load(FIXTURES / "montavon2019.npz")["relevance/montavon2019_wta"]
-    assert relative_error(relevance, reference) < 1e-6
+    assert relative_error(relevance, reference) < 1e-7  # measured 2.5e-8
 
 
 def test_montavon2019_preset_matches_numpy():
@@ -53,7 +53,7 @@ def test_montavon2019_preset_matches_numpy():
     expected_logits, expected, _ = lrp_chain(onnx.load(FIXTURES / "vgg_ts.onnx"), VGG["input"], VGG["target"],
                                              montavon_rules("norm"))
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-6)
-    assert relative_error(relevance, expected) < 1e-4
+    assert relative_error(relevance, expected) < 2e-6  # measured 5.4e-7
     # Sum pooling really differs from winner-take-all here (the test would not notice a wrong pooling rule).
     _, winner, _ = lrp_chain(onnx.load(FIXTURES / "vgg_ts.onnx"), VGG["input"], VGG["target"], montavon_rules("wta"))
     assert relative_error(winner, expected) > 0.1

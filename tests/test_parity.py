@@ -13,6 +13,13 @@ COMPOSITES = sorted({key.split("/", 1)[1] for name in MANIFEST
                      for key in np.load(FIXTURES / f"{name}.npz").files if key.startswith("relevance/")})
 
 
+# Relative L2 error against Zennit, per fixture: 3 to 4 times the largest measured over the presets and both exports
+# (MLP 8.2e-6 under gamma, CNN 1.3e-5, VGG 5.8e-7). Uniform epsilon on VGG is the exception: with epsilon 1e-6 it
+# is ill-conditioned (README: runtimes differ by ~1e-4 there); it measured 6.0e-5 and keeps LRP.md's bound, 1e-4.
+ZENNIT_TOLERANCE = {"mlp": 3e-5, "cnn": 5e-5, "vgg": 2e-6}
+ILL_CONDITIONED = {("vgg", "epsilon"): 1e-4}
+
+
 def built(model_file: str, composite: str, data) -> onnx.ModelProto:
     bounds = {k: tuple(np.atleast_1d(data[k]).tolist()) for k in ("low", "high")}
     chosen = onnxlrp.load_composite(composite).with_params(bounds)
@@ -26,7 +33,8 @@ def test_relevance_matches_zennit(name, model_file, composite):
     model = built(model_file, composite, data)
     logits, relevance = run(model, {"input": data["input"], "target": data["target"]}, ["logits", "relevance"])
     np.testing.assert_allclose(logits, data["logits"], rtol=1e-4, atol=1e-5)
-    assert relative_error(relevance, data[f"relevance/{composite}"]) < 1e-4
+    tolerance = ILL_CONDITIONED.get((name, composite), ZENNIT_TOLERANCE[name])
+    assert relative_error(relevance, data[f"relevance/{composite}"]) < tolerance
 
 
 @pytest.mark.parametrize("name,model_file", CASES)

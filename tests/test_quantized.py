@@ -22,7 +22,8 @@ def test_qdq_models_keep_their_outputs_bit_for_bit(name):
     # The explanation is the float model's, up to quantization.
     float_model = onnxlrp.build(onnx.load(str(FIXTURES / "cnn_ts.onnx")), onnxlrp.load_composite("epsilon_plus"))
     reference = run(float_model, {"input": IMAGES})[1]
-    assert np.corrcoef(found["epsilon_plus"].ravel(), reference.ravel())[0, 1] > 0.95
+    # Measured 0.9986 (per tensor) and 0.9987 (per channel): 1 - correlation 1.4e-3, kept below 5e-3.
+    assert np.corrcoef(found["epsilon_plus"].ravel(), reference.ravel())[0, 1] > 0.995
 
 
 @pytest.mark.parametrize("name,op", [("cnn_qoperator", "QLinearConv"), ("cnn_dynamic", "DynamicQuantizeLinear")])

@@ -84,6 +84,20 @@ def test_transformers_build_with_every_preset(name, composite):
         assert relevance.sum() == pytest.approx(logits.max(), rel=1e-2)
 
 
+# Relative L2 error of the relevance against Zennit's, per model and preset: 3 to 4 times what was measured with
+# ONNX Runtime 1.32's CPU provider (in the comments, in the order of the keys).
+ZENNIT_TOLERANCE = {
+    # 4.2e-7, 2.4e-7, 3.2e-7
+    "densenet121": {"epsilon_plus_flat": 1.5e-6, "epsilon_gamma_box": 1e-6, "epsilon_alpha2_beta1": 1e-6},
+    # 2.6e-6, 2.6e-6, 1.6e-5
+    "mobilenet_v2": {"epsilon_plus_flat": 1e-5, "epsilon_gamma_box": 1e-5, "epsilon_alpha2_beta1": 5e-5},
+    # 6.1e-7, 1.2e-6, 3.2e-6
+    "resnet18": {"epsilon_plus_flat": 2e-6, "epsilon_gamma_box": 4e-6, "epsilon_alpha2_beta1": 1e-5},
+    # 5.6e-6, 1.0e-5, 2.8e-5
+    "resnet50": {"epsilon_plus_flat": 2e-5, "epsilon_gamma_box": 4e-5, "epsilon_alpha2_beta1": 1e-4},
+}
+
+
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
 @pytest.mark.parametrize("name", sorted(MANIFEST["parity"]))
 def test_zoo_matches_zennit(name, composite):
@@ -94,7 +108,7 @@ def test_zoo_matches_zennit(name, composite):
     built = explain(zoo_model(info["file"]), composite, **IMAGENET_BOUNDS)
     logits, relevance = run(built, {"input": data["input"], "target": data["target"]}, ["logits", "relevance"])
     np.testing.assert_allclose(logits, data["logits"], rtol=1e-4, atol=1e-4 * np.abs(data["logits"]).max())
-    assert relative_error(relevance, data[f"relevance/{composite}"]) < 1e-4
+    assert relative_error(relevance, data[f"relevance/{composite}"]) < ZENNIT_TOLERANCE[name][composite]
 
 
 @pytest.mark.parametrize("variant", ["resnet18_opset11", "resnet18_opset13"])
@@ -121,7 +135,8 @@ def test_keras_and_torch_twins_give_the_same_relevance():
         probabilities, from_keras = run(built_keras, {"input": x.transpose(0, 2, 3, 1), "target": target})
         from_torch = run(built_torch, {"input": x, "target": target})[1]
         np.testing.assert_allclose(probabilities, data["probabilities"], rtol=1e-4, atol=1e-6)
-        assert relative_error(from_keras.transpose(0, 3, 1, 2), from_torch) < 1e-4, composite
+        # Measured 1.4e-7 to 3.6e-7 (cp_lrp_gamma) over the presets.
+        assert relative_error(from_keras.transpose(0, 3, 1, 2), from_torch) < 1.5e-6, composite
 
 
 def test_sklearn_mlp_explains_its_logits():
