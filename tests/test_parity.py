@@ -15,7 +15,7 @@ COMPOSITES = sorted({key.split("/", 1)[1] for name in MANIFEST
 
 # Relative L2 error against Zennit, per fixture: 3 to 4 times the largest measured over the presets and both exports
 # (MLP 8.2e-6 under gamma, CNN 1.3e-5, VGG 5.8e-7). Uniform epsilon on VGG is the exception: with epsilon 1e-6 it
-# is ill-conditioned (README: runtimes differ by ~1e-4 there); it measured 6.0e-5 and keeps LRP.md's bound, 1e-4.
+# is ill-conditioned (README: runtimes differ by ~1e-4 there); it measured 6.0e-5 and keeps docs/lrp.md's bound, 1e-4.
 ZENNIT_TOLERANCE = {"mlp": 3e-5, "cnn": 5e-5, "vgg": 2e-6}
 ILL_CONDITIONED = {("vgg", "epsilon"): 1e-4}
 

@@ -1,4 +1,4 @@
-"""A user's stabilizer (and epsilon) reaches every rule's denominator with the sign LRP.md §2 gives it.
+"""A user's stabilizer (and epsilon) reaches every rule's denominator with the sign docs/lrp.md §2 gives it.
 
 The defaults (1e-6) hardly change a relevance map, so a stabilizer that is ignored, replaced by the default or
 added with the wrong sign passes every parity test. Here it is large (0.1) on small Conv/Relu/MaxPool/Gemm chains
