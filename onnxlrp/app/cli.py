@@ -33,6 +33,7 @@ def cli() -> None:
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,
               help="A preset name or the path of a composite TOML file.")
 @click.option("--epsilon", type=float, help="Epsilon of the epsilon rule.")
+@click.option("--stabilizer", type=float, help="Epsilon of the stabilizer of every other rule (z+, gamma, norm ...).")
 @click.option("--epsilon-scale", type=float,
               help="Adds this many times the root mean square of each layer's pre-activation to epsilon.")
 @click.option("--gamma", type=float, help="Gamma of the gamma rule.")
