@@ -11,6 +11,7 @@ import onnxruntime as ort
 from . import builder
 from .composite import Composite, load_composite, parse_value
 from .errors import LrpError
+from .inputs import ModelInput
 from .io import load
 from .rules import DEFAULTS
 
@@ -119,9 +120,8 @@ class Explainer:
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "
                            f"{', '.join(i.name for i in inputs)})")
-        self.input_name = inputs[0].name
-        self.input_shape: list[int | str | None] = list(inputs[0].shape)
-        self.input_dtype = np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32))
+        self.input = ModelInput(inputs[0].name, tuple(inputs[0].shape),
+                                np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32)))
         outputs = [o for o in self.session.get_outputs() if o.name != builder.RELEVANCE]
         scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2), None)
         if scores is None or not isinstance(scores.shape[1], int):
@@ -130,23 +130,19 @@ class Explainer:
         self.classes: int = scores.shape[1]
         self.labels: list[str] | None = metadata_labels(self.model, self.classes)
 
-    def check_input(self, x: np.ndarray, where: str = "input") -> np.ndarray:
-        """`x` as a batch of the model's input type, or an LrpError naming the shape the model takes."""
-        x = np.asarray(x)
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise LrpError(f"{where}: an array of {x.dtype} is not numeric")
-        expected = self.input_shape
-        fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n
-                                               for d, n in zip(expected[1:], x.shape[1:]))
-        if not fits:
-            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.input_name}' "
-                           f"{self.shape_text}")
-        return x.astype(self.input_dtype, copy=False)
+    @property
+    def input_name(self) -> str:
+        """The name the model input is fed under."""
+        return self.input.name
 
     @property
-    def shape_text(self) -> str:
-        """The model input's shape as users read it: [?, 3, 224, 224]."""
-        return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in self.input_shape) + "]"
+    def input_shape(self) -> list[int | str | None]:
+        """The model input's shape: an int per fixed axis, a name or None where it is dynamic."""
+        return list(self.input.shape)
+
+    def check_input(self, x: np.ndarray, where: str = "input") -> np.ndarray:
+        """`x` as a batch of the model's input type, or an LrpError naming the shape the model takes."""
+        return self.input.fit(x, where)
 
     def check_target(self, target: int | np.ndarray | None, batch: int) -> np.ndarray:
         """One class per sample (negative: the predicted class); an LrpError for classes out of range."""
