@@ -92,12 +92,16 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
 @cli.command("check")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="A .npy array or an image (default: a deterministic random input).")
+              help="An image, or a .npy array of one sample or a batch, read as `explain` reads its inputs "
+                   "(default: a deterministic random input).")
 @click.option("--target", type=int, help="The class to explain (default: the predicted class).")
-def check_command(model: str, input_path: str | None, target: int | None) -> None:
+@preprocessing_options
+def check_command(model: str, input_path: str | None, target: int | None, **preprocess: str | None) -> None:
     """Run MODEL (built with --layer-relevance) and show, per linear layer, where relevance is lost."""
     from .check import check
-    click.echo(check(model, input_path, target))
+    click.echo(check(model, input_path, target, parse_options(**preprocess)))
+
+
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)

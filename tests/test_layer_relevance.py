@@ -169,8 +169,8 @@ def invoke(*args: str) -> int:
 
 @pytest.mark.parametrize("problem,fragment", [
     ("no metadata", "no per-layer relevance recorded; build the model with `onnxlrp build --layer-relevance`"),
-    ("bad npy", "not a .npy array"),
-    ("wrong shape", "shape [3, 3] does not fit input 'input' [?, 2, 6, 6]"),
+    ("bad npy", "bad.npy: not a readable .npy array"),
+    ("wrong shape", "shape [3, 3] is neither one sample nor a batch of the model input 'input' [?, 2, 6, 6]"),
     ("bad target", "--target 7: the model has 5 classes"),
 ])
 def test_check_errors_are_one_line(tmp_path, rng, capsys, problem, fragment):
