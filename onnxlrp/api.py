@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,32 @@ def metadata_labels(model: onnx.ModelProto, classes: int) -> list[str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """The model input that files are read for: its name, shape (an int per fixed axis, a name or None where it
+    is dynamic) and dtype."""
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    @property
+    def shape_text(self) -> str:
+        """The shape as users read it: [?, 3, 224, 224]."""
+        return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in self.shape) + "]"
+
+    def fit(self, x: np.ndarray, where: str = "input") -> np.ndarray:
+        """`x` as a batch of this input's dtype, or an LrpError naming the shape the model takes."""
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise LrpError(f"{where}: an array of {x.dtype} is not numeric")
+        fits = x.ndim == len(self.shape) and all(not isinstance(d, int) or d == n
+                                                 for d, n in zip(self.shape[1:], x.shape[1:]))
+        if not fits:
+            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.name}' "
+                           f"{self.shape_text}")
+        return x.astype(self.dtype, copy=False)
+
+
 class Explainer:
     """Runs a built model (or builds a plain one first) on numpy arrays and returns logits and relevance.
 
@@ -120,9 +147,8 @@ class Explainer:
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "
                            f"{', '.join(i.name for i in inputs)})")
-        self.input_name = inputs[0].name
-        self.input_shape: list[int | str | None] = list(inputs[0].shape)
-        self.input_dtype = np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32))
+        self.input = ModelInput(inputs[0].name, tuple(inputs[0].shape),
+                                np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32)))
         outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
         scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2), None)
         if scores is None or not isinstance(scores.shape[1], int):
@@ -131,23 +157,19 @@ class Explainer:
         self.classes: int = scores.shape[1]
         self.labels: list[str] | None = metadata_labels(self.model, self.classes)
 
-    def check_input(self, x: np.ndarray, where: str = "input") -> np.ndarray:
-        """`x` as a batch of the model's input type, or an LrpError naming the shape the model takes."""
-        x = np.asarray(x)
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise LrpError(f"{where}: an array of {x.dtype} is not numeric")
-        expected = self.input_shape
-        fits = x.ndim == len(expected) and all(not isinstance(d, int) or d == n
-                                               for d, n in zip(expected[1:], x.shape[1:]))
-        if not fits:
-            raise LrpError(f"{where}: shape {list(x.shape)} does not fit the model input '{self.input_name}' "
-                           f"{self.shape_text}")
-        return x.astype(self.input_dtype, copy=False)
+    @property
+    def input_name(self) -> str:
+        """The name the model input is fed under."""
+        return self.input.name
 
     @property
-    def shape_text(self) -> str:
-        """The model input's shape as users read it: [?, 3, 224, 224]."""
-        return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in self.input_shape) + "]"
+    def input_shape(self) -> list[int | str | None]:
+        """The model input's shape: an int per fixed axis, a name or None where it is dynamic."""
+        return list(self.input.shape)
+
+    def check_input(self, x: np.ndarray, where: str = "input") -> np.ndarray:
+        """`x` as a batch of the model's input type, or an LrpError naming the shape the model takes."""
+        return self.input.fit(x, where)
 
     def check_target(self, target: int | np.ndarray | None, batch: int) -> np.ndarray:
         """One class per sample (negative: the predicted class); an LrpError for classes out of range."""

@@ -11,9 +11,10 @@ import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from onnx import helper
+from PIL import Image
 
 import onnxlrp
-from conftest import FIXTURES, make_model, relative_error, run, session
+from conftest import FIXTURES, make_model, onnxlrp_cli, relative_error, run, session
 from lrp_numpy import lrp_chain
 from onnxlrp.app.check import check
 from onnxlrp.app.cli import cli, main
@@ -126,7 +127,6 @@ def test_check_without_input_uses_a_deterministic_random_input(tmp_path, rng):
 
 
 def test_check_reads_an_image_resized_to_the_model(tmp_path, rng):
-    from PIL import Image
     source = make_model([helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
                          helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
                          helper.make_node("Gemm", ["f", "d"], ["logits"], name="dense")],
@@ -141,6 +141,55 @@ def test_check_reads_an_image_resized_to_the_model(tmp_path, rng):
     assert report.splitlines()[0].endswith(f"logit {logits[0].max():.6g}")
     # Bias-free LRP-0: the input's relevance is the logit.
     assert report.splitlines()[-1].endswith("(100.0%)")
+
+
+PREPROCESSING = ["size", "normalize", "mean", "std", "scale", "channels", "layout"]
+
+
+def test_check_and_explain_take_the_same_preprocessing_options():
+    def declared(command: str) -> list[tuple]:
+        return [(p.name, p.opts, p.default, p.help, getattr(p.type, "choices", None))
+                for p in cli.commands[command].params if p.name in PREPROCESSING]
+    assert [row[0] for row in declared("check")] == PREPROCESSING
+    assert declared("check") == declared("explain")
+
+
+def test_check_and_explain_give_a_picture_the_same_model_input(tmp_path):
+    """A picture wider than the model (covered and centre-cropped) and a non-default mean and std, through both
+    commands on the digits model: the same logit and input relevance."""
+    digits = FIXTURES / "digits"
+    built = tmp_path / "digits_layers.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(digits / "digits.onnx", layer_relevance=True), built)
+    picture = tmp_path / "wide.pgm"
+    Image.open(digits / "samples" / "three.png").resize((28, 20), Image.Resampling.BILINEAR).save(picture)
+    options = ["--mean", "0.1", "--std", "0.9"]
+    checked = onnxlrp_cli("check", built, "--input", picture, *options)
+    explained = onnxlrp_cli("explain", digits / "digits_epsilon_plus_flat.onnx", picture, "-o", tmp_path / "out",
+                            *options)
+    assert checked.returncode == 0 and explained.returncode == 0, checked.stderr + explained.stderr
+    report = checked.stdout.splitlines()
+    line = explained.stdout.strip()
+    predicted = int(line.split("predicted ")[1].split()[0])
+    assert report[0].startswith(f"sample 0: class {predicted} (predicted), logit ")
+    np.testing.assert_allclose(float(report[0].split()[-1]), float(line.split("logit ")[1].split(",")[0]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(report[-1].split()[2]), float(line.split("relevance sum ")[1]), rtol=1e-5)
+
+
+def test_check_reads_a_ppm_normalized_for_imagenet(tmp_path):
+    source = onnx.load(FIXTURES / "cnn_ts.onnx")  # [N, 3, 16, 16]
+    built = tmp_path / "cnn_layers.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(source, layer_relevance=True), built)
+    wide = np.random.default_rng(4).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.ppm")
+    result = onnxlrp_cli("check", built, "--input", tmp_path / "wide.ppm", "--normalize", "imagenet")
+    assert result.returncode == 0, result.stderr
+    centre = wide[:, 4:20].astype(np.float64) / 255  # the shorter side fits: only the centre is kept
+    x = ((centre - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1)[None].astype(np.float32)
+    logits, = run(source, {"input": x})
+    title = result.stdout.splitlines()[0]
+    assert title.startswith(f"sample 0: class {logits[0].argmax()} (predicted), logit ")
+    np.testing.assert_allclose(float(title.split()[-1]), logits[0].max(), rtol=1e-5)
 
 
 def test_check_logodds_compares_with_the_log_odds(tmp_path, rng):
@@ -169,16 +218,21 @@ def invoke(*args: str) -> int:
 
 @pytest.mark.parametrize("problem,fragment", [
     ("no metadata", "no per-layer relevance recorded; build the model with `onnxlrp build --layer-relevance`"),
-    ("bad npy", "not a .npy array"),
-    ("wrong shape", "shape [3, 3] does not fit input 'input' [?, 2, 6, 6]"),
+    ("bad npy", "bad.npy: not a readable .npy array"),
+    ("wrong shape", "shape [3, 3] is neither one sample nor a batch of the model input 'input' [?, 2, 6, 6]"),
     ("bad target", "--target 7: the model has 5 classes"),
+    ("picture for two channels", "does not take pictures"),
+    ("normalize and mean", "--normalize sets --mean and --std"),
 ])
 def test_check_errors_are_one_line(tmp_path, rng, capsys, problem, fragment):
     _, path = built_file(tmp_path, rng, layer_relevance=problem != "no metadata")
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     np.save(tmp_path / "small.npy", np.zeros((3, 3), dtype=np.float32))
+    Image.fromarray(np.zeros((6, 6, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
     args = {"no metadata": [], "bad npy": ["--input", str(tmp_path / "bad.npy")],
-            "wrong shape": ["--input", str(tmp_path / "small.npy")], "bad target": ["--target", "7"]}[problem]
+            "wrong shape": ["--input", str(tmp_path / "small.npy")], "bad target": ["--target", "7"],
+            "picture for two channels": ["--input", str(tmp_path / "rgb.png")],
+            "normalize and mean": ["--normalize", "imagenet", "--mean", "0"]}[problem]
     assert invoke("check", str(path), *args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -18,6 +19,26 @@ from ..lrp.seed import EXPLAIN
 from ..pipeline import build
 from . import explain as explaining, inspect as inspection
 from .heatmaps import CMAPS
+from .inputs import NORMALIZE, parse_options
+
+
+# How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
+PREPROCESSING = (
+    click.option("--size", help="H,W the pictures are cropped to, when the model's input size is dynamic."),
+    click.option("--normalize", type=click.Choice(sorted(NORMALIZE)), help="A preset --mean and --std."),
+    click.option("--mean", help="Per-channel mean subtracted after scaling (comma-separated)."),
+    click.option("--std", help="Per-channel standard deviation divided by after the mean (comma-separated)."),
+    click.option("--scale", default="1/255", show_default=True, help="Factor applied to pixel values first."),
+    click.option("--channels", type=click.Choice(("rgb", "bgr")), default="rgb", show_default=True),
+    click.option("--layout", type=click.Choice(("nchw", "nhwc")), help="Input layout (default: from the model)."),
+)
+
+
+def preprocessing_options(command: Callable) -> Callable:
+    """Add the preprocessing options to a command (which takes them as keyword arguments for parse_options)."""
+    for option in reversed(PREPROCESSING):
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -74,12 +95,16 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
 @cli.command("check")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="A .npy array or an image (default: a deterministic random input).")
+              help="An image, or a .npy array of one sample or a batch, read as `explain` reads its inputs "
+                   "(default: a deterministic random input).")
 @click.option("--target", type=int, help="The class to explain (default: the predicted class).")
-def check_command(model: str, input_path: str | None, target: int | None) -> None:
+@preprocessing_options
+def check_command(model: str, input_path: str | None, target: int | None, **preprocess: str | None) -> None:
     """Run MODEL (built with --layer-relevance) and show, per linear layer, where relevance is lost."""
     from .check import check
-    click.echo(check(model, input_path, target))
+    click.echo(check(model, input_path, target, parse_options(**preprocess)))
+
+
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
@@ -91,24 +116,16 @@ def check_command(model: str, input_path: str | None, target: int | None) -> Non
               help="cuda only runs where ONNX Runtime's CUDA provider really loads.")
 @click.option("--cmap", type=click.Choice(CMAPS), default="bwr", show_default=True, help="Heatmap colormap.")
 @click.option("--overlay", is_flag=True, help="Blend the heatmap over the (preprocessed) picture.")
-@click.option("--size", help="H,W the pictures are cropped to, when the model's input size is dynamic.")
-@click.option("--normalize", type=click.Choice(sorted(explaining.NORMALIZE)), help="A preset --mean and --std.")
-@click.option("--mean", help="Per-channel mean subtracted after scaling (comma-separated).")
-@click.option("--std", help="Per-channel standard deviation divided by after the mean (comma-separated).")
-@click.option("--scale", default="1/255", show_default=True, help="Factor applied to pixel values first.")
-@click.option("--channels", type=click.Choice(("rgb", "bgr")), default="rgb", show_default=True)
-@click.option("--layout", type=click.Choice(("nchw", "nhwc")), help="Input layout (default: from the model).")
+@preprocessing_options
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
               help="Class names, one per line (default: from the model's metadata, if any).")
 @click.option("--composite", help="Rules to build MODEL with, when it is a plain model (not built yet).")
 def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: int | None, batch_size: int,
-                    device: str, cmap: str, overlay: bool, size: str | None, normalize: str | None,
-                    mean: str | None, std: str | None, scale: str, channels: str, layout: str | None,
-                    labels_file: str | None, composite: str | None) -> None:
+                    device: str, cmap: str, overlay: bool, labels_file: str | None, composite: str | None,
+                    **preprocess: str | None) -> None:
     """Explain each INPUT (images, folders of them, .npy arrays) with MODEL; write relevance and heatmaps."""
     lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
-                                      cmap=cmap, overlay=overlay, size=size, normalize=normalize, mean=mean,
-                                      std=std, scale=scale, channels=channels, layout=layout,
+                                      cmap=cmap, overlay=overlay, options=parse_options(**preprocess),
                                       labels_file=labels_file, composite=composite)
     for line in lines:
         click.echo(line)
