@@ -20,7 +20,7 @@ CELL, LEFT, GAP = 64, 190, 4
 
 
 def explain(composite: str, outdir: Path) -> None:
-    subprocess.run([sys.executable, "-m", "onnxlrp.cli", "explain", str(ROOT / "fixtures" / "digits" / "digits.onnx"),
+    subprocess.run([sys.executable, "-m", "onnxlrp", "explain", str(ROOT / "fixtures" / "digits" / "digits.onnx"),
                     str(SAMPLES), "-o", str(outdir), "--composite", composite], check=True, stdout=subprocess.DEVNULL)
 
 
