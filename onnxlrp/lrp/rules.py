@@ -222,12 +222,11 @@ class Routing(Layer):
 
 
 class Weighted(Layer):
-    """One computed input `x` (node input `index`) and parameters the rule modifies (None where it has none):
-    linear layers and pooling. `output` is z, the unmodified layer's output; `forward` and `backward` (its
-    input-gradient) take (modified) parameter tensors."""
+    """One computed input `x` (the node's first) and parameters the rule modifies (None where it has none): linear
+    layers and pooling. `output` is z, the unmodified layer's output; `forward` and `backward` (its input-gradient)
+    take (modified) parameter tensors."""
     x: Tensor
     output: Tensor
-    index: int = 0
     arity: int = 1  # the node's number of inputs
 
     def parameters(self) -> tuple[Tensor | None, Tensor | None]:
@@ -262,7 +261,7 @@ class Shared(Layer):
         return relevance
 
 
-def propagate(ctx: Context, node, layer: Layer, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+def propagate(ctx: Context, node: gs.Node, layer: Layer, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Apply the node's rule to its layer (one relevance per node output, one result per node input)."""
     rule, params = ctx.rule(node)
     if layer.passes(rule):
@@ -271,7 +270,7 @@ def propagate(ctx: Context, node, layer: Layer, relevance: Sequence[Tensor | Non
     if isinstance(layer, Weighted):
         lower = _weighted(ctx.ops, layer, relevance[0], rule, params, ctx.nonnegative(layer.x),
                           ctx.rectified(layer.output))
-        return [lower if index == layer.index else None for index in range(layer.arity)]
+        return [lower] + [None] * (layer.arity - 1)
     return _shared(ctx, layer, relevance[0], params[layer.stabilizer or rule.stabilizer])
 
 
