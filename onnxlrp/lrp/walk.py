@@ -146,7 +146,8 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C] that the walk "
                            f"sees (it lies inside a written-out softmax, norm or activation)")
         if chosen is None:
-            raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+            raise LrpError(f"{source}: --classifier-output: no tensor named '{name}' in the graph (it takes any "
+                           f"float tensor of shape [N, C]; outputs: {', '.join(t.name for t in graph.outputs)})")
         if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
