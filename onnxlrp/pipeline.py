@@ -21,6 +21,7 @@ from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, wi
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
+from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
 from .lrp.seed import EXPLAIN, RELEVANCE, TARGET
 from .lrp.walk import explain as explain_graph
@@ -63,6 +64,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
     quantized.refuse_integer_arithmetic(model, source)
+    refuse_not_explained(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
     prepared = prepare(_copy(model) if original is not None else model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model

@@ -341,3 +341,24 @@ def test_command_line_input_shape(tmp_path, rng):
     assert result.returncode == 0, result.stderr
     x = floats(rng, 2, 3, 8, 12)
     assert run(onnx.load(str(tmp_path / "out.onnx")), {"input": x}, ["relevance"])[0].shape == x.shape
+
+
+TREE_REASON = ("is a tree ensemble: piecewise constant (a sum of leaf values chosen by thresholds), not piecewise "
+               "linear in the LRP sense, so no rule can share its output among the inputs; explain the original model "
+               "with a tree method such as TreeSHAP (shap.TreeExplainer) instead")
+
+
+@pytest.mark.parametrize("name", ["forest", "boosting"])
+def test_tree_ensembles_are_refused_with_the_reason(name, tmp_path):
+    """scikit-learn's forests and boosting through skl2onnx (fixtures/make_trees.py): one line that says why and
+    what to use instead, from build and from inspect's verdict."""
+    from conftest import FIXTURES, assert_one_line_error, onnxlrp_cli as command
+    path = FIXTURES / "trees" / f"{name}.onnx"
+    expected = f"{path}: node 'TreeEnsembleClassifier' (TreeEnsembleClassifier) {TREE_REASON}"
+    with pytest.raises(onnxlrp.LrpError) as error:
+        onnxlrp.build(path)
+    assert str(error.value) == expected
+    assert_one_line_error(command("build", path, "-o", tmp_path / "out.onnx"), expected)
+    from onnxlrp.app import inspect as inspection
+    assert inspection.report(onnxlrp.load(path), onnxlrp.load_composite("epsilon"), str(path)).splitlines()[-1] == \
+        f"build: {expected}"
