@@ -23,17 +23,22 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
     `input_path` is read as `explain` reads its inputs, images preprocessed as `options` say."""
     model = load(model_path)
     info = recorded(model, model_path)
-    x_info = next((i for i in model.graph.input if i.name == info["input"]), None)
-    if x_info is None:
+    defaults = {t.name for t in model.graph.initializer} | {info["target"]}
+    inputs = {i.name: _model_input(i) for i in model.graph.input if i.name not in defaults}
+    if info["input"] not in inputs:
         raise LrpError(f"{model_path}: the recorded input '{info['input']}' is not an input of the model")
-    x_input = _model_input(x_info)
+    x_input = inputs.pop(info["input"])
     notes = []
     if input_path is None:
-        x = random_input(x_input, model_path)
-        notes.append(f"no --input: a deterministic random input (standard normal, seed {SEED}) "
-                     f"of shape {list(x.shape)}")
+        x = random_input(x_input, model_path, _vocabulary(model, x_input.name))
+        what = "token ids, uniform" if np.issubdtype(x.dtype, np.integer) else "standard normal"
+        notes.append(f"no --input: a deterministic random input ({what}, seed {SEED}) of shape {list(x.shape)}")
     else:
         x = read_batch(Path(input_path), x_input, options)
+    others = {name: _filler(other, x, model_path) for name, other in inputs.items()}
+    if others:
+        notes.append("other inputs: " + ", ".join(f"{name} = {int(value.flat[0]) if value.size else 0}"
+                                                 for name, value in others.items()))
     layers = info["layers"]
     names = [info["logits"], info["relevance"]] + [layer["output"] for layer in layers] + \
         [layer["upper"] for layer in layers]
@@ -43,7 +48,7 @@ def check(model_path: str, input_path: str | None = None, target: int | None = N
         chosen = chosen_classes(target, len(x), classes if isinstance(classes, int) else np.iinfo(np.int64).max)
     except LrpError:
         raise LrpError(f"--target {target}: the model has {classes} classes") from None
-    feeds = {x_input.name: x, info["target"]: chosen}  # -1: the predicted class
+    feeds = {x_input.name: x, info["target"]: chosen, **others}  # -1: the predicted class
     try:
         logits, relevance, *rest = session.run(names, feeds)
     except Exception as error:  # onnxruntime raises several types
@@ -81,14 +86,34 @@ def negative_share(relevance: np.ndarray) -> float:
     return (0.0 - float(np.sum(np.minimum(relevance, 0), dtype=np.float64))) / magnitude if magnitude else 0.0
 
 
-def random_input(model_input: ModelInput, source: str) -> np.ndarray:
-    """A standard-normal input of the model's input shape, batch 1 where the batch size is not fixed."""
+def random_input(model_input: ModelInput, source: str, vocabulary: int | None = None) -> np.ndarray:
+    """A standard-normal input of the model's input shape (token ids: uniform below `vocabulary`), batch 1 where
+    the batch size is not fixed."""
     dims = list(model_input.shape)
     if any(d is None for d in dims[1:]):
         raise LrpError(f"{source}: input '{model_input.name}' has dynamic dimensions {model_input.shape_text}; "
                        "give --input")
     shape = [dims[0] or 1] + dims[1:]
-    return np.random.default_rng(SEED).standard_normal(shape).astype(model_input.dtype)
+    rng = np.random.default_rng(SEED)
+    if vocabulary is not None:
+        return rng.integers(0, vocabulary, size=shape).astype(model_input.dtype)
+    return rng.standard_normal(shape).astype(model_input.dtype)
+
+
+def _vocabulary(model: onnx.ModelProto, ids: str) -> int | None:
+    """The rows of the embedding table that token ids `ids` are looked up in (Gather), None for other inputs."""
+    tables = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    return next((tables[n.input[0]] for n in model.graph.node
+                 if n.op_type == "Gather" and n.input[1:2] == [ids] and n.input[0] in tables), None)
+
+
+def _filler(model_input: ModelInput, x: np.ndarray, source: str) -> np.ndarray:
+    """The value of a model input that is not explained (a text model's attention mask: 1, every token; other
+    integer inputs such as token type ids: 0), in the explained input's shape."""
+    if not np.issubdtype(model_input.dtype, np.integer) or len(model_input.shape) != x.ndim:
+        raise LrpError(f"{source}: check feeds only the explained input and integer inputs of its shape "
+                       f"(masks, token types), not '{model_input.name}' {model_input.shape_text}")
+    return np.full(x.shape, int("mask" in model_input.name.lower()), dtype=model_input.dtype)
 
 
 def _session(model: onnx.ModelProto, names: list[str], source: str) -> ort.InferenceSession:

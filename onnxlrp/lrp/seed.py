@@ -2,7 +2,8 @@
 its log-odds or a one-hot), and the same choice of class on the numpy side for the API and `check`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -19,6 +20,41 @@ LOGODDS_RULES = ("epsilon", "zero")
 # The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
+EXPLAINED_KEY = "onnxlrp.explained"  # the metadata key of `Explained`
+# What a classifier output holds, by the head skipped above the logits (None: the output is the logits).
+SHOWN = {None: "logit", "Softmax": "probability", "Sigmoid": "probability", "LogSoftmax": "log-probability"}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a built model explains, stored in its metadata at build time so that `explain`, `check` and the API can
+    name it: the composite, the seed (logit, logodds, onehot), the classifier output and the logits tensor behind
+    its head, the head skipped, and the architecture ("transformer" or "cnn", for the presets to suggest).
+    Models built before it was stored read as all None but `explain`."""
+    composite: str | None = None
+    explain: str = "logit"
+    output: str | None = None
+    logits: str | None = None
+    head: str | None = None
+    architecture: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """What the classifier output holds: a logit, a probability or a log-probability."""
+        return SHOWN.get(self.head, "output")
+
+    def store(self, model: onnx.ModelProto) -> None:
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                            EXPLAINED_KEY: json.dumps(asdict(self))})
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "Recorded":
+        stored = next((p.value for p in model.metadata_props if p.key == EXPLAINED_KEY), None)
+        try:
+            fields = json.loads(stored) if stored else {}
+            return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+        except (ValueError, TypeError):
+            return cls()
 
 
 def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:

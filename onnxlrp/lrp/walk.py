@@ -126,6 +126,7 @@ class Explained:
     target: gs.Variable
     layers: list[LayerRelevance]
     architecture: str
+    ids: gs.Variable | None = None  # the token ids that `x` (an embedding lookup) is read at, for text models
 
     @property
     def logits(self) -> gs.Variable:
@@ -167,7 +168,7 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
-    return Explained(x, head, target, walk.layers[::-1], architecture)
+    return Explained(x, head, target, walk.layers[::-1], architecture, ids)
 
 
 def classifier(graph: gs.Graph, output: str | None, source: str, hidden: Mapping[str, gs.Tensor] = {}) -> Head:
