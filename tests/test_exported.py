@@ -362,3 +362,65 @@ def test_tree_ensembles_are_refused_with_the_reason(name, tmp_path):
     from onnxlrp.app import inspect as inspection
     assert inspection.report(onnxlrp.load(path), onnxlrp.load_composite("epsilon"), str(path)).splitlines()[-1] == \
         f"build: {expected}"
+
+
+def sigmoid_head(rng, classes: int) -> onnx.ModelProto:
+    """Bias-free dense, ReLU, dense to `classes` logits, then a Sigmoid: a binary head ([N, 1]) or a multi-label
+    one ([N, C] of independent probabilities)."""
+    init = {"w0": floats(rng, 6, 8, scale=0.6), "w1": floats(rng, 8, classes, scale=0.6)}
+    nodes = [helper.make_node("Gemm", ["input", "w0"], ["h"], name="dense0"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "w1"], ["logits"], name="dense1"),
+             helper.make_node("Sigmoid", ["logits"], ["probability"], name="head")]
+    return model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+                    [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", classes])], init)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("composite", ["zero", "epsilon"])
+def test_sigmoid_head_explains_the_logit(classes, composite, rng):
+    """The Sigmoid is skipped like a Softmax: on a bias-free net the relevance sums to the logit (not to the
+    probability) and, under LRP-0, is gradient x input of the logit. A binary head's one class is 0."""
+    source = sigmoid_head(rng, classes)
+    x = floats(rng, 4, 6)
+    targets = np.array([0, -1, 0, -1]) if classes == 1 else np.array([2, 0, 1, -1])
+    built = onnxlrp.build(source, composite)
+    probability, relevance = run(built, {"input": x, "target": targets}, ["probability", "relevance"])
+    w0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer)
+    logits = np.maximum(x @ w0, 0) @ w1
+    np.testing.assert_allclose(probability, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    chosen = np.where(targets < 0, logits.argmax(1), targets)
+    explained = logits[np.arange(4), chosen]
+    np.testing.assert_allclose(relevance.sum(1), explained, rtol=1e-4, atol=1e-6)
+    if composite == "zero":
+        gradient = np.stack([w0 @ ((x[n] @ w0 > 0) * w1[:, c]) for n, c in enumerate(chosen)])
+        np.testing.assert_allclose(relevance, x * gradient, rtol=1e-4, atol=1e-6)
+    if classes == 1:
+        with pytest.raises(onnxlrp.LrpError, match="already its log-odds; use --explain logit"):
+            onnxlrp.build(source, composite, explain="logodds")
+
+
+def test_sigmoid_head_in_explain_and_check(tmp_path, rng):
+    """`explain` prints the probability the model outputs and names it so; `check` the logit it explains."""
+    from conftest import onnxlrp_cli as command
+    from onnxlrp.app.check import check
+    source = sigmoid_head(rng, 1)
+    built = tmp_path / "binary_lrp.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(source, "zero", layer_relevance=True), built)
+    x = floats(rng, 6)
+    np.save(tmp_path / "x.npy", x)
+    logit = float((np.maximum(x @ numpy_helper.to_array(source.graph.initializer[0]), 0)
+                   @ numpy_helper.to_array(source.graph.initializer[1]))[0])
+    result = command("explain", built, tmp_path / "x.npy", "-o", tmp_path / "out")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    total = float(np.load(tmp_path / "out" / "x.npy").sum(dtype=np.float64))
+    np.testing.assert_allclose(total, logit, rtol=1e-4)
+    assert result.stdout.strip() == (f"{tmp_path / 'x.npy'}: predicted 0, explained 0, probability "
+                                     f"{1 / (1 + np.exp(-logit)):.6g}, relevance sum {total:.6g}")
+    inner = tmp_path / "inner_lrp.onnx"  # --classifier-output names the logits: explain prints a logit
+    onnxlrp.save_atomic(onnxlrp.build(source, "zero", output="logits"), inner)
+    line = command("explain", inner, tmp_path / "x.npy", "-o", tmp_path / "inner").stdout.strip()
+    assert f"explained 0, logit {logit:.6g}, relevance sum" in line
+    report = check(str(built), str(tmp_path / "x.npy")).splitlines()
+    assert report[0] == f"sample 0: class 0 (predicted), logit {logit:.6g}"
+    assert report[-1].endswith("(100.0%)")
