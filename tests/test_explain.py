@@ -315,3 +315,47 @@ def test_a_model_with_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path):
     assert checked.returncode == 0 and checked.stderr == result.stderr
     assert [line.split(",")[0] for line in checked.stdout.splitlines() if line.startswith("sample")] == \
         [f"sample {k}: class {int(a[0].argmax())} (predicted)" for k, a in enumerate(alone)]
+
+
+def bands(height: int = 211, width: int = 512) -> np.ndarray:
+    """A wide RGB picture (211 high, 512 wide) of three vertical bands: red, green, blue."""
+    picture = np.zeros((height, width, 3), dtype=np.uint8)
+    for k, (start, stop) in enumerate(((0, 100), (100, 412), (412, width))):
+        picture[:, start:stop, k] = 255
+    return picture
+
+
+@pytest.mark.parametrize("mode", ["crop", "stretch", "pad"])
+def test_resize_modes_give_the_expected_model_input(tmp_path, mode):
+    """A 211 x 512 picture for the 16 x 16 RGB model: `crop` keeps the centre (the green band only), `stretch`
+    all three bands over the full height, `pad` all three over 7 rows between black rows 0-3 and 11-15."""
+    from onnxlrp.app.inputs import parse_options, preprocessing, read_image
+    Image.fromarray(bands()).save(tmp_path / "wide.png")
+    model_input = onnxlrp.Explainer(rgb_model(tmp_path)).input
+    options = parse_options(resize=mode)
+    x, _ = read_image(tmp_path / "wide.png", model_input, preprocessing(model_input, options))
+    picture = Image.fromarray(bands())
+    expected = {"crop": picture.resize((39, 16), Image.Resampling.BILINEAR).crop((11, 0, 27, 16)),
+                "stretch": picture.resize((16, 16), Image.Resampling.BILINEAR)}
+    padded = np.zeros((16, 16, 3), dtype=np.uint8)
+    padded[4:11] = np.asarray(picture.resize((16, 7), Image.Resampling.BILINEAR))
+    wanted = np.asarray(expected.get(mode, padded), dtype=np.float32) / 255
+    np.testing.assert_allclose(x[0], wanted.transpose(2, 0, 1), atol=1e-7)
+    channels = x[0].reshape(3, -1).max(axis=1) > 0.5  # which bands reach the model
+    assert channels.tolist() == ([False, True, False] if mode == "crop" else [True, True, True])
+    blank = np.all(x[0] == 0, axis=(0, 2))  # rows that are black
+    assert np.flatnonzero(blank).tolist() == ([0, 1, 2, 3, 11, 12, 13, 14, 15] if mode == "pad" else [])
+
+
+def test_resize_reaches_explain(tmp_path):
+    Image.fromarray(bands()).save(tmp_path / "wide.png")
+    model = rgb_model(tmp_path)
+    result = onnxlrp_cli("explain", model, tmp_path / "wide.png", "-o", tmp_path / "out", "--resize", "pad")
+    assert result.returncode == 0, result.stderr
+    padded = np.zeros((16, 16, 3), dtype=np.uint8)
+    padded[4:11] = np.asarray(Image.fromarray(bands()).resize((16, 7), Image.Resampling.BILINEAR))
+    x = (padded.astype(np.float32) / 255).transpose(2, 0, 1)[None]
+    _, expected = run(onnx.load(str(model)), {"input": x})
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "wide.npy"), expected[0], rtol=1e-5, atol=1e-7)
+    assert_one_line_error(onnxlrp_cli("explain", model, tmp_path / "wide.png", "-o", tmp_path / "bad", "--resize",
+                                      "squash"), "--resize", "squash")

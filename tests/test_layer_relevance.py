@@ -143,7 +143,7 @@ def test_check_reads_an_image_resized_to_the_model(tmp_path, rng):
     assert report.splitlines()[-1].endswith("(100.0%)")
 
 
-PREPROCESSING = ["size", "normalize", "mean", "std", "scale", "channels", "layout"]
+PREPROCESSING = ["size", "normalize", "mean", "std", "scale", "channels", "layout", "resize"]
 
 
 def test_check_and_explain_take_the_same_preprocessing_options():

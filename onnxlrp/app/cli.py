@@ -20,7 +20,7 @@ from ..lrp.seed import EXPLAIN
 from ..pipeline import build
 from . import explain as explaining, inspect as inspection
 from .heatmaps import CMAPS
-from .inputs import NORMALIZE, parse_options
+from .inputs import NORMALIZE, RESIZE, parse_options
 
 
 # How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
@@ -32,6 +32,9 @@ PREPROCESSING = (
     click.option("--scale", default="1/255", show_default=True, help="Factor applied to pixel values first."),
     click.option("--channels", type=click.Choice(("rgb", "bgr")), default="rgb", show_default=True),
     click.option("--layout", type=click.Choice(("nchw", "nhwc")), help="Input layout (default: from the model)."),
+    click.option("--resize", type=click.Choice(tuple(RESIZE)), default="crop", show_default=True,
+                 help="Pictures of another aspect ratio: cover and crop the centre, stretch, or fit and pad with "
+                      "black."),
 )
 
 
