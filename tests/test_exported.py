@@ -86,9 +86,10 @@ def shufflenet_block(rng) -> onnx.ModelProto:
                     [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], init, opset=11)
 
 
-def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool = False, **options) -> dict:
-    """Build under every preset: original outputs unchanged, relevance finite, non-zero, of the input's shape.
-    Returns the relevance per preset."""
+def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool = False, feed: str = "input",
+                             **options) -> dict:
+    """Build under every preset: original outputs unchanged, relevance finite, non-zero, of the shape of the input
+    `feed`. Returns the relevance per preset."""
     expected = run(source, feeds)
     names = [o.name for o in source.graph.output]
     found = {}
@@ -100,7 +101,7 @@ def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool =
                 np.testing.assert_array_equal(produced, wanted, err_msg=preset)
             else:
                 np.testing.assert_allclose(produced, wanted, rtol=1e-5, atol=1e-6, err_msg=preset)
-        assert relevance.shape == feeds["input"].shape, preset
+        assert relevance.shape == feeds[feed].shape, preset
         assert np.all(np.isfinite(relevance)) and np.any(relevance != 0), preset
         found[preset] = relevance
     return found
@@ -424,3 +425,48 @@ def test_sigmoid_head_in_explain_and_check(tmp_path, rng):
     report = check(str(built), str(tmp_path / "x.npy")).splitlines()
     assert report[0] == f"sample 0: class 0 (predicted), logit {logit:.6g}"
     assert report[-1].endswith("(100.0%)")
+
+
+def jax_form(name: str) -> onnx.ModelProto:
+    """A model in the form jax2tf and tf2onnx write (fixtures/make_jax_forms.py)."""
+    from conftest import FIXTURES
+    return onnx.load(str(FIXTURES / "jax" / f"{name}.onnx"))
+
+
+def test_jax_one_hot_of_two_broadcast_tensors(rng):
+    """jax.nn.one_hot through jax2tf and tf2onnx: Equal(Expand(ids[..., None]), Expand(iota)) to a shape computed
+    from the batch size, then Cast. Each position gets one relevance; LRP-0 is computed here in numpy."""
+    source = jax_form("onehot")
+    ids = rng.integers(0, 4, size=(3, 5)).astype(np.int32)
+    found = assert_builds_everywhere(source, {"ids": ids}, feed="ids")
+    w0, b0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer if t.name in ("w0", "b0", "w1"))
+    hot = np.eye(4)[ids].reshape(3, 20)
+    z = hot @ w0 + b0
+    logits = np.maximum(z, 0) @ w1
+    upper = np.maximum(z, 0) * w1[:, logits.argmax(1)].T  # LRP-0 of the head, then ReLU passes
+    expected = (hot * ((upper / z) @ w0.T)).reshape(3, 5, 4).sum(2)  # LRP-0 of the first layer, per position
+    np.testing.assert_allclose(found["zero"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_jax_layer_norm_with_reciprocal_of_sqrt(rng):
+    """flax's LayerNorm through jax2tf and tf2onnx: means as ReduceSum times 1/n, the variance as
+    max(0, mean(x * x) - mean(x)^2), Reciprocal(Sqrt(var + eps)). Its sigma is a constant, as in the
+    LayerNormalization op: the relevance equals that of the same model with the op (opset 17)."""
+    source = jax_form("layernorm")
+    x = floats(rng, 2, 6, 8)
+    found = assert_builds_everywhere(source, {"x": x}, feed="x")
+    twin = onnx.ModelProto()
+    twin.CopyFrom(source)
+    names = [n.name for n in twin.graph.node]
+    norm = twin.graph.node[names.index("reduce_sum"):names.index("add_1") + 1]
+    kept = [n for n in twin.graph.node if n not in norm]
+    del twin.graph.node[:]
+    twin.graph.node.extend(kept[:names.index("reduce_sum")] + [
+        helper.make_node("LayerNormalization", ["g", "scale", "bias"], ["ln"], axis=-1, epsilon=1e-6, name="ln")]
+        + kept[names.index("reduce_sum"):])
+    twin.opset_import[0].version = 17
+    twin.ir_version = 8
+    for preset in ("attnlrp", "cp_lrp"):
+        logits, relevance = run(onnxlrp.build(twin, preset), {"x": x}, ["logits", "relevance"])
+        np.testing.assert_allclose(logits, run(source, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        assert relative_error(found[preset], relevance) < 1e-4, preset
