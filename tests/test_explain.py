@@ -296,7 +296,8 @@ def fixed_batch_model(tmp_path: Path) -> Path:
 def test_a_model_with_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path):
     path = fixed_batch_model(tmp_path)
     x = pictures()[:3]
-    alone = [run(onnx.load(str(path)), {"input": x[k:k + 1], "target": np.array([t])}) for k, t in enumerate([-1, 2, 5])]
+    built = onnx.load(str(path))
+    alone = [run(built, {"input": x[k:k + 1], "target": np.array([t])}) for k, t in enumerate([-1, 2, 5])]
     note = f"{path}: the model takes a fixed batch of 1: its inputs run one at a time"
     explainer = onnxlrp.Explainer(path)
     with pytest.warns(onnxlrp.LrpWarning, match=note) as caught:
@@ -310,7 +311,7 @@ def test_a_model_with_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path):
     assert result.returncode == 0 and result.stderr == f"onnxlrp: warning: {note}\n"
     for k in range(3):
         np.testing.assert_array_equal(np.load(tmp_path / "out" / f"three-{k}.npy"),
-                                      run(onnx.load(str(path)), {"input": x[k:k + 1], "target": np.array([2])})[1][0])
+                                      run(built, {"input": x[k:k + 1], "target": np.array([2])})[1][0])
     checked = onnxlrp_cli("check", path, "--input", tmp_path / "three.npy")
     assert checked.returncode == 0 and checked.stderr == result.stderr
     assert [line.split(",")[0] for line in checked.stdout.splitlines() if line.startswith("sample")] == \
