@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from . import pipeline
-from .errors import LrpError
+from .errors import LrpError, LrpWarning
 from .ir.files import load
 from .lrp.composite import Composite, load_composite
 from .lrp.rules import DEFAULTS, parse_value
-from .lrp.seed import RELEVANCE, TARGET, chosen_classes
+from .lrp.seed import RELEVANCE, TARGET, Recorded, chosen_classes, explained_value
 
 DEVICES = ("cpu", "cuda")
 # TensorFloat-32 products (ONNX Runtime's CUDA default) round to 10 bits, which the stabilized divisions of LRP
@@ -78,6 +80,50 @@ def open_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSe
     return session
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str], source: str) -> onnx.ModelProto:
+    """A copy of the model whose outputs include the internal tensors `names` (float, of the first output's type)."""
+    declared = {o.name for o in model.graph.output}
+    produced = {t for node in model.graph.node for t in node.output}
+    missing = [n for n in names if n not in declared and n not in produced]
+    if missing:
+        raise LrpError(f"{source}: the recorded tensor(s) {', '.join(missing)} are not in the graph")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    elem_type = next(o.type.tensor_type.elem_type for o in model.graph.output if o.name == RELEVANCE)
+    for name in dict.fromkeys(names):
+        if name not in declared:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    return copy
+
+
+def fixed_batch(model_input: "ModelInput") -> int | None:
+    """The batch size a model input is fixed to (exported with a batch of one, say), None when it is dynamic."""
+    size = model_input.shape[0] if model_input.shape else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def in_batches(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], feeds: Mapping[str, np.ndarray],
+               size: int | None) -> list[np.ndarray]:
+    """`run(feeds)` on a model that takes a fixed batch of `size` (None: any): the feeds (each with the batch on
+    its first axis) in chunks of `size`, the last one padded with copies of its last sample, the outputs joined."""
+    count = len(next(iter(feeds.values())))
+    if size is None or count == size:
+        return run(dict(feeds))
+    parts = []
+    for start in range(0, count, size):
+        chunk = {name: value[start:start + size] for name, value in feeds.items()}
+        taken = len(next(iter(chunk.values())))
+        padded = {name: np.concatenate([value] + [value[-1:]] * (size - taken)) for name, value in chunk.items()}
+        parts.append([output[:taken] for output in run(padded)])
+    return [np.concatenate(outputs) for outputs in zip(*parts)]
+
+
+def batch_note(source: str, size: int) -> str:
+    """The one line that says a model with a fixed batch is fed in chunks."""
+    return f"{source}: the model takes a fixed batch of {size}: its inputs run " + \
+        ("one at a time" if size == 1 else f"{size} at a time")
+
+
 def metadata_labels(model: onnx.ModelProto, classes: int) -> list[str] | None:
     """Class names stored in the model's metadata under one of LABEL_KEYS, if there are `classes` of them."""
     props = {p.key: p.value for p in model.metadata_props}
@@ -124,6 +170,17 @@ class ModelInput:
         return x.astype(self.dtype, copy=False)
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """One batch explained: the classifier output [N, C], the logits behind its head, the class explained and what
+    the relevance is compared with (the seed's total: the logit, its log-odds or 1) per sample, the relevance."""
+    output: np.ndarray
+    logits: np.ndarray
+    classes: np.ndarray
+    values: np.ndarray
+    relevance: np.ndarray
+
+
 class Explainer:
     """Runs a built model (or builds a plain one first) on numpy arrays and returns logits and relevance.
 
@@ -142,7 +199,11 @@ class Explainer:
             raise LrpError(f"{source}: already computes relevance; a composite, explain or rule parameters "
                            "apply to plain models only")
         self.model = model
-        self.session = open_session(self.model, device)
+        self.source = source
+        self.recorded = Recorded.of(model)  # what it explains (all None for models built before it was stored)
+        produced = {o.name for o in model.graph.output} | {t for node in model.graph.node for t in node.output}
+        extra = [n for n in (self.recorded.output, self.recorded.logits) if n is not None and n in produced]
+        self.session = open_session(with_outputs(model, extra, source), device)
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "
@@ -150,12 +211,18 @@ class Explainer:
         self.input = ModelInput(inputs[0].name, tuple(inputs[0].shape),
                                 np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32)))
         outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
-        scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2), None)
+        chosen = self.recorded.output if self.recorded.output in extra else None
+        scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2
+                       and (chosen is None or o.name == chosen)), None)
         if scores is None or not isinstance(scores.shape[1], int):
             raise LrpError(f"{source}: no output of shape [N, C] among {', '.join(o.name for o in outputs)}")
-        self.logits_name: str = scores.name
+        self.logits_name: str = scores.name  # the classifier output (probabilities when the model outputs them)
+        self.shown: str = self.recorded.shown if chosen is not None else "logit"
+        self.explained_name: str = self.recorded.logits if self.recorded.logits in extra else scores.name
         self.classes: int = scores.shape[1]
         self.labels: list[str] | None = metadata_labels(self.model, self.classes)
+        self.batch: int | None = fixed_batch(self.input)
+        self._noted = False
 
     @property
     def input_name(self) -> str:
@@ -176,12 +243,26 @@ class Explainer:
         return chosen_classes(target, batch, self.classes)
 
     def explain(self, x: np.ndarray, target: int | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Logits [N, C] and relevance (x's shape) of the batch `x` for class `target` (an int for all samples,
-        one per sample, or None / negative for the predicted class)."""
+        """The classifier output [N, C] (logits, or the probabilities a model with a softmax or sigmoid head
+        outputs) and relevance (x's shape) of the batch `x` for class `target` (an int for all samples, one per
+        sample, or None / negative for the predicted class)."""
+        explanation = self.explanation(x, target)
+        return explanation.output, explanation.relevance
+
+    def explanation(self, x: np.ndarray, target: int | np.ndarray | None = None) -> Explanation:
+        """`explain` with the logits, the class explained and the value the relevance is compared with. A model
+        with a fixed batch size runs in chunks of that size (said once, as an LrpWarning)."""
         x = self.check_input(x)
         chosen = self.check_target(target, len(x))
-        logits, relevance = self.session.run([self.logits_name, RELEVANCE], {self.input_name: x, TARGET: chosen})
-        return logits, relevance
+        if self.batch is not None and len(x) != self.batch and not self._noted:
+            warnings.warn(batch_note(self.source, self.batch), LrpWarning, stacklevel=2)
+            self._noted = True
+        names = [self.logits_name, self.explained_name, RELEVANCE]
+        output, logits, relevance = in_batches(lambda feeds: self.session.run(names, feeds),
+                                               {self.input_name: x, TARGET: chosen}, self.batch)
+        classes = np.where(chosen < 0, logits.argmax(axis=1), chosen)
+        values = np.array([explained_value(self.recorded.explain, row, int(c))[1] for row, c in zip(logits, classes)])
+        return Explanation(output, logits, classes, values, relevance)
 
     def label(self, index: int) -> str | None:
         return self.labels[index] if self.labels else None

@@ -6,6 +6,10 @@ class LrpError(Exception):
     """A problem with the user's model, composite or options, worded for the user."""
 
 
+class LrpWarning(UserWarning):
+    """Something the user should know that does not stop the work (one line; the command prints it on stderr)."""
+
+
 def printable(text: str) -> str:
     """`text` with control characters, terminal escape sequences and invisible format characters escaped
     (`\\x1b`, `\\n`, `\\u202e`), so that names from a model cannot move the cursor or recolour the terminal."""

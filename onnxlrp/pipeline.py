@@ -21,8 +21,9 @@ from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, wi
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
+from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
-from .lrp.seed import EXPLAIN, RELEVANCE, TARGET
+from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
 
@@ -63,6 +64,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
     quantized.refuse_integer_arithmetic(model, source)
+    refuse_not_explained(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
     prepared = prepare(_copy(model) if original is not None else model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
@@ -82,11 +84,16 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         batch = shape[0] if isinstance(shape[0], int) else 1  # the default must fit a static batch
         built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    kept = [TARGET, RELEVANCE, EMBEDDING_RELEVANCE] + [layer["output"] for layer in layers or []]
+    named = quantized.twin_names(built, kept) if original is not None else lambda name: name
     if original is not None:  # the built graph is the float twin that explains the quantized model
-        built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
+        built = quantized.with_original_forward(original, built, kept)
     if layers is not None:
-        record(built, layers, explain, explained.x.name, explained.logits.name, RELEVANCE, TARGET)
+        record(built, [{**layer, "upper": named(layer["upper"])} for layer in layers], explain,
+               (explained.ids or explained.x).name, named(explained.logits.name), RELEVANCE, TARGET)
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    Recorded(composite.name, explain, explained.head.output.name, named(explained.logits.name),
+             explained.head.kind, explained.architecture).store(built)
     return built
 
 

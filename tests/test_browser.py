@@ -139,3 +139,18 @@ def test_zoo_runs_in_wasm(browser, name):
     page = browser()
     assert_page_matches(page, built, x, -1)
     page.close()
+
+
+def test_a_model_with_a_target_default_explains_the_predicted_class_and_says_so(browser):
+    """onnxruntime-web lists no input with a default, so `target` cannot be fed: the page disables the choice,
+    says why, and labels the heatmap with the class really explained (the predicted one), not the one asked."""
+    built = onnxlrp.build(FIXTURES / "digits" / "digits.onnx")  # with the default: the README's first command
+    x = np.asarray(Image.open(SAMPLE), dtype=np.float32)[None, None] / 255
+    logits, relevance = run(built, {"input": x}, ["logits", "relevance"])
+    page = browser()
+    shown = run_in_page(page, built, x, 8)
+    assert shown["explained"] == int(logits.argmax()) != 8
+    assert relative_error(np.array(shown["relevance"]), relevance.ravel()) < 1e-4
+    assert page.is_disabled("#target") and page.input_value("#target") == "-1"
+    assert "--no-target-default" in page.inner_text("#target-note")
+    page.close()

@@ -143,4 +143,4 @@ def test_classifier_output_picks_the_explained_output(tmp_path):
     for label, weight in (("default", init["w_aux"]), ("chosen", init["w"])):  # LRP-0 of one dense layer
         np.testing.assert_allclose(relevance[label], x * weight[:, [0, 1]].T, rtol=1e-5, atol=1e-6)
     assert_one_line_error(onnxlrp("build", path, "-o", tmp_path / "x.onnx", "--classifier-output", "nope"),
-                          "no output named 'nope'", "aux, logits")
+                          "no tensor named 'nope' in the graph", "any float tensor", "aux, logits")

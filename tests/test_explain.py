@@ -241,3 +241,122 @@ def test_cuda_that_does_not_load_is_one_line(tmp_path):
     result = onnxlrp_cli("explain", BUILT, SAMPLES[0], "-o", tmp_path / "out", "--device", "cuda", env=env)
     assert_one_line_error(result, "--device cuda", "--device cpu")
     assert not (tmp_path / "out").exists()
+
+
+def cancelling_bias(tmp_path: Path) -> tuple[Path, Path]:
+    """One dense layer whose bias cancels almost all of class 0's logit: x = [1, 1, 0, 0] gives the logit 1/64,
+    while LRP-0 gives the input x . w = 2 (the bias keeps its own share)."""
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="dense")]
+    weight = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])
+    model = onnxlrp.build(make_model(nodes, ["N", 4], ["N", 2], {"w": weight, "b": [-1.984375, 0]}), "zero",
+                          layer_relevance=True)
+    path = tmp_path / "bias_lrp.onnx"
+    onnxlrp.save_atomic(model, path)
+    np.save(tmp_path / "x.npy", np.array([1, 1, 0, 0], dtype=np.float32))
+    return path, tmp_path / "x.npy"
+
+
+def test_a_relevance_total_far_beyond_the_logit_is_a_warning(tmp_path):
+    path, x = cancelling_bias(tmp_path)
+    result = onnxlrp_cli("explain", path, x, "-o", tmp_path / "out")
+    assert result.returncode == 0 and (tmp_path / "out" / "x.npy").is_file()
+    assert result.stdout.strip().endswith("explained 0, logit 0.015625, relevance sum 2")
+    assert result.stderr == (f"onnxlrp: warning: {path}: the relevance total is more than 100 times the explained "
+                             "logit for 1 of 1 sample(s) (e.g. 2 against 0.015625) under composite zero: for a CNN try "
+                             "epsilon_plus_flat or epsilon_gamma_box\n")
+    checked = onnxlrp_cli("check", path, "--input", x)
+    assert checked.returncode == 0 and checked.stdout.splitlines()[-1].endswith("(12800.0%)")
+    assert checked.stderr == result.stderr
+
+
+def test_the_warning_suggests_the_presets_of_the_architecture():
+    from onnxlrp.lrp.seed import Recorded
+    assert Recorded("zero", architecture="transformer").inflation([1.0, -300.0], [2.0, 2.0]) == (
+        "the relevance total is more than 100 times the explained logit for 1 of 2 sample(s) (e.g. -300 against 2) "
+        "under composite zero: for a transformer try attnlrp or cp_lrp")
+    assert Recorded("attnlrp", "logodds", architecture="transformer").inflation([300.0], [2.0]).endswith(
+        "the explained log-odds for 1 of 1 sample(s) (e.g. 300 against 2) under composite attnlrp: for a "
+        "transformer try cp_lrp")
+    assert Recorded().inflation([300.0], [2.0]).endswith(
+        "under the composite it was built with: for a transformer try attnlrp or cp_lrp; for a CNN try "
+        "epsilon_plus_flat or epsilon_gamma_box")
+    assert Recorded("zero").inflation([200.0], [2.0]) is None  # 100 times is not more than 100 times
+
+
+def fixed_batch_model(tmp_path: Path) -> Path:
+    """The digits model as exporters often write it, with a batch of 1 fixed in its input and output, built."""
+    model = onnx.load(str(DIGITS / "digits.onnx"))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed_lrp.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(model, layer_relevance=True), path)
+    return path
+
+
+def test_a_model_with_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path):
+    path = fixed_batch_model(tmp_path)
+    x = pictures()[:3]
+    built = onnx.load(str(path))
+    alone = [run(built, {"input": x[k:k + 1], "target": np.array([t])}) for k, t in enumerate([-1, 2, 5])]
+    note = f"{path}: the model takes a fixed batch of 1: its inputs run one at a time"
+    explainer = onnxlrp.Explainer(path)
+    with pytest.warns(onnxlrp.LrpWarning, match=note) as caught:
+        logits, relevance = explainer.explain(x, [-1, 2, 5])
+        explainer.explain(x)  # said once
+    assert len(caught) == 1
+    np.testing.assert_array_equal(logits, np.concatenate([a[0] for a in alone]))
+    np.testing.assert_array_equal(relevance, np.concatenate([a[1] for a in alone]))
+    np.save(tmp_path / "three.npy", x)
+    result = onnxlrp_cli("explain", path, *SAMPLES[:3], tmp_path / "three.npy", "-o", tmp_path / "out", "--target", 2)
+    assert result.returncode == 0 and result.stderr == f"onnxlrp: warning: {note}\n"
+    for k in range(3):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / f"three-{k}.npy"),
+                                      run(built, {"input": x[k:k + 1], "target": np.array([2])})[1][0])
+    checked = onnxlrp_cli("check", path, "--input", tmp_path / "three.npy")
+    assert checked.returncode == 0 and checked.stderr == result.stderr
+    assert [line.split(",")[0] for line in checked.stdout.splitlines() if line.startswith("sample")] == \
+        [f"sample {k}: class {int(a[0].argmax())} (predicted)" for k, a in enumerate(alone)]
+
+
+def bands(height: int = 211, width: int = 512) -> np.ndarray:
+    """A wide RGB picture (211 high, 512 wide) of three vertical bands: red, green, blue."""
+    picture = np.zeros((height, width, 3), dtype=np.uint8)
+    for k, (start, stop) in enumerate(((0, 100), (100, 412), (412, width))):
+        picture[:, start:stop, k] = 255
+    return picture
+
+
+@pytest.mark.parametrize("mode", ["crop", "stretch", "pad"])
+def test_resize_modes_give_the_expected_model_input(tmp_path, mode):
+    """A 211 x 512 picture for the 16 x 16 RGB model: `crop` keeps the centre (the green band only), `stretch`
+    all three bands over the full height, `pad` all three over 7 rows between black rows 0-3 and 11-15."""
+    from onnxlrp.app.inputs import parse_options, preprocessing, read_image
+    Image.fromarray(bands()).save(tmp_path / "wide.png")
+    model_input = onnxlrp.Explainer(rgb_model(tmp_path)).input
+    options = parse_options(resize=mode)
+    x, _ = read_image(tmp_path / "wide.png", model_input, preprocessing(model_input, options))
+    picture = Image.fromarray(bands())
+    expected = {"crop": picture.resize((39, 16), Image.Resampling.BILINEAR).crop((11, 0, 27, 16)),
+                "stretch": picture.resize((16, 16), Image.Resampling.BILINEAR)}
+    padded = np.zeros((16, 16, 3), dtype=np.uint8)
+    padded[4:11] = np.asarray(picture.resize((16, 7), Image.Resampling.BILINEAR))
+    wanted = np.asarray(expected.get(mode, padded), dtype=np.float32) / 255
+    np.testing.assert_allclose(x[0], wanted.transpose(2, 0, 1), atol=1e-7)
+    channels = x[0].reshape(3, -1).max(axis=1) > 0.5  # which bands reach the model
+    assert channels.tolist() == ([False, True, False] if mode == "crop" else [True, True, True])
+    blank = np.all(x[0] == 0, axis=(0, 2))  # rows that are black
+    assert np.flatnonzero(blank).tolist() == ([0, 1, 2, 3, 11, 12, 13, 14, 15] if mode == "pad" else [])
+
+
+def test_resize_reaches_explain(tmp_path):
+    Image.fromarray(bands()).save(tmp_path / "wide.png")
+    model = rgb_model(tmp_path)
+    result = onnxlrp_cli("explain", model, tmp_path / "wide.png", "-o", tmp_path / "out", "--resize", "pad")
+    assert result.returncode == 0, result.stderr
+    padded = np.zeros((16, 16, 3), dtype=np.uint8)
+    padded[4:11] = np.asarray(Image.fromarray(bands()).resize((16, 7), Image.Resampling.BILINEAR))
+    x = (padded.astype(np.float32) / 255).transpose(2, 0, 1)[None]
+    _, expected = run(onnx.load(str(model)), {"input": x})
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "wide.npy"), expected[0], rtol=1e-5, atol=1e-7)
+    assert_one_line_error(onnxlrp_cli("explain", model, tmp_path / "wide.png", "-o", tmp_path / "bad", "--resize",
+                                      "squash"), "--resize", "squash")

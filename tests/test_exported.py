@@ -86,9 +86,10 @@ def shufflenet_block(rng) -> onnx.ModelProto:
                     [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], init, opset=11)
 
 
-def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool = False, **options) -> dict:
-    """Build under every preset: original outputs unchanged, relevance finite, non-zero, of the input's shape.
-    Returns the relevance per preset."""
+def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool = False, feed: str = "input",
+                             **options) -> dict:
+    """Build under every preset: original outputs unchanged, relevance finite, non-zero, of the shape of the input
+    `feed`. Returns the relevance per preset."""
     expected = run(source, feeds)
     names = [o.name for o in source.graph.output]
     found = {}
@@ -100,7 +101,7 @@ def assert_builds_everywhere(source: onnx.ModelProto, feeds: dict, exact: bool =
                 np.testing.assert_array_equal(produced, wanted, err_msg=preset)
             else:
                 np.testing.assert_allclose(produced, wanted, rtol=1e-5, atol=1e-6, err_msg=preset)
-        assert relevance.shape == feeds["input"].shape, preset
+        assert relevance.shape == feeds[feed].shape, preset
         assert np.all(np.isfinite(relevance)) and np.any(relevance != 0), preset
         found[preset] = relevance
     return found
@@ -341,3 +342,131 @@ def test_command_line_input_shape(tmp_path, rng):
     assert result.returncode == 0, result.stderr
     x = floats(rng, 2, 3, 8, 12)
     assert run(onnx.load(str(tmp_path / "out.onnx")), {"input": x}, ["relevance"])[0].shape == x.shape
+
+
+TREE_REASON = ("is a tree ensemble: piecewise constant (a sum of leaf values chosen by thresholds), not piecewise "
+               "linear in the LRP sense, so no rule can share its output among the inputs; explain the original model "
+               "with a tree method such as TreeSHAP (shap.TreeExplainer) instead")
+
+
+@pytest.mark.parametrize("name", ["forest", "boosting"])
+def test_tree_ensembles_are_refused_with_the_reason(name, tmp_path):
+    """scikit-learn's forests and boosting through skl2onnx (fixtures/make_trees.py): one line that says why and
+    what to use instead, from build and from inspect's verdict."""
+    from conftest import FIXTURES, assert_one_line_error, onnxlrp_cli as command
+    path = FIXTURES / "trees" / f"{name}.onnx"
+    expected = f"{path}: node 'TreeEnsembleClassifier' (TreeEnsembleClassifier) {TREE_REASON}"
+    with pytest.raises(onnxlrp.LrpError) as error:
+        onnxlrp.build(path)
+    assert str(error.value) == expected
+    assert_one_line_error(command("build", path, "-o", tmp_path / "out.onnx"), expected)
+    from onnxlrp.app import inspect as inspection
+    assert inspection.report(onnxlrp.load(path), onnxlrp.load_composite("epsilon"), str(path)).splitlines()[-1] == \
+        f"build: {expected}"
+
+
+def sigmoid_head(rng, classes: int) -> onnx.ModelProto:
+    """Bias-free dense, ReLU, dense to `classes` logits, then a Sigmoid: a binary head ([N, 1]) or a multi-label
+    one ([N, C] of independent probabilities)."""
+    init = {"w0": floats(rng, 6, 8, scale=0.6), "w1": floats(rng, 8, classes, scale=0.6)}
+    nodes = [helper.make_node("Gemm", ["input", "w0"], ["h"], name="dense0"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "w1"], ["logits"], name="dense1"),
+             helper.make_node("Sigmoid", ["logits"], ["probability"], name="head")]
+    return model_of(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+                    [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", classes])], init)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("composite", ["zero", "epsilon"])
+def test_sigmoid_head_explains_the_logit(classes, composite, rng):
+    """The Sigmoid is skipped like a Softmax: on a bias-free net the relevance sums to the logit (not to the
+    probability) and, under LRP-0, is gradient x input of the logit. A binary head's one class is 0."""
+    source = sigmoid_head(rng, classes)
+    x = floats(rng, 4, 6)
+    targets = np.array([0, -1, 0, -1]) if classes == 1 else np.array([2, 0, 1, -1])
+    built = onnxlrp.build(source, composite)
+    probability, relevance = run(built, {"input": x, "target": targets}, ["probability", "relevance"])
+    w0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer)
+    logits = np.maximum(x @ w0, 0) @ w1
+    np.testing.assert_allclose(probability, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    chosen = np.where(targets < 0, logits.argmax(1), targets)
+    explained = logits[np.arange(4), chosen]
+    np.testing.assert_allclose(relevance.sum(1), explained, rtol=1e-4, atol=1e-6)
+    if composite == "zero":
+        gradient = np.stack([w0 @ ((x[n] @ w0 > 0) * w1[:, c]) for n, c in enumerate(chosen)])
+        np.testing.assert_allclose(relevance, x * gradient, rtol=1e-4, atol=1e-6)
+    if classes == 1:
+        with pytest.raises(onnxlrp.LrpError, match="already its log-odds; use --explain logit"):
+            onnxlrp.build(source, composite, explain="logodds")
+
+
+def test_sigmoid_head_in_explain_and_check(tmp_path, rng):
+    """`explain` prints the probability the model outputs and names it so; `check` the logit it explains."""
+    from conftest import onnxlrp_cli as command
+    from onnxlrp.app.check import check
+    source = sigmoid_head(rng, 1)
+    built = tmp_path / "binary_lrp.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(source, "zero", layer_relevance=True), built)
+    x = floats(rng, 6)
+    np.save(tmp_path / "x.npy", x)
+    logit = float((np.maximum(x @ numpy_helper.to_array(source.graph.initializer[0]), 0)
+                   @ numpy_helper.to_array(source.graph.initializer[1]))[0])
+    result = command("explain", built, tmp_path / "x.npy", "-o", tmp_path / "out")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    total = float(np.load(tmp_path / "out" / "x.npy").sum(dtype=np.float64))
+    np.testing.assert_allclose(total, logit, rtol=1e-4)
+    assert result.stdout.strip() == (f"{tmp_path / 'x.npy'}: predicted 0, explained 0, probability "
+                                     f"{1 / (1 + np.exp(-logit)):.6g}, relevance sum {total:.6g}")
+    inner = tmp_path / "inner_lrp.onnx"  # --classifier-output names the logits: explain prints a logit
+    onnxlrp.save_atomic(onnxlrp.build(source, "zero", output="logits"), inner)
+    line = command("explain", inner, tmp_path / "x.npy", "-o", tmp_path / "inner").stdout.strip()
+    assert f"explained 0, logit {logit:.6g}, relevance sum" in line
+    report = check(str(built), str(tmp_path / "x.npy")).splitlines()
+    assert report[0] == f"sample 0: class 0 (predicted), logit {logit:.6g}"
+    assert report[-1].endswith("(100.0%)")
+
+
+def jax_form(name: str) -> onnx.ModelProto:
+    """A model in the form jax2tf and tf2onnx write (fixtures/make_jax_forms.py)."""
+    from conftest import FIXTURES
+    return onnx.load(str(FIXTURES / "jax" / f"{name}.onnx"))
+
+
+def test_jax_one_hot_of_two_broadcast_tensors(rng):
+    """jax.nn.one_hot through jax2tf and tf2onnx: Equal(Expand(ids[..., None]), Expand(iota)) to a shape computed
+    from the batch size, then Cast. Each position gets one relevance; LRP-0 is computed here in numpy."""
+    source = jax_form("onehot")
+    ids = rng.integers(0, 4, size=(3, 5)).astype(np.int32)
+    found = assert_builds_everywhere(source, {"ids": ids}, feed="ids")
+    w0, b0, w1 = (numpy_helper.to_array(t) for t in source.graph.initializer if t.name in ("w0", "b0", "w1"))
+    hot = np.eye(4)[ids].reshape(3, 20)
+    z = hot @ w0 + b0
+    logits = np.maximum(z, 0) @ w1
+    upper = np.maximum(z, 0) * w1[:, logits.argmax(1)].T  # LRP-0 of the head, then ReLU passes
+    expected = (hot * ((upper / z) @ w0.T)).reshape(3, 5, 4).sum(2)  # LRP-0 of the first layer, per position
+    np.testing.assert_allclose(found["zero"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_jax_layer_norm_with_reciprocal_of_sqrt(rng):
+    """flax's LayerNorm through jax2tf and tf2onnx: means as ReduceSum times 1/n, the variance as
+    max(0, mean(x * x) - mean(x)^2), Reciprocal(Sqrt(var + eps)). Its sigma is a constant, as in the
+    LayerNormalization op: the relevance equals that of the same model with the op (opset 17)."""
+    source = jax_form("layernorm")
+    x = floats(rng, 2, 6, 8)
+    found = assert_builds_everywhere(source, {"x": x}, feed="x")
+    twin = onnx.ModelProto()
+    twin.CopyFrom(source)
+    names = [n.name for n in twin.graph.node]
+    norm = twin.graph.node[names.index("reduce_sum"):names.index("add_1") + 1]
+    kept = [n for n in twin.graph.node if n not in norm]
+    del twin.graph.node[:]
+    twin.graph.node.extend(kept[:names.index("reduce_sum")] + [
+        helper.make_node("LayerNormalization", ["g", "scale", "bias"], ["ln"], axis=-1, epsilon=1e-6, name="ln")]
+        + kept[names.index("reduce_sum"):])
+    twin.opset_import[0].version = 17
+    twin.ir_version = 8
+    for preset in ("attnlrp", "cp_lrp"):
+        logits, relevance = run(onnxlrp.build(twin, preset), {"x": x}, ["logits", "relevance"])
+        np.testing.assert_allclose(logits, run(source, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        assert relative_error(found[preset], relevance) < 1e-4, preset

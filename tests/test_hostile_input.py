@@ -119,6 +119,18 @@ def test_bounds_with_a_wrong_number_of_channels(capsys, monkeypatch, tmp_path):
     assert_fails(capsys, monkeypatch, tmp_path, MLP, "--composite", box, "--high=1,2,3", Fragment("give 3 values"))
 
 
+@pytest.mark.parametrize("source", ["command line", "composite"])
+def test_bounds_of_different_lengths(capsys, monkeypatch, tmp_path, source):
+    if source == "command line":
+        args = ["--composite", "epsilon_gamma_box", "--low=0,0", "--high=1,1,1"]
+    else:
+        box = tmp_path / "box.toml"
+        box.write_text('extends = "epsilon_gamma_box"\n[params]\nlow = [0.0, 0.0]\nhigh = [1.0, 1.0, 1.0]\n')
+        args = ["--composite", box]
+    assert_fails(capsys, monkeypatch, tmp_path, CNN, *args,
+                 Fragment("low and high (--low/--high) give 2 and 3 values: give 1 value or one per channel"))
+
+
 def small_model() -> onnx.ModelProto:
     nodes = [helper.make_node("Gemm", ["input", "w"], ["h"], name="dense"), helper.make_node("Relu", ["h"], ["logits"])]
     return make_model(nodes, [1, 4], [1, 3], {"w": np.arange(12).reshape(4, 3)})

@@ -64,3 +64,28 @@ def test_errors_are_one_line(tmp_path):
         result = onnxlrp_cli("inspect", *args)
         assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
         assert fragment in result.stderr and result.stdout == ""
+
+
+def test_nodes_that_no_relevance_reaches_are_constants_and_the_verdict_agrees():
+    """Shapes, a LayerNorm's sigma (StopGradient) and the Pow of its variance get no relevance: `constant`, never
+    `unsupported` when the build accepts the model (the ViT fixture exported by TorchScript at opset 14)."""
+    model = onnxlrp.load(FIXTURES / "transformers" / "vit_op14.onnx")
+    composite = onnxlrp.load_composite("attnlrp")
+    rows = inspection.rows(model, composite)
+    assert not [r for r in rows if r.rule == inspection.UNSUPPORTED]
+    for op in ("Shape", "StopGradient", "Pow"):
+        assert {r.rule for r in rows if r.op_type == op} == {inspection.CONSTANT}, op
+    assert {r.rule for r in rows if r.op_type == "Softmax"} == {"softmax"}  # attention, not a head
+    assert inspection.report(model, composite, "vit").splitlines()[-1] == \
+        "build: every node is supported (composite attnlrp)"
+
+
+def test_a_head_is_skipped():
+    weight = np.random.default_rng(0).normal(size=(4, 3))
+    nodes = [helper.make_node("Gemm", ["input", "w"], ["g"], name="dense"),
+             helper.make_node("Sigmoid", ["g"], ["probabilities"], name="head"),
+             helper.make_node("Shape", ["g"], ["shape"], name="shape")]
+    model = make_model(nodes, ["N", 4], ["N", 3], {"w": weight}, output="probabilities")
+    model.graph.output.append(helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]))
+    assert [(r.node, r.rule) for r in inspection.rows(model, onnxlrp.load_composite("epsilon"))] == \
+        [("dense", "epsilon"), ("head", inspection.SKIPPED), ("shape", inspection.CONSTANT)]

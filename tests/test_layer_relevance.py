@@ -143,7 +143,7 @@ def test_check_reads_an_image_resized_to_the_model(tmp_path, rng):
     assert report.splitlines()[-1].endswith("(100.0%)")
 
 
-PREPROCESSING = ["size", "normalize", "mean", "std", "scale", "channels", "layout"]
+PREPROCESSING = ["size", "normalize", "mean", "std", "scale", "channels", "layout", "resize"]
 
 
 def test_check_and_explain_take_the_same_preprocessing_options():
@@ -270,3 +270,53 @@ def test_check_shows_positive_biases_absorbing_relevance_under_zplus(tmp_path, r
     np.testing.assert_allclose(total + sum(absorbed), logit, rtol=1e-4)
     assert min(absorbed) > 0 and sum(absorbed) > 0.5 * logit
     assert all(row[4] == "0.0%" for row in table("\n".join(report.splitlines()[1:])).values())  # z+: none negative
+
+
+def test_check_on_a_quantized_model(tmp_path):
+    """QDQ models are explained on a float twin whose tensors are renamed: the recorded names follow them."""
+    path = tmp_path / "qdq_layers.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(FIXTURES / "quantized" / "cnn_qdq.onnx", layer_relevance=True), path)
+    report = check(str(path)).splitlines()
+    assert list(table("\n".join(report[1:]))) == ["/0/Conv", "/4/Conv", "/8/Conv", "/10/Conv", "/14/Gemm"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)  # check's own input
+    relevance, = run(onnx.load(path), {"input": x}, ["relevance"])
+    np.testing.assert_allclose(float(report[-1].split()[2]), relevance.sum(), rtol=1e-5)
+
+
+def test_check_on_a_text_model(tmp_path):
+    """The token ids are the input (the explained tensor is their embedding lookup); the attention mask is 1."""
+    path = tmp_path / "bert_layers.onnx"
+    onnxlrp.save_atomic(onnxlrp.build(FIXTURES / "transformers" / "bert_op17.onnx", "attnlrp", layer_relevance=True),
+                        path)
+    ids = np.array([[2, 17, 33, 8, 41, 0, 0, 0]])
+    np.save(tmp_path / "ids.npy", ids)
+    report = check(str(path), str(tmp_path / "ids.npy")).splitlines()
+    logits, relevance = run(onnx.load(path), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                            ["logits", "relevance"])
+    assert report[0] == "other inputs: attention_mask = 1"
+    assert report[1] == f"sample 0: class {logits[0].argmax()} (predicted), logit {logits[0].max():.6g}"
+    assert len(table("\n".join(report[1:]))) == 14  # 2 layers x 6 MatMuls, the pooler and the classifier
+    np.testing.assert_allclose(float(report[-1].split()[2]), relevance.sum(), rtol=1e-5)
+    with pytest.raises(onnxlrp.LrpError, match="input 'input_ids' has dynamic dimensions .*give --input"):
+        check(str(path))
+
+
+def test_check_draws_token_ids_below_the_vocabulary(tmp_path, rng):
+    table_, dense = rng.normal(size=(10, 3)), rng.normal(size=(3, 2))
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embedded"], name="lookup"),
+         helper.make_node("ReduceMean", ["embedded"], ["pooled"], axes=[1], keepdims=0),
+         helper.make_node("Gemm", ["pooled", "dense"], ["logits"], name="head")], "text",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in (("table", table_), ("dense", dense))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    built = onnxlrp.build(model, "zero", layer_relevance=True)
+    onnxlrp.save_atomic(built, tmp_path / "text.onnx")
+    report = check(str(tmp_path / "text.onnx")).splitlines()
+    ids = np.random.default_rng(0).integers(0, 10, size=(1, 4))
+    assert report[0] == "no --input: a deterministic random input (token ids, uniform, seed 0) of shape [1, 4]"
+    logits, relevance = run(built, {"ids": ids}, ["logits", "relevance"])
+    assert report[1].endswith(f"logit {logits[0].max():.6g}")
+    np.testing.assert_allclose(float(report[-1].split()[2]), relevance.sum(), rtol=1e-5)

@@ -13,7 +13,12 @@ ort.env.wasm.numThreads = 1;  // a plain static server gives no cross-origin iso
 
 const state = {
   source: null, label: null, session: null, input: null, shape: null, logits: null, picture: null, last: null,
+  targetFed: false,
 };
+// onnxruntime-web lists no input that has a default (a model built without --no-target-default): `target` cannot
+// be fed there, and the predicted class is always explained.
+const NO_TARGET = "This model was built without --no-target-default: onnxruntime-web cannot feed it a class, " +
+  "so the predicted class is explained. Rebuild it with --no-target-default to choose one.";
 
 /** numpy's rint: halves to the even neighbour, so that the colours match onnxlrp's pictures. */
 function rint(x) {
@@ -53,6 +58,10 @@ async function loadModel(source, label) {
   state.input = name;
   state.shape = shape;
   state.logits = state.session.outputNames.find((n) => n !== "relevance" && !n.startsWith("relevance/"));
+  state.targetFed = state.session.inputNames.includes("target");
+  if (!state.targetFed) $("target").value = "-1";
+  $("target").disabled = !state.targetFed;
+  $("target-note").textContent = state.targetFed ? "" : NO_TARGET;
   $("model-info").textContent = `Model: ${label} · input '${name}' [N, ${shape.join(", ")}] · ` +
     `backend ${$("backend").value}`;
   $("result").textContent = "Drop an image (or pick one) to explain it.";
@@ -85,11 +94,14 @@ function preprocess(image, [channels, height, width]) {
   return x;
 }
 
-/** Run the model on one input [C, H, W] for class `target` (-1: the predicted one). */
+/** Run the model on one input [C, H, W] for class `target` (-1: the predicted one; a model that cannot be fed
+ * `target` explains the predicted class whatever is asked, and says so). */
 async function explainArray(x, shape, target = -1) {
   const feeds = { [state.input]: new ort.Tensor("float32", x, [1, ...shape]) };
-  if (state.session.inputNames.includes("target")) {
+  if (state.targetFed) {
     feeds.target = new ort.Tensor("int64", BigInt64Array.from([BigInt(target)]), [1]);
+  } else {
+    target = -1;
   }
   const out = await state.session.run(feeds);
   const logits = Array.from(out[state.logits].data);

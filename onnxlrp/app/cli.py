@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import click
 
 from ..api import DEVICES
-from ..errors import LrpError, printable
+from ..errors import LrpError, LrpWarning, printable
 from ..ir import interrupts
 from ..ir.files import load, save_atomic
 from ..ir.precision import to_float16
@@ -19,7 +20,7 @@ from ..lrp.seed import EXPLAIN
 from ..pipeline import build
 from . import explain as explaining, inspect as inspection
 from .heatmaps import CMAPS
-from .inputs import NORMALIZE, parse_options
+from .inputs import NORMALIZE, RESIZE, parse_options
 
 
 # How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
@@ -31,6 +32,9 @@ PREPROCESSING = (
     click.option("--scale", default="1/255", show_default=True, help="Factor applied to pixel values first."),
     click.option("--channels", type=click.Choice(("rgb", "bgr")), default="rgb", show_default=True),
     click.option("--layout", type=click.Choice(("nchw", "nhwc")), help="Input layout (default: from the model)."),
+    click.option("--resize", type=click.Choice(tuple(RESIZE)), default="crop", show_default=True,
+                 help="Pictures of another aspect ratio: cover and crop the centre, stretch, or fit and pad with "
+                      "black."),
 )
 
 
@@ -141,8 +145,11 @@ def inspect_command(model: str, composite: str) -> None:
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning our errors and click's usage errors into one line on stderr."""
+    """Entry point: run the CLI, turning our errors and click's usage errors into one line on stderr, and our
+    warnings into one line each."""
     interrupts.install()
+    warnings.simplefilter("always", LrpWarning)
+    warnings.showwarning = _warning(warnings.showwarning)
     import onnxruntime
     onnxruntime.set_default_logger_severity(3)  # constant folding's sessions would log optimizer notes
     try:
@@ -157,6 +164,16 @@ def main() -> None:
         if os.environ.get("ONNXLRP_DEBUG"):
             raise
         sys.exit(_fail(f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+
+
+def _warning(other: Callable) -> Callable:
+    """warnings.showwarning that prints an LrpWarning as one line on stderr (other warnings as Python does)."""
+    def show(message, category, *rest) -> None:
+        if issubclass(category, LrpWarning):
+            click.echo(f"onnxlrp: warning: {printable(str(message).strip())}", err=True)
+        else:
+            other(message, category, *rest)
+    return show
 
 
 def _fail(message: str, code: int = 1) -> int:

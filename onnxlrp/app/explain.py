@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..api import Explainer
-from ..errors import LrpError
+from ..errors import LrpError, LrpWarning
 from .heatmaps import heatmap
 from .inputs import ModelInput, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
 
@@ -63,12 +64,19 @@ def batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
 
 @dataclass
 class Result:
-    """What one sample gave: its input, the picture (for images), logits and relevance."""
+    """What one sample gave: its input, the picture (for images), the classifier output, the class explained,
+    the value its relevance is compared with (the explained logit, log-odds or 1), and the relevance."""
     sample: Sample
     x: np.ndarray
     picture: Image.Image | None
-    logits: np.ndarray
+    output: np.ndarray
+    explained: int
+    value: float
     relevance: np.ndarray
+
+    @property
+    def total(self) -> float:
+        return float(self.relevance.sum(dtype=np.float64))
 
 
 def run(explainer: Explainer, items: Sequence[Sample], target: int | None, batch_size: int,
@@ -77,20 +85,21 @@ def run(explainer: Explainer, items: Sequence[Sample], target: int | None, batch
     for group in progress(batches(items, batch_size)):
         read = [sample.read() for sample in group]
         x = np.concatenate([inputs for inputs, _ in read])
-        logits, relevance = explainer.explain(x, target)
+        found = explainer.explanation(x, target)
         for k, (sample, (_, picture)) in enumerate(zip(group, read)):
-            yield Result(sample, x[k], picture, logits[k], relevance[k])
+            yield Result(sample, x[k], picture, found.output[k], int(found.classes[k]), float(found.values[k]),
+                         found.relevance[k])
 
 
-def describe(result: Result, explainer: Explainer, target: int | None) -> str:
-    """The line printed for one sample: file, predicted class, explained class, its logit, relevance sum."""
-    predicted = int(np.argmax(result.logits))
-    explained = predicted if target is None or target < 0 else target
+def describe(result: Result, explainer: Explainer) -> str:
+    """The line printed for one sample: file, predicted class, explained class, the classifier output there (named
+    for what it holds: logit, probability, log-probability) and the relevance sum."""
+    predicted = int(np.argmax(result.output))
     named = lambda c: f"{c} ({explainer.label(c)})" if explainer.labels else str(c)  # noqa: E731
     sample = result.sample
     source = f"{sample.source}" + (f" [{sample.stem}]" if sample.stem != sample.source.stem else "")
-    return (f"{source}: predicted {named(predicted)}, explained {named(explained)}, "
-            f"logit {result.logits[explained]:.6g}, relevance sum {float(result.relevance.sum(dtype=np.float64)):.6g}")
+    return (f"{source}: predicted {named(predicted)}, explained {named(result.explained)}, "
+            f"{explainer.shown} {result.output[result.explained]:.6g}, relevance sum {result.total:.6g}")
 
 
 def write(result: Result, folder: Path, cmap: str, overlay: bool, prep: Preprocessing | None) -> None:
@@ -158,16 +167,21 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
     items = samples(files, explainer.input, prep)
     _keep_inputs(files, items, Path(outdir))
     staging = Staging(Path(outdir))
-    lines = []
+    lines, totals, values = [], [], []
     try:
         count = -(-len(items) // batch_size)
         progress = (lambda it: _progress(it, count)) if count > 1 else (lambda it: it)
         for result in run(explainer, items, target, batch_size, progress):
             write(result, staging.folder, cmap, overlay, prep)
-            lines.append(describe(result, explainer, target))
+            lines.append(describe(result, explainer))
+            totals.append(result.total)
+            values.append(result.value)
         staging.commit()
     finally:
         staging.discard()
+    inflation = explainer.recorded.inflation(totals, values)
+    if inflation is not None:
+        warnings.warn(f"{model}: {inflation}", LrpWarning)
     return lines
 
 

@@ -1,5 +1,5 @@
 """One input reader for images and arrays, shared by `explain` and `check`: which files are inputs, how a picture
-becomes a model input (cover, centre-crop, scale, mean and std) and how an .npy array is read as a batch.
+becomes a model input (resized by `--resize`, scaled, mean and std) and how an .npy array is read as a batch.
 
 It knows the model input by its name, shape and dtype only (not by a session), and parses the preprocessing
 options from the command line's strings.
@@ -21,6 +21,35 @@ ARRAY_SUFFIX = ".npy"
 NORMALIZE = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
+def _crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize the shorter side to cover the size, then crop the centre (what is outside is lost)."""
+    factor = max(height / image.height, width / image.width)
+    resized = (max(width, round(image.width * factor)), max(height, round(image.height * factor)))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BILINEAR)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _stretch(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize to the size, whatever the aspect ratio (everything is kept, distorted)."""
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _pad(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize the longer side to fit the size, then centre the picture on black (pixel value 0) borders."""
+    factor = min(height / image.height, width / image.width)
+    fitted = _stretch(image, max(1, min(height, round(image.height * factor))),
+                      max(1, min(width, round(image.width * factor))))
+    canvas = Image.new(image.mode, (width, height))
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    return canvas
+
+
+# How a picture of another aspect ratio is brought to the model's size (--resize; `crop` is the default).
+RESIZE = {"crop": _crop, "stretch": _stretch, "pad": _pad}
+
+
 @dataclass(frozen=True)
 class Options:
     """The preprocessing options as the user gave them, parsed; the model input settles the rest."""
@@ -30,11 +59,12 @@ class Options:
     scale: float = 1 / 255
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    resize: str = "crop"
 
 
 def parse_options(size: str | None = None, normalize: str | None = None, mean: str | None = None,
                   std: str | None = None, scale: str = "1/255", channels: str = "rgb",
-                  layout: str | None = None) -> Options:
+                  layout: str | None = None, resize: str = "crop") -> Options:
     """The preprocessing options from the command line's strings, checked before any model is loaded."""
     if normalize and (mean or std):
         raise LrpError("--normalize sets --mean and --std: give one or the other")
@@ -45,13 +75,16 @@ def parse_options(size: str | None = None, normalize: str | None = None, mean: s
     size_values = _numbers("--size", size)
     if size_values is not None and (len(size_values) != 2 or any(v < 1 or v != int(v) for v in size_values)):
         raise LrpError(f"--size must be two positive integers H,W (got '{size}')")
+    if resize not in RESIZE:
+        raise LrpError(f"--resize must be one of {', '.join(RESIZE)} (got '{resize}')")
     return Options(tuple(int(v) for v in size_values) if size_values else None, channels, layout,
-                   _fraction(scale), mean_values, std_values)
+                   _fraction(scale), mean_values, std_values, resize)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a picture becomes a model input: size (H, W), channels, layout, scale, mean and std per channel."""
+    """How a picture becomes a model input: size (H, W), channels, layout, scale, mean and std per channel, and
+    how another aspect ratio is resized (RESIZE)."""
     size: tuple[int, int]
     channels: int
     order: str = "rgb"
@@ -59,17 +92,11 @@ class Preprocessing:
     scale: float = 1 / 255
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    resize: str = "crop"
 
     def picture(self, image: Image.Image) -> Image.Image:
-        """Resize the shorter side to cover `size`, then crop the centre (gray or RGB as the model takes)."""
-        image = image.convert("L" if self.channels == 1 else "RGB")
-        height, width = self.size
-        factor = max(height / image.height, width / image.width)
-        resized = (max(width, round(image.width * factor)), max(height, round(image.height * factor)))
-        if resized != image.size:
-            image = image.resize(resized, Image.Resampling.BILINEAR)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        return image.crop((left, top, left + width, top + height))
+        """The picture at the model's size (gray or RGB as the model takes), resized as `resize` says."""
+        return RESIZE[self.resize](image.convert("L" if self.channels == 1 else "RGB"), *self.size)
 
     def array(self, picture: Image.Image) -> np.ndarray:
         """The model input of one picture, without the batch axis."""
@@ -105,7 +132,7 @@ def preprocessing(model_input: ModelInput, options: Options) -> Preprocessing | 
     if options.std is not None and any(v == 0 for v in options.std):
         raise LrpError("--std: values must not be zero")
     return Preprocessing(size, channels, options.order, layout, options.scale, options.mean or (0.0,),
-                         options.std or (1.0,))
+                         options.std or (1.0,), options.resize)
 
 
 def collect(paths: Sequence[str]) -> list[Path]:

@@ -10,9 +10,12 @@ import onnx
 from ..errors import LrpError
 from ..lrp.composite import Composite
 from ..lrp.emitters import FAMILIES
+from ..lrp.walk import reached
 from ..pipeline import build, prepare
 
 UNSUPPORTED = "unsupported"
+CONSTANT = "constant"  # no relevance reaches the node (shapes, a norm's sigma, masks): no rule is needed
+SKIPPED = "skipped"  # the classifier's head (Softmax, LogSoftmax, Sigmoid): its input, the logits, is explained
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,22 @@ class Row:
 
 
 def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") -> list[Row]:
-    """The table of `inspect`, in the graph's topological order."""
+    """The table of `inspect`, in the graph's topological order. Nodes that relevance does not reach are
+    `constant` (every node is taken as reached when the model has no classifier output or input to explain)."""
     prepared = prepare(model, source)
     rule_of = composite.assign(prepared.graph)
+    try:
+        found, head = reached(prepared.graph, composite, source=source, hidden=prepared.collapsed.hidden())
+        skipped = {id(n) for n in head.skipped}
+    except LrpError:  # build says why, in the verdict
+        found, skipped = {id(n) for n in prepared.graph.nodes}, set()
     table = []
     for node in prepared.graph.nodes:
         folded = prepared.folded.get(node.name, ())
-        if node.op not in FAMILIES:
-            table.append(Row(node.name, node.op, folded, UNSUPPORTED, {}))
+        label = SKIPPED if id(node) in skipped else CONSTANT if id(node) not in found else \
+            UNSUPPORTED if node.op not in FAMILIES else None
+        if label is not None:
+            table.append(Row(node.name, node.op, folded, label, {}))
             continue
         rule, params = rule_of(node)
         used = {k: params[k] for k in rule.params}

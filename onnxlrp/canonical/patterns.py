@@ -106,25 +106,53 @@ def log_softmax(subtract: gs.Node) -> Match | None:
     return Match(covered, "LogSoftmax", [z], subtract.outputs[0], {"axes": _normalized(_axes(reduction), z)})
 
 
+def _mean_of(tensor: gs.Tensor | None) -> gs.Tensor | None:
+    """What `tensor` is the mean of: a ReduceMean (or tf2onnx's GlobalAveragePool), or a ReduceSum times or divided
+    by a scalar constant (jax2tf's mean); None if it is no mean."""
+    mean = _producer(tensor, *MEANS)
+    if mean is not None:
+        return mean.inputs[0]
+    scaled = _producer(tensor, "Mul", "Div")
+    if scaled is None or constant(scaled.inputs[1]) is None or constant(scaled.inputs[1]).size != 1:
+        return None
+    total = _producer(scaled.inputs[0], "ReduceSum")
+    return total.inputs[0] if total is not None else None
+
+
+def _square_of(tensor: gs.Tensor | None) -> gs.Tensor | None:
+    """What `tensor` is the square of (d * d or d ^ 2), None if it is no square."""
+    square = _producer(tensor, "Mul", "Pow")
+    if square is None:
+        return None
+    exponent = constant(square.inputs[1]) if square.op == "Pow" else None
+    if (square.op == "Mul" and square.inputs[0] is square.inputs[1]) or \
+            (exponent is not None and exponent.size == 1 and float(exponent.reshape(())) == 2.0):
+        return square.inputs[0]
+    return None
+
+
+def _variance(tensor: gs.Tensor) -> bool:
+    """Whether `tensor` is a variance or mean square: mean(d ^ 2), or mean(x ^ 2) - mean(x) ^ 2 (flax's LayerNorm)."""
+    if _square_of(_mean_of(tensor)) is not None:
+        return True
+    difference = _producer(tensor, "Sub")
+    if difference is None:
+        return False
+    x = _square_of(_mean_of(difference.inputs[0]))
+    return x is not None and x is _mean_of(_square_of(difference.inputs[1]))
+
+
 def sigma_of_a_norm(root: gs.Node) -> Match | None:
-    """Sqrt(mean(d * d or d ^ 2) + eps), eps added or taken as a floor: a constant to the walk (LXT's stop-gradient),
-    so that whatever divides or multiplies by sigma or 1 / sigma (torch's Div, tf2onnx's Reciprocal and Mul, RMSNorm)
-    passes relevance."""
+    """Sqrt(variance + eps), eps added or taken as a floor (also max(0, variance) first, as flax clips it): a
+    constant to the walk (LXT's stop-gradient), so that whatever divides or multiplies by sigma or 1 / sigma
+    (torch's Div, tf2onnx's Reciprocal and Mul, RMSNorm) passes relevance. See `_variance` for its forms."""
     tensor = root.inputs[0]
     while (bound := _producer(tensor, *EPSILONS)) is not None:
         variables = [t for t in bound.inputs if constant(t) is None]
         if len(variables) != 1:
             return None
         tensor = variables[0]
-    mean = _producer(tensor, *MEANS)
-    square = _producer(mean.inputs[0], "Mul", "Pow") if mean is not None else None
-    if square is None:
-        return None
-    exponent = constant(square.inputs[1]) if square.op == "Pow" else None
-    if not ((square.op == "Mul" and square.inputs[0] is square.inputs[1]) or
-            (exponent is not None and exponent.size == 1 and float(exponent.reshape(())) == 2.0)):
-        return None
-    return Match([root], STOP_GRADIENT, [root.inputs[0]], root.outputs[0])
+    return Match([root], STOP_GRADIENT, [root.inputs[0]], root.outputs[0]) if _variance(tensor) else None
 
 
 def dense_bias(product: gs.Node) -> Match | None:
@@ -227,29 +255,41 @@ def is_activation(tensor: gs.Tensor, computed: Callable[[gs.Tensor], bool]) -> b
 
 def one_hot(encoding: gs.Node) -> Match | None:
     """OneHot, or Equal of a tensor against a constant range of values (an Equal against one value, DistilBERT's
-    `attention_mask == 0`, is a test, not an encoding), with the Cast to float that follows it: the relevance of the
-    encoding is summed over the encoded values (attrs `axes`, `keepdims`), so that each position gets one."""
+    `attention_mask == 0`, is a test, not an encoding), either side possibly broadcast by an Expand first (jax2tf's
+    `ids[..., None] == iota`), with the Cast to float that follows it: the relevance of the encoding is summed over
+    the encoded values (attrs `axes`, `keepdims`), so that each position gets one."""
     output = encoding.outputs[0]
     if output.shape is None:
         return None
     rank = len(output.shape)
+    covered: list[gs.Node] = []
     if encoding.op == "OneHot":
         source, axes, keepdims = encoding.inputs[0], [encoding.attrs.get("axis", -1) % rank], 0
     else:
-        variables = [t for t in encoding.inputs if isinstance(t, gs.Variable)]
-        values = [constant(t) for t in encoding.inputs if isinstance(t, gs.Constant)]
+        sides = [_unbroadcast(t, covered) for t in encoding.inputs]
+        variables = [t for t in sides if constant(t) is None]
+        values = [constant(t) for t in sides if constant(t) is not None]
         if len(variables) != 1 or len(values) != 1 or values[0].size <= 1 or variables[0].shape is None:
             return None
         source = variables[0]
         aligned = [1] * (rank - len(source.shape)) + list(source.shape)
         axes, keepdims = [a for a in range(rank) if aligned[a] == 1 and output.shape[a] != 1], 1
-    covered = [encoding]
+    covered.append(encoding)
     cast = output.outputs[0] if len(output.outputs) == 1 and output.outputs[0].op == "Cast" else None
     if cast is not None:
         covered.append(cast)
         output = cast.outputs[0]
     return Match(covered, "OneHot", [source], output, {"axes": axes, "keepdims": keepdims,
                                                         "encodes": _placed_from(source)})
+
+
+def _unbroadcast(tensor: gs.Tensor, covered: list[gs.Node]) -> gs.Tensor:
+    """The tensor before an Expand that broadcasts it (added to `covered`), or the tensor itself."""
+    expand = _producer(tensor, "Expand")
+    if expand is None:
+        return tensor
+    covered.append(expand)
+    return expand.inputs[0]
 
 
 def _placed_from(tensor: gs.Tensor) -> str:

@@ -5,7 +5,7 @@ Operators that compute in integers (QLinearConv, ConvInteger, ...) are refused w
 walk passes relevance through the activations' Q/DQ pairs: see lrp/emitters/routing.py.)"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -59,15 +59,17 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(node.op_type in QDQ for node in model.graph.node)
 
 
-def with_original_forward(original: onnx.ModelProto, built: onnx.ModelProto, kept: Sequence[str]) -> onnx.ModelProto:
-    """The original model's nodes and outputs, plus the built twin under names prefixed `lrp/twin/`, of which
-    only the outputs named in `kept` (relevance) are added. Graph inputs and `kept` names are shared."""
+def twin_names(built: onnx.ModelProto, kept: Sequence[str]) -> Callable[[str], str]:
+    """The name a tensor of the built twin has in the merged model: prefixed `lrp/twin/`, except graph inputs and
+    the `kept` outputs, which are shared."""
     shared = {v.name for v in built.graph.input} | set(kept)
-    rename = {}
+    return lambda name: name if not name or name in shared else TWIN + name
 
-    def renamed(name: str) -> str:
-        return name if not name or name in shared else rename.setdefault(name, TWIN + name)
 
+def with_original_forward(original: onnx.ModelProto, built: onnx.ModelProto, kept: Sequence[str]) -> onnx.ModelProto:
+    """The original model's nodes and outputs, plus the built twin under the names of `twin_names`, of which only
+    the outputs named in `kept` (relevance) are added."""
+    renamed = twin_names(built, kept)
     merged = onnx.ModelProto()
     merged.CopyFrom(built)
     graph = merged.graph

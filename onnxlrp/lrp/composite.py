@@ -17,6 +17,9 @@ from .emitters.linear import LINEAR_OPS
 from .rules import DEFAULTS, RULES, Rule, check_params, parse_value
 
 MATCH_KEYS = ("names", "op_types", "first_linear", "index", "depth")
+# The presets that fit each architecture (walk.architecture_of), suggested when a composite inflates relevance.
+SUGGESTED = {"transformer": ("attnlrp", "cp_lrp"), "cnn": ("epsilon_plus_flat", "epsilon_gamma_box")}
+ARCHITECTURES = {"transformer": "a transformer", "cnn": "a CNN"}
 _EXTENDING: list[str] = []  # the composites being loaded through `extends`, to catch a circle
 
 

@@ -5,12 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol, Union
 
+import onnx
 import onnx_graphsurgeon as gs
 
+from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
 
 if TYPE_CHECKING:
     from .rules import Layer, Rule
+
+
+# Op types that no rule explains, with why and what to use instead: refused before anything is built.
+TREES = ("is a tree ensemble: piecewise constant (a sum of leaf values chosen by thresholds), not piecewise linear in "
+         "the LRP sense, so no rule can share its output among the inputs; explain the original model with a tree "
+         "method such as TreeSHAP (shap.TreeExplainer) instead")
+NOT_EXPLAINED = {op_type: TREES for op_type in ("TreeEnsemble", "TreeEnsembleClassifier", "TreeEnsembleRegressor")}
+
+
+def refuse_not_explained(model: onnx.ModelProto, source: str) -> None:
+    """One line naming the first node of an op type in NOT_EXPLAINED, and why."""
+    node = next((n for n in model.graph.node if n.op_type in NOT_EXPLAINED), None)
+    if node is not None:
+        raise LrpError(f"{source}: node '{node.name or node.output[0]}' ({node.op_type}) {NOT_EXPLAINED[node.op_type]}")
 
 
 class Unsupported(Exception):

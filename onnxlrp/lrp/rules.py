@@ -180,7 +180,13 @@ def check_params(rule: str, params: Mapping[str, object], where: str) -> None:
     if "alpha" in used and abs(params["alpha"] - params["beta"] - 1) > 1e-9:
         raise LrpError(f"{where}: alpha_beta needs alpha - beta = 1 and alpha, beta >= 0 "
                        f"(got alpha={params['alpha']}, beta={params['beta']})")
-    if "low" in used and np.any(np.asarray(params["low"]) > np.asarray(params["high"])):
+    if "low" not in used:
+        return
+    sizes = [np.size(params[key]) for key in VECTOR_PARAMS]
+    if min(sizes) > 1 and sizes[0] != sizes[1]:
+        raise LrpError(f"{where}: low and high (--low/--high) give {sizes[0]} and {sizes[1]} values: give 1 value "
+                       "or one per channel to each, the same number")
+    if np.any(np.asarray(params["low"]) > np.asarray(params["high"])):
         raise LrpError(f"{where}: zbox needs low <= high")
 
 

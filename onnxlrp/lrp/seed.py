@@ -2,7 +2,9 @@
 its log-odds or a one-hot), and the same choice of class on the numpy side for the API and `check`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -10,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
+from .composite import ARCHITECTURES, SUGGESTED
 from .emitters.linear import Dense, linear_layer
 from .families import Context, Unsupported
 from .rules import Shared, propagate
@@ -19,6 +22,61 @@ LOGODDS_RULES = ("epsilon", "zero")
 # The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
+EXPLAINED_KEY = "onnxlrp.explained"  # the metadata key of `Explained`
+# What the relevance is compared with, by seed: the value the walk starts from sums to it.
+VALUES = {"logit": "logit", "logodds": "log-odds", "onehot": "one-hot seed"}
+# A relevance total beyond this many times the explained value (in magnitude) is reported, with presets to try.
+INFLATION = 100
+# What a classifier output holds, by the head skipped above the logits (None: the output is the logits).
+SHOWN = {None: "logit", "Softmax": "probability", "Sigmoid": "probability", "LogSoftmax": "log-probability"}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a built model explains, stored in its metadata at build time so that `explain`, `check` and the API can
+    name it: the composite, the seed (logit, logodds, onehot), the classifier output and the logits tensor behind
+    its head, the head skipped, and the architecture ("transformer" or "cnn", for the presets to suggest).
+    Models built before it was stored read as all None but `explain`."""
+    composite: str | None = None
+    explain: str = "logit"
+    output: str | None = None
+    logits: str | None = None
+    head: str | None = None
+    architecture: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """What the classifier output holds: a logit, a probability or a log-probability."""
+        return SHOWN.get(self.head, "output")
+
+    def inflation(self, totals: Sequence[float], values: Sequence[float]) -> str | None:
+        """One line when the relevance total of some samples is more than INFLATION times the explained value,
+        naming the composite and the presets that fit the architecture (both kinds when it is not recorded)."""
+        inflated = [(t, v) for t, v in zip(totals, values) if abs(t) > INFLATION * abs(v)]
+        if not inflated:
+            return None
+        total, value = max(inflated, key=lambda pair: abs(pair[0]) - INFLATION * abs(pair[1]))
+        kinds = [self.architecture] if self.architecture in SUGGESTED else list(SUGGESTED)
+        tries = "; ".join(f"for {ARCHITECTURES[kind]} try " + " or ".join(p for p in SUGGESTED[kind]
+                                                                         if p != self.composite)
+                          for kind in kinds)
+        composite = f"composite {self.composite}" if self.composite else "the composite it was built with"
+        return (f"the relevance total is more than {INFLATION} times the explained {VALUES[self.explain]} for "
+                f"{len(inflated)} of {len(totals)} sample(s) (e.g. {total:.6g} against {value:.6g}) under "
+                f"{composite}: {tries}")
+
+    def store(self, model: onnx.ModelProto) -> None:
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                            EXPLAINED_KEY: json.dumps(asdict(self))})
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "Recorded":
+        stored = next((p.value for p in model.metadata_props if p.key == EXPLAINED_KEY), None)
+        try:
+            fields = json.loads(stored) if stored else {}
+            return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+        except (ValueError, TypeError):
+            return cls()
 
 
 def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
@@ -121,7 +179,5 @@ def explained_value(mode: str, logits: np.ndarray, chosen: int) -> tuple[str, fl
     """What the seed of the walk sums to for one sample: the logit, the log-odds or 1 (one-hot)."""
     if mode == "logodds":
         others = np.delete(logits.astype(np.float64), chosen)
-        return "log-odds", float(logits[chosen] - np.log(np.exp(others - others.max()).sum()) - others.max())
-    if mode == "onehot":
-        return "one-hot seed", 1.0
-    return "logit", float(logits[chosen])
+        return VALUES[mode], float(logits[chosen] - np.log(np.exp(others - others.max()).sum()) - others.max())
+    return VALUES[mode], 1.0 if mode == "onehot" else float(logits[chosen])

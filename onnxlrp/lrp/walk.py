@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..canonical.patterns import STOP_GRADIENT
 from ..errors import LrpError
 from ..ir.graph import floating
 from ..ir.ops import Ops, Tensor
@@ -22,7 +23,11 @@ from .layers import LayerRelevance
 from .rules import Rule, propagate
 from .seed import EMBEDDING_RELEVANCE, RELEVANCE, TARGET, start
 
-HEADS = ("Softmax", "LogSoftmax")
+# Trailing ops skipped so that the logits are explained: softmax heads and the sigmoid of binary and multi-label
+# heads (written-out softmaxes are collapsed into Softmax and LogSoftmax: canonical/patterns.py).
+HEADS = ("Softmax", "LogSoftmax", "Sigmoid")
+# Ops that mark a transformer (attention, norms whose sigma is a constant), to suggest its presets.
+TRANSFORMER_OPS = ("Softmax", "LayerNormalization", "Attention", "Einsum", STOP_GRADIENT)
 
 
 class Walk:
@@ -45,8 +50,7 @@ class Walk:
 
     def detached(self, node: gs.Node) -> bool:
         """Whether a node's output is a constant to the walk under its rule (CP-LRP's attention weights)."""
-        family = FAMILIES.get(node.op)
-        return family is not None and family.detachable and self.rule(node)[0].detaches
+        return detaches(node, self.rule)
 
     def nonnegative(self, tensor: Tensor) -> bool:
         return tensor.name in self._nonnegative
@@ -94,13 +98,39 @@ class Walk:
         return relevance
 
 
+def detaches(node: gs.Node, rule: Callable[[gs.Node], tuple[Rule, dict]]) -> bool:
+    """Whether a node's output is a constant to the walk under its rule (CP-LRP's attention weights)."""
+    family = FAMILIES.get(node.op)
+    return family is not None and family.detachable and rule(node)[0].detaches
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier output shown, the logits explained, and the trailing nodes skipped between them."""
+    output: gs.Variable
+    logits: gs.Variable
+    skipped: tuple[gs.Node, ...]
+
+    @property
+    def kind(self) -> str | None:
+        """The head skipped (Softmax, LogSoftmax, Sigmoid), None when the output is the logits."""
+        return next((n.op for n in self.skipped if n.op in HEADS), None)
+
+
 @dataclass
 class Explained:
-    """What `explain` added to a graph: the explained input and logits, and the linear layers it walked."""
+    """What `explain` added to a graph: the explained input, the head (logits), the linear layers it walked, and
+    whether the model looks like a transformer or a CNN (for the presets suggested to its users)."""
     x: gs.Variable
-    logits: gs.Variable
+    head: Head
     target: gs.Variable
     layers: list[LayerRelevance]
+    architecture: str
+    ids: gs.Variable | None = None  # the token ids that `x` (an embedding lookup) is read at, for text models
+
+    @property
+    def logits(self) -> gs.Variable:
+        return self.head.logits
 
 
 def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | None, source: str,
@@ -112,8 +142,12 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
     x, ids = explained_input(graph, source)
-    shown = _classifier_output(graph, output, source, hidden)
-    logits = _logits(shown)
+    head = classifier(graph, output, source, hidden)
+    shown, logits = head.output, head.logits
+    if explain == "logodds" and head.kind == "Sigmoid":
+        raise LrpError(f"{source}: --explain logodds: a sigmoid head's logit is already its log-odds; use --explain "
+                       "logit")
+    architecture = architecture_of(graph, head)
     classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
     if not isinstance(classes, int):
         raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
@@ -134,7 +168,43 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
-    return Explained(x, logits, target, walk.layers[::-1])
+    return Explained(x, head, target, walk.layers[::-1], architecture, ids)
+
+
+def classifier(graph: gs.Graph, output: str | None, source: str, hidden: Mapping[str, gs.Tensor] = {}) -> Head:
+    """The classifier output (`output`, or the first float [N, C] output) and the logits before its head."""
+    shown = _classifier_output(graph, output, source, hidden)
+    tensor, skipped = shown, []
+    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
+        skipped.insert(0, tensor.inputs[0])
+        tensor = tensor.inputs[0].inputs[0]
+    return Head(shown, tensor, tuple(skipped))
+
+
+def architecture_of(graph: gs.Graph, head: Head) -> str:
+    """"transformer" when attention or a norm's constant sigma is found outside the head (a MatMul of two computed
+    tensors included), else "cnn"."""
+    skipped = {id(n) for n in head.skipped}
+    attention = any(id(n) not in skipped and (n.op in TRANSFORMER_OPS or (
+        n.op == "MatMul" and all(isinstance(t, gs.Variable) and t.inputs for t in n.inputs[:2])))
+        for n in graph.nodes)
+    return "transformer" if attention else "cnn"
+
+
+def reached(graph: gs.Graph, composite: Composite, output: str | None = None, source: str = "model",
+            hidden: Mapping[str, gs.Tensor] = {}) -> tuple[set[int], Head]:
+    """The ids of the nodes that relevance reaches from the explained logits (those the walk gives a rule; the
+    others, such as shapes and a norm's sigma, are constants to it), and the head skipped above them."""
+    x, _ = explained_input(graph, source)
+    head = classifier(graph, output, source, hidden)
+    rule = composite.assign(graph)
+    names, found = {head.logits.name}, set()
+    with on_data_path(data_path(graph, x, lambda node: detaches(node, rule))):
+        for node in reversed(graph.nodes):
+            if any(t.name in names for t in node.outputs) and any(computed(t) for t in node.inputs):
+                found.add(id(node))
+                names.update(t.name for t in node.inputs if computed(t))
+    return found, head
 
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: Mapping[str, gs.Tensor]
@@ -146,7 +216,8 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C] that the walk "
                            f"sees (it lies inside a written-out softmax, norm or activation)")
         if chosen is None:
-            raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
+            raise LrpError(f"{source}: --classifier-output: no tensor named '{name}' in the graph (it takes any "
+                           f"float tensor of shape [N, C]; outputs: {', '.join(t.name for t in graph.outputs)})")
         if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
@@ -157,11 +228,3 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
             return tensor
     raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
 
-
-def _logits(output: gs.Variable) -> gs.Variable:
-    """The tensor before a trailing Softmax/LogSoftmax (also written out: canonical/patterns.py) and Identity, so
-    that the logits are explained."""
-    tensor = output
-    while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
-        tensor = tensor.inputs[0].inputs[0]
-    return tensor
