@@ -3,6 +3,7 @@ collapse the declared patterns, walk the relevance graph, then put the model's o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ from .ir.export import export_model
 from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
-from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
+from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
@@ -45,12 +46,13 @@ def prepare(model: onnx.ModelProto, source: str) -> Prepared:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None,
+          source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
           target_default: bool = True) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
-    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
+    `input_shape` (`[NAME:]DIMS` as on the command line, or a list of them, one per input) fixes the sizes that
+    model inputs leave open.
     `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
     required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
@@ -60,8 +62,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
                         for value in model.graph.output}
     metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
-    if input_shape is not None:
-        model = with_input_shape(model, parse_input_shape(input_shape), source)
+    shapes = [input_shape] if isinstance(input_shape, str) else list(input_shape or [])
+    model = with_input_shapes(model, [parse_input_shape(text) for text in shapes], source)
     quantized.refuse_integer_arithmetic(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
     prepared = prepare(_copy(model) if original is not None else model, source)
