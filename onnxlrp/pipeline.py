@@ -38,7 +38,7 @@ class Prepared:
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
     """Canonicalise the model (a copy where it is quantized, whose own nodes keep computing the outputs), fold
     BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns."""
-    graph = canonicalize(model)
+    graph = canonicalize(model, source)
     require_static_input(graph, source)
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)

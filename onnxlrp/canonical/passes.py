@@ -7,6 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
+from ..ir.files import first_line
 from ..ir.graph import constant, is_bias, opset_of, replace, static
 from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
@@ -17,7 +18,7 @@ MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
 
 
-def canonicalize(model: onnx.ModelProto) -> gs.Graph:
+def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
     """Turn an exported model into the small, regular graph the relevance walk expects.
 
     Constants become initializers and constant subgraphs are folded, Attention is written out in plain ops,
@@ -27,7 +28,7 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
     can rely on static non-batch dimensions.
     """
     if opset_of(model) < MIN_OPSET:
-        model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        model = _converted(model, MIN_OPSET, source)
     graph = gs.import_onnx(model)
     _own_weights(graph)
     name_nodes(graph)
@@ -48,6 +49,21 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+def _converted(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
+    """The model at a newer opset. The converter reads an IR 3 model's initializers as defaults of inputs, which
+    exporters often leave unlisted: such a model is read as IR 4, where initializers stand alone."""
+    if model.ir_version < 4:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.ir_version = 4
+        model = copy
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as error:  # the converter raises several types
+        raise LrpError(f"{source}: could not be converted from opset {opset_of(model)} to opset {opset}, the "
+                       f"oldest the builder reads ({first_line(error)})") from None
 
 
 def _own_weights(graph: gs.Graph) -> None:
