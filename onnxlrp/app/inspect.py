@@ -10,7 +10,7 @@ import onnx
 from ..errors import LrpError
 from ..lrp.composite import Composite
 from ..lrp.emitters import FAMILIES
-from ..pipeline import build, prepare
+from ..pipeline import Prepared, build, prepare, prepare_branches
 
 UNSUPPORTED = "unsupported"
 
@@ -27,7 +27,10 @@ class Row:
 
 def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") -> list[Row]:
     """The table of `inspect`, in the graph's topological order."""
-    prepared = prepare(model, source)
+    return _rows(prepare(model, source), composite)
+
+
+def _rows(prepared: Prepared, composite: Composite) -> list[Row]:
     rule_of = composite.assign(prepared.graph)
     table = []
     for node in prepared.graph.nodes:
@@ -42,14 +45,15 @@ def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") ->
 
 
 def report(model: onnx.ModelProto, composite: Composite, source: str) -> str:
-    """The table, then one line on whether `build` accepts the model (an emitter may still refuse a node of a
-    supported op type, e.g. a MatMul of two computed tensors)."""
+    """The table (one per way through the If nodes chosen at run time), then one line on whether `build` accepts
+    the model (an emitter may still refuse a node of a supported op type, e.g. a MatMul of two computed tensors)."""
     try:
         build(model, composite, source=source)
         verdict = f"build: every node is supported (composite {composite.name})"
     except LrpError as error:
         verdict = f"build: {error}"
-    return table(rows(model, composite, source)) + "\n" + verdict
+    tables = [(taken, table(_rows(prepared, composite))) for taken, prepared in prepare_branches(model, source)]
+    return "\n\n".join(f"with {taken}:\n{text}" if taken else text for taken, text in tables) + "\n" + verdict
 
 
 def table(rows_: list[Row]) -> str:
