@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .canonical import quantized
+from .canonical.batch import batch_of_one, lacks_batch_axis
 from .canonical.control import condition, either, runtime_choice, with_branch
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
@@ -24,7 +25,7 @@ from .ir.validate import check_model_structure
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.layers import expose, record
-from .lrp.seed import EXPLAIN, RELEVANCE, TARGET
+from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET
 from .lrp.walk import explain as explain_graph
 
 # If nodes chosen at run time that a build explains (each doubles the built model).
@@ -71,7 +72,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
     `input_shape` (`[NAME:]DIMS` as on the command line, or a list of them, one per input) fixes the sizes that
-    model inputs leave open. `target` defaults to -1 (the predicted class) through an initializer; without
+    model inputs leave open. A model whose classifier output has rank 1 is built as a batch of one
+    (canonical/batch.py). `target` defaults to -1 (the predicted class) through an initializer; without
     `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
     (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
@@ -83,7 +85,15 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
     shapes = [input_shape] if isinstance(input_shape, str) else list(input_shape or [])
     model = with_input_shapes(model, [parse_input_shape(text) for text in shapes], source)
+    unbatched = None
+    if lacks_batch_axis(model, output):
+        if layer_relevance:
+            raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
+                           f"has rank 1)")
+        model, unbatched = batch_of_one(model)
     built = _built(model, composite, explain, output, source, layer_relevance)
+    if unbatched is not None:
+        built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
