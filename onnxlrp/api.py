@@ -5,7 +5,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,12 +28,12 @@ LABEL_KEYS = ("labels", "classes", "class_names", "id2label")
 
 def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | Composite = "epsilon_plus_flat",
           explain: str = "logit", output: str | None = None, source: str | None = None,
-          layer_relevance: bool = False, input_shape: str | None = None, target_default: bool = True,
+          layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None, target_default: bool = True,
           **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
     """The model with a `target` input and a `relevance` output. `composite` is a preset name, a TOML path or a
     Composite; `rule_params` (epsilon, gamma, alpha, beta, low, high, stabilizer, epsilon_scale) override the
     composite's; `layer_relevance` adds the relevance at the input of every linear layer as outputs;
-    `input_shape` ("[NAME:]DIMS") fixes the sizes a model input leaves open;
+    `input_shape` ("[NAME:]DIMS", or a list of them, one per input) fixes the sizes that model inputs leave open;
     `target_default=False` makes `target` a required input (for OpenVINO and TensorRT: see README)."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, source = model_or_path, source or "model"

@@ -3,12 +3,15 @@ collapse the declared patterns, walk the relevance graph, then put the model's o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .canonical import quantized
+from .canonical.batch import batch_of_one, lacks_batch_axis
+from .canonical.control import condition, either, runtime_choice, with_branch
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
 from .canonical.patterns import Collapsed, collapse
@@ -17,7 +20,7 @@ from .ir.export import export_model
 from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
-from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
+from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
@@ -25,6 +28,9 @@ from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
 from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
+
+# If nodes chosen at run time that a build explains (each doubles the built model).
+MAX_CHOICES = 3
 
 
 @dataclass
@@ -38,7 +44,22 @@ class Prepared:
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
     """Canonicalise the model (a copy where it is quantized, whose own nodes keep computing the outputs), fold
     BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns."""
-    graph = canonicalize(model)
+    return _prepared(canonicalize(model, source), source)
+
+
+def prepare_branches(model: onnx.ModelProto, source: str, taken: str = "") -> list[tuple[str, Prepared]]:
+    """What `prepare` gives, once per way through the If nodes that choose their branch at run time, each with the
+    branches it takes ("If 'a' then, If 'b' else"; "" when there is no such If)."""
+    graph = canonicalize(model, source)
+    choice = runtime_choice(graph)
+    if choice is None:
+        return [(taken, _prepared(graph, source))]
+    before = f"{taken}, " if taken else ""
+    return [way for branch in ("then", "else") for way in prepare_branches(
+        with_branch(graph, choice, branch == "then"), source, f"{before}If '{choice.name}' {branch}")]
+
+
+def _prepared(graph: gs.Graph, source: str) -> Prepared:
     require_static_input(graph, source)
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)
@@ -46,14 +67,16 @@ def prepare(model: onnx.ModelProto, source: str) -> Prepared:
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
-          source: str = "model", layer_relevance: bool = False, input_shape: str | None = None,
+          source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
           target_default: bool = True) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
-    `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
-    `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
-    required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
+    `input_shape` (`[NAME:]DIMS` as on the command line, or a list of them, one per input) fixes the sizes that
+    model inputs leave open. A model whose classifier output has rank 1 is built as a batch of one
+    (canonical/batch.py). `target` defaults to -1 (the predicted class) through an initializer; without
+    `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
+    (OpenVINO, TensorRT)."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     check_model_structure(model, source)
@@ -61,13 +84,51 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
                         for value in model.graph.output}
     metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
-    if input_shape is not None:
-        model = with_input_shape(model, parse_input_shape(input_shape), source)
+    shapes = [input_shape] if isinstance(input_shape, str) else list(input_shape or [])
+    model = with_input_shapes(model, [parse_input_shape(text) for text in shapes], source)
+    unbatched = None
+    if lacks_batch_axis(model, output):
+        if layer_relevance:
+            raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
+                           f"has rank 1)")
+        model, unbatched = batch_of_one(model)
+    built = _built(model, composite, explain, output, source, layer_relevance)
+    if unbatched is not None:
+        built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
+    for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
+        if value.name in declared_outputs:
+            value.CopyFrom(declared_outputs[value.name])
+    if target_default:
+        dims = next(v for v in built.graph.input if v.name == TARGET).type.tensor_type.shape.dim
+        batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 1  # fits a static batch
+        built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
+    built.ir_version = ir_version_for(built, source_ir)
+    onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    return built
+
+
+def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: str | None, source: str,
+           layer_relevance: bool, choices: int = 0) -> onnx.ModelProto:
+    """The model with `target` (no default yet) and `relevance`. An If whose condition depends on an input is
+    explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
     quantized.refuse_integer_arithmetic(model, source)
     refuse_not_explained(model, source)
     original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
-    prepared = prepare(_copy(model) if original is not None else model, source)
+    graph = canonicalize(_copy(model) if original is not None else model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
+    choice = runtime_choice(graph)
+    if choice is not None:
+        if choices == MAX_CHOICES or layer_relevance:
+            raise LrpError(f"{source}: node '{choice.name}' (If) chooses its branch at run time, which is explained "
+                           + ("without --layer-relevance" if layer_relevance else
+                              f"for at most {MAX_CHOICES} such If nodes (each one doubles the built model)"))
+        branches = [_built(with_branch(graph, choice, taken), composite, explain, output, source, False, choices + 1)
+                    for taken in (True, False)]
+        joined = either(condition(graph, choice), *branches)
+        onnx.helper.set_model_props(joined, {**{p.key: p.value for p in branches[0].metadata_props},
+                                             **{p.key: p.value for p in joined.metadata_props}})
+        return joined
+    prepared = _prepared(graph, source)
     graph = prepared.graph
     explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden())
     layers = expose(graph, explained.layers) if layer_relevance else None
@@ -76,14 +137,6 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     as_soon_as_ready(graph)
     del prepared  # its graph is exported next: export_model moves the weight arrays into the model
     built = export_model(graph)
-    for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
-        if value.name in declared_outputs:
-            value.CopyFrom(declared_outputs[value.name])
-    if target_default:
-        shape = explained.target.shape
-        batch = shape[0] if isinstance(shape[0], int) else 1  # the default must fit a static batch
-        built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
-    built.ir_version = ir_version_for(built, source_ir)
     kept = [TARGET, RELEVANCE, EMBEDDING_RELEVANCE] + [layer["output"] for layer in layers or []]
     named = quantized.twin_names(built, kept) if original is not None else lambda name: name
     if original is not None:  # the built graph is the float twin that explains the quantized model
@@ -91,7 +144,6 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if layers is not None:
         record(built, [{**layer, "upper": named(layer["upper"])} for layer in layers], explain,
                (explained.ids or explained.x).name, named(explained.logits.name), RELEVANCE, TARGET)
-    onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
     Recorded(composite.name, explain, explained.head.output.name, named(explained.logits.name),
              explained.head.kind, explained.architecture).store(built)
     return built

@@ -155,8 +155,8 @@ def test_fixed_batch_shufflenet_block_builds(rng):
 
 def test_observed_shapes_keep_the_batch_symbolic(rng):
     import onnx_graphsurgeon as gs
-    from onnxlrp.ir.shapes import infer_shapes, observe_shapes, with_input_shape
-    graph = gs.import_onnx(with_input_shape(dynamic_cnn(rng), ("input", ["N", 3, 8, 12]), "test"))
+    from onnxlrp.ir.shapes import infer_shapes, observe_shapes, with_input_shapes
+    graph = gs.import_onnx(with_input_shapes(dynamic_cnn(rng), [("input", ["N", 3, 8, 12])], "test"))
     infer_shapes(graph)
     flat = graph.tensors()["flat"]
     assert flat.shape is None or not isinstance(flat.shape[1], int)  # inference cannot follow the Reshape

@@ -71,15 +71,16 @@ def cli() -> None:
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
 @click.option("--layer-relevance", is_flag=True,
               help="Add an output `relevance/<node>` with the relevance at the input of every linear layer.")
-@click.option("--input-shape", help="[NAME:]DIMS, comma-separated sizes of a model input (a name such as N stays "
-                                    "symbolic), for inputs whose sizes the model leaves open.")
+@click.option("--input-shape", multiple=True,
+              help="[NAME:]DIMS, comma-separated sizes of a model input (a name such as N stays symbolic), for "
+                   "inputs whose sizes the model leaves open; once per input.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16: compute in half precision between float32 inputs and outputs (for GPUs).")
 @click.option("--target-default/--no-target-default", default=True, show_default=True,
               help="Whether `target` may be left out (then -1: the predicted class). Without a default it is a "
                    "required input, for runtimes that take inputs with defaults for constants (OpenVINO, TensorRT).")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  layer_relevance: bool, input_shape: str | None, dtype: str, target_default: bool,
+                  layer_relevance: bool, input_shape: tuple[str, ...], dtype: str, target_default: bool,
                   **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():

@@ -11,7 +11,7 @@ from ..errors import LrpError
 from ..lrp.composite import Composite
 from ..lrp.emitters import FAMILIES
 from ..lrp.walk import reached
-from ..pipeline import build, prepare
+from ..pipeline import Prepared, build, prepare, prepare_branches
 
 UNSUPPORTED = "unsupported"
 CONSTANT = "constant"  # no relevance reaches the node (shapes, a norm's sigma, masks): no rule is needed
@@ -31,7 +31,10 @@ class Row:
 def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") -> list[Row]:
     """The table of `inspect`, in the graph's topological order. Nodes that relevance does not reach are
     `constant` (every node is taken as reached when the model has no classifier output or input to explain)."""
-    prepared = prepare(model, source)
+    return _rows(prepare(model, source), composite, source)
+
+
+def _rows(prepared: Prepared, composite: Composite, source: str = "model") -> list[Row]:
     rule_of = composite.assign(prepared.graph)
     try:
         found, head = reached(prepared.graph, composite, source=source, hidden=prepared.collapsed.hidden())
@@ -53,14 +56,15 @@ def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") ->
 
 
 def report(model: onnx.ModelProto, composite: Composite, source: str) -> str:
-    """The table, then one line on whether `build` accepts the model (an emitter may still refuse a node of a
-    supported op type, e.g. a MatMul of two computed tensors)."""
+    """The table (one per way through the If nodes chosen at run time), then one line on whether `build` accepts
+    the model (an emitter may still refuse a node of a supported op type, e.g. a MatMul of two computed tensors)."""
     try:
         build(model, composite, source=source)
         verdict = f"build: every node is supported (composite {composite.name})"
     except LrpError as error:
         verdict = f"build: {error}"
-    return table(rows(model, composite, source)) + "\n" + verdict
+    tables = [(taken, table(_rows(prepared, composite, source))) for taken, prepared in prepare_branches(model, source)]
+    return "\n\n".join(f"with {taken}:\n{text}" if taken else text for taken, text in tables) + "\n" + verdict
 
 
 def table(rows_: list[Row]) -> str:

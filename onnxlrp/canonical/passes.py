@@ -7,40 +7,43 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
+from ..ir.files import first_line
 from ..ir.graph import constant, is_bias, opset_of, replace, static
 from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
+from .control import write_out
 from .quantized import fold_dequantized_weights
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
 
 
-def canonicalize(model: onnx.ModelProto) -> gs.Graph:
+def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
     """Turn an exported model into the small, regular graph the relevance walk expects.
 
-    Constants become initializers and constant subgraphs are folded, Attention is written out in plain ops,
+    Constants become initializers and constant subgraphs are folded, control flow of constant condition or a known
+    number of steps is written out as plain nodes (control.py), Attention is written out in plain ops,
     Identity/Dropout disappear, Gemm loses
     alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
     explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
     can rely on static non-batch dimensions.
     """
     if opset_of(model) < MIN_OPSET:
-        model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        model = _converted(model, MIN_OPSET, source)
     graph = gs.import_onnx(model)
     _own_weights(graph)
     name_nodes(graph)
     fold_dequantized_weights(graph)  # graphsurgeon's constant folding never folds Q/DQ
-    infer_shapes(graph)
-    graph.fold_constants(error_ok=True)
-    graph.cleanup().toposort()
+    _folded(graph)
+    _without_static_control_flow(graph, source)
     if fold_batch_independent(graph):
         graph.cleanup()
         infer_shapes(graph)
     if observe_shapes(graph):  # what inference could not follow, read from one run; then fold what became static
-        graph.fold_constants(error_ok=True)
+        graph.fold_constants(error_ok=True, flatten_subgraphs=False)
         graph.cleanup().toposort()
+        _without_static_control_flow(graph, source)
     if expand_attention(graph):  # its plain ops get their shapes from inference
         graph.cleanup().toposort()
         infer_shapes(graph)
@@ -48,6 +51,37 @@ def canonicalize(model: onnx.ModelProto) -> gs.Graph:
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+def _converted(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
+    """The model at a newer opset. The converter reads an IR 3 model's initializers as defaults of inputs, which
+    exporters often leave unlisted: such a model is read as IR 4, where initializers stand alone."""
+    if model.ir_version < 4:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.ir_version = 4
+        model = copy
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as error:  # the converter raises several types
+        raise LrpError(f"{source}: could not be converted from opset {opset_of(model)} to opset {opset}, the "
+                       f"oldest the builder reads ({first_line(error)})") from None
+
+
+def _folded(graph: gs.Graph) -> None:
+    """Infer shapes, then fold constants. If nodes are inlined by control.py, not by graphsurgeon, whose inlining
+    loses a branch output that the branch does not compute itself."""
+    graph.cleanup().toposort()
+    infer_shapes(graph)
+    graph.fold_constants(error_ok=True, flatten_subgraphs=False)
+    graph.cleanup().toposort()
+
+
+def _without_static_control_flow(graph: gs.Graph, source: str) -> None:
+    """Write out control flow until none is left that can be: each round may make more conditions and trip
+    counts constant."""
+    while write_out(graph, source):
+        _folded(graph)
 
 
 def _own_weights(graph: gs.Graph) -> None:

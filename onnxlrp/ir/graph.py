@@ -44,3 +44,30 @@ def floating(tensor: gs.Tensor | None) -> bool:
         return tensor is not None and tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
     except TypeError:
         return False
+
+
+def outer_reads(node: gs.Node) -> list[gs.Variable]:
+    """The variables of enclosing graphs that a node's subgraphs read (If branches, Loop and Scan bodies take them
+    without listing them as inputs), in order of first use."""
+    found: dict[int, gs.Variable] = {}
+
+    def visit(graph: gs.Graph, defined: set[int]) -> None:
+        defined = defined | {id(t) for t in graph.inputs} | {id(t) for n in graph.nodes for t in n.outputs}
+        for inner in graph.nodes:
+            for tensor in list(inner.inputs):
+                if isinstance(tensor, gs.Variable) and tensor.name and id(tensor) not in defined:
+                    found.setdefault(id(tensor), tensor)
+            for subgraph in inner.subgraphs():
+                visit(subgraph, defined)
+        for tensor in graph.outputs:
+            if isinstance(tensor, gs.Variable) and id(tensor) not in defined:
+                found.setdefault(id(tensor), tensor)
+
+    for subgraph in node.subgraphs():
+        visit(subgraph, set())
+    return list(found.values())
+
+
+def reads(node: gs.Node) -> list[gs.Tensor]:
+    """Every tensor a node's value depends on: its inputs and what its subgraphs read from enclosing graphs."""
+    return list(node.inputs) + [t for t in outer_reads(node) if all(t is not i for i in node.inputs)]

@@ -1,7 +1,9 @@
 """Unique names for everything the builder adds to a graph, whatever names (empty, repeated, or equal to ours)
-the source model uses: one allocator per graph, seeded with every node and tensor name already in it."""
+the source model uses: one allocator per graph, seeded with every node and tensor name already in it and in its
+subgraphs."""
 from __future__ import annotations
 
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -28,11 +30,20 @@ def names_of(graph: gs.Graph) -> Names:
     """The graph's allocator, made on first use from the names the graph holds at that moment."""
     allocator = graph.__dict__.get("_onnxlrp_names")
     if allocator is None:
-        taken = {node.name for node in graph.nodes}
-        taken.update(t.name for node in graph.nodes for t in list(node.inputs) + list(node.outputs))
-        taken.update(t.name for t in list(graph.inputs) + list(graph.outputs))
-        allocator = graph._onnxlrp_names = Names(taken)
+        allocator = graph._onnxlrp_names = Names(_taken(graph))
     return allocator
+
+
+def _taken(graph: gs.Graph) -> set[str]:
+    """The names of the graph's nodes and tensors, and of those of its subgraphs (which ONNX does not let a name
+    of the enclosing graph shadow)."""
+    taken = {node.name for node in graph.nodes}
+    taken.update(t.name for node in graph.nodes for t in list(node.inputs) + list(node.outputs))
+    taken.update(t.name for t in list(graph.inputs) + list(graph.outputs))
+    for node in graph.nodes:
+        for subgraph in node.subgraphs():
+            taken |= _taken(subgraph)
+    return taken
 
 
 def fresh_name(graph: gs.Graph, base: str) -> str:
@@ -49,3 +60,38 @@ def name_nodes(graph: gs.Graph) -> None:
         if node.name in seen:
             node.name = fresh_name(graph, node.name)
         seen.add(node.name)
+
+
+def proto_names(graph: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of a graph proto and of its subgraphs."""
+    found = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    found.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        found.update([node.name, *node.input, *node.output])
+        for subgraph in subgraph_protos(node):
+            found |= proto_names(subgraph)
+    found.discard("")
+    return found
+
+
+def renamed_graph(graph: onnx.GraphProto, renamed: dict[str, str]) -> onnx.GraphProto:
+    """A copy of the graph proto with tensors renamed wherever they appear, subgraphs included."""
+    copy = onnx.GraphProto()
+    copy.CopyFrom(graph)
+
+    def rename(g: onnx.GraphProto) -> None:
+        for value in list(g.input) + list(g.output) + list(g.value_info) + list(g.initializer):
+            value.name = renamed.get(value.name, value.name)
+        for node in g.node:
+            node.input[:] = [renamed.get(n, n) for n in node.input]
+            node.output[:] = [renamed.get(n, n) for n in node.output]
+            for subgraph in subgraph_protos(node):
+                rename(subgraph)
+
+    rename(copy)
+    return copy
+
+
+def subgraph_protos(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node proto holds in its attributes (If branches, Loop and Scan bodies)."""
+    return [g for a in node.attribute for g in list(a.graphs) + ([a.g] if a.HasField("g") else [])]

@@ -1,7 +1,7 @@
 """Shapes: what onnx's inference can tell, and shape arithmetic that is the same for every batch size."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from ..errors import LrpError
 from .files import first_line
-from .graph import static
+from .graph import reads, static
 
 # Constants with more elements than this stay out of shape inference (only their shape matters there).
 LIGHT_LIMIT = 4096
@@ -86,7 +86,7 @@ def _trial_runs(graph: gs.Graph, wanted: list[gs.Variable], batches: tuple,
     fed = {i.name for i in session.get_inputs()}
     feeds = {name: value for name, value in weights.items() if name in fed}
     return [{name: keep(value) for name, value in zip(names, session.run(names, {**feeds, **{
-        t.name: np.zeros([batch or t.shape[0]] + list(t.shape[1:]), t.dtype) for t in inputs}}))}
+        t.name: np.zeros(([batch or t.shape[0]] + list(t.shape[1:])) if t.shape else [], t.dtype) for t in inputs}}))}
         for batch in batches]
 
 
@@ -155,26 +155,43 @@ def parse_input_shape(text: str) -> tuple[str | None, list[int | str]]:
     return name or None, [int(p) if p.isdigit() else p for p in parts]
 
 
-def with_input_shape(model: onnx.ModelProto, spec: tuple[str | None, list], source: str) -> onnx.ModelProto:
-    """A copy of the model whose input (the named one, or the first non-initializer input) has the given shape."""
-    name, dims = spec
+def with_input_shapes(model: onnx.ModelProto, specs: Sequence[tuple[str | None, list]], source: str
+                      ) -> onnx.ModelProto:
+    """A copy of the model whose inputs have the given shapes: each spec names its input (or, without a name, the
+    first non-initializer input); an input given twice is refused."""
     weights = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in weights]
-    chosen = next((v for v in inputs if v.name == name), None) if name else (inputs[0] if inputs else None)
-    if chosen is None:
-        raise LrpError(f"{source}: --input-shape names no input '{name}' "
-                       f"(inputs: {', '.join(v.name for v in inputs)})")
-    declared = chosen.type.tensor_type.shape.dim
+    chosen = []
+    for name, dims in specs:
+        value = next((v for v in inputs if v.name == name), None) if name else (inputs[0] if inputs else None)
+        if value is None:
+            raise LrpError(f"{source}: --input-shape names no input '{name}' "
+                           f"(inputs: {', '.join(v.name for v in inputs)})")
+        if any(value.name == other.name for other, _ in chosen):
+            raise LrpError(f"{source}: --input-shape is given twice for input '{value.name}'")
+        _check_dims(value, dims, source)
+        chosen.append((value, dims))
+    if not chosen:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value, dims in chosen:
+        _declare(next(v for v in copy.graph.input if v.name == value.name), dims)
+    return copy
+
+
+def _check_dims(value: onnx.ValueInfoProto, dims: list, source: str) -> None:
+    declared = value.type.tensor_type.shape.dim
     if len(declared) and len(declared) != len(dims):
-        raise LrpError(f"{source}: --input-shape gives {len(dims)} dimensions, input '{chosen.name}' has "
+        raise LrpError(f"{source}: --input-shape gives {len(dims)} dimensions, input '{value.name}' has "
                        f"{len(declared)}")
     for index, (old, new) in enumerate(zip(declared, dims)):
         if old.HasField("dim_value") and old.dim_value > 0 and isinstance(new, int) and old.dim_value != new:
             raise LrpError(f"{source}: --input-shape gives size {new} to dimension {index} of input "
-                           f"'{chosen.name}', which the model fixes at {old.dim_value}")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    value = next(v for v in copy.graph.input if v.name == chosen.name)
+                           f"'{value.name}', which the model fixes at {old.dim_value}")
+
+
+def _declare(value: onnx.ValueInfoProto, dims: list) -> None:
     value.type.tensor_type.shape.Clear()
     for size in dims:
         dim = value.type.tensor_type.shape.dim.add()
@@ -182,7 +199,6 @@ def with_input_shape(model: onnx.ModelProto, spec: tuple[str | None, list], sour
             dim.dim_value = size
         else:
             dim.dim_param = size
-    return copy
 
 
 def _open(tensor: gs.Tensor) -> bool:
@@ -190,17 +206,29 @@ def _open(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Variable) and not static(tensor.shape)
 
 
+def _feeding(tensor: gs.Tensor, inputs: Sequence[gs.Tensor]) -> list[gs.Tensor]:
+    """The graph inputs that a tensor is computed from (through subgraphs' outer reads too), in input order."""
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        if id(current) not in seen:
+            seen.add(id(current))
+            stack.extend(t for node in current.inputs for t in reads(node))
+    return [t for t in inputs if id(t) in seen]
+
+
 def require_static_input(graph: gs.Graph, source: str) -> None:
-    """One clear line when convolutions or pooling need sizes that a model input leaves open."""
+    """One clear line when convolutions or pooling need sizes that a model input leaves open, naming the input
+    that feeds the node."""
     needing = [n for n in graph.nodes if n.op in SPATIAL_OPS and _open(n.inputs[0])]
-    if not needing:
-        return
-    for tensor in graph.inputs:
-        if _open(tensor):
-            shape = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in (tensor.shape or ["?"]))
-            raise LrpError(f"{source}: input '{tensor.name}' has open dimensions [{shape}] that node "
-                           f"'{needing[0].name}' ({needing[0].op}) needs: give them with --input-shape "
-                           f"{tensor.name}:DIMS (e.g. N,3,224,224)")
+    for node in needing:
+        for tensor in _feeding(node.inputs[0], graph.inputs):
+            if _open(tensor):
+                shape = ",".join(str(d) if isinstance(d, int) else (d or "?") for d in (tensor.shape or ["?"]))
+                raise LrpError(f"{source}: input '{tensor.name}' has open dimensions [{shape}] that node "
+                               f"'{node.name}' ({node.op}) needs: give them with --input-shape "
+                               f"{tensor.name}:DIMS (e.g. N,3,224,224)")
 
 
 SPATIAL_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool")
@@ -220,7 +248,7 @@ def observe_shapes(graph: gs.Graph) -> bool:
     if not wanted or any(t.shape is None or any(not isinstance(d, int) for d in t.shape[1:])
                          for t in graph.inputs):
         return False
-    symbolic = [t.shape[0] for t in graph.inputs if not isinstance(t.shape[0], int)]
+    symbolic = [t.shape[0] for t in graph.inputs if t.shape and not isinstance(t.shape[0], int)]
     batches = (1, 2) if symbolic else (None,)
     try:
         runs = _trial_runs(graph, wanted, batches, np.shape)

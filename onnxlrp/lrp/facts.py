@@ -48,13 +48,14 @@ def computed(tensor: gs.Tensor | None) -> bool:
 
 
 def explained_input(graph: gs.Graph, source: str) -> tuple[gs.Variable, gs.Variable | None]:
-    """The tensor whose relevance is returned, and the integer model input it looks up (None for a float input).
+    """The tensor whose relevance is returned (the first float input that is not 0-d), and the integer model input it
+    looks up (None for a float input).
 
     Token ids cannot carry relevance: the output of the Gather that reads them from a float embedding table is
     explained instead (the one with the largest table when several integer inputs are looked up).
     """
     for tensor in graph.inputs:
-        if floating(tensor):
+        if floating(tensor) and tensor.shape != []:  # a 0-d input is a setting (a sample rate), not the data
             return tensor, None
     for tensor in graph.inputs:
         if encoded_input(graph, tensor):
