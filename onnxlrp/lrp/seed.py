@@ -131,7 +131,8 @@ class Differences(Shared):
 
     def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
         chosen_weight = self.layer.backward(ops, self.hot, self.layer.weight)  # the row w_c of each sample
-        return [ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), self.layer.backward(ops, s, self.layer.weight))]
+        others = self.layer.backward(ops, s, self.layer.weight)
+        return [ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), others)]
 
 
 def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Tensor]:

@@ -130,7 +130,8 @@ def is_layer(node: gs.Node) -> bool:
     return computed(node.inputs[0]) and weight is not None and (node.op != "MatMul" or weight.ndim == 2)
 
 
-@family("linear", LINEAR_OPS, LINEAR_RULES, zeros=lambda node, rule: "kept" if is_layer(node) and rule.keeps_zeros else None)
+@family("linear", LINEAR_OPS, LINEAR_RULES,
+        zeros=lambda node, rule: "kept" if is_layer(node) and rule.keeps_zeros else None)
 def linear(ctx: Context, node: gs.Node) -> Layer:
     """A layer with a constant weight, or a MatMul of two computed tensors (a product: transformer.py)."""
     return Product(node) if node.op == "MatMul" and not is_layer(node) else linear_layer(node)
