@@ -17,6 +17,7 @@ from .ir.export import export_model
 from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
+from .ir.runtime import require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
@@ -35,9 +36,9 @@ class Prepared:
 
 
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
-    """Canonicalise the model (a copy where it is quantized, whose own nodes keep computing the outputs), fold
-    BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns."""
-    graph = canonicalize(model)
+    """Canonicalise the model (its float twin where it is quantized or in half precision), fold BatchNorm and affine
+    constants into linear layers, convert to the opset the emitters need, collapse patterns."""
+    graph = canonicalize(model, source)
     require_static_input(graph, source)
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)
@@ -52,7 +53,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
 
     `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
     `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
-    required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT)."""
+    required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT).
+    The result is loaded by ONNX Runtime before it is returned: a model that would not load is an LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     check_model_structure(model, source)
@@ -62,9 +64,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     metadata = {p.key: p.value for p in model.metadata_props}  # class labels and the like stay with the model
     if input_shape is not None:
         model = with_input_shape(model, parse_input_shape(input_shape), source)
-    quantized.refuse_integer_arithmetic(model, source)
-    original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
-    prepared = prepare(_copy(model) if original is not None else model, source)
+    original = model if quantized.needs_twin(model) else None  # its own nodes keep computing the outputs
+    prepared = prepare(model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     graph = prepared.graph
     explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden())
@@ -82,18 +83,19 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         batch = shape[0] if isinstance(shape[0], int) else 1  # the default must fit a static batch
         built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    named = _same
     if original is not None:  # the built graph is the float twin that explains the quantized model
-        built = quantized.with_original_forward(original, built, [TARGET, RELEVANCE])
+        built, named = quantized.with_original_forward(original, built)
     if layers is not None:
-        record(built, layers, explain, explained.x.name, explained.logits.name, RELEVANCE, TARGET)
+        layers = [{**layer, "upper": named(layer["upper"])} for layer in layers]
+        record(built, layers, explain, named(explained.x.name), named(explained.logits.name), RELEVANCE, TARGET)
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    require_loadable(built, source)
     return built
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+def _same(name: str) -> str:
+    return name
 
 
 def _needed_opset(graph: gs.Graph, opset: int) -> int:
