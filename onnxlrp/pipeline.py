@@ -17,6 +17,7 @@ from .ir.export import export_model
 from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
+from .ir.precision import to_float16
 from .ir.runtime import require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shape
 from .ir.validate import check_model_structure
@@ -47,13 +48,14 @@ def prepare(model: onnx.ModelProto, source: str) -> Prepared:
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | None = None,
-          target_default: bool = True) -> onnx.ModelProto:
+          target_default: bool = True, dtype: str = "float32") -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
     `input_shape` (`[NAME:]DIMS`, as on the command line) fixes the sizes a model input leaves open.
     `target` defaults to -1 (the predicted class) through an initializer; without `target_default` it is a plain
     required input, for runtimes that take an input with a default for a constant (OpenVINO, TensorRT).
+    `dtype="float16"` computes in half precision (only the relevance, for a model explained on its float twin).
     The result is loaded by ONNX Runtime before it is returned: a model that would not load is an LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
@@ -86,6 +88,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     named = _same
     if original is not None:  # the built graph is the float twin that explains the quantized model
         built, named = quantized.with_original_forward(original, built)
+    if dtype == "float16":
+        built = to_float16(built, quantized.TWIN if original is not None else "")
     if layers is not None:
         layers = [{**layer, "upper": named(layer["upper"])} for layer in layers]
         record(built, layers, explain, named(explained.x.name), named(explained.logits.name), RELEVANCE, TARGET)

@@ -290,6 +290,23 @@ def test_a_built_model_that_would_not_load_is_refused_in_one_line():
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["vit_qdq", "vit_fp16"])
+def test_float16_relevance_of_a_model_explained_on_its_twin(name, tmp_path):
+    """--dtype float16 halves the twin only: the model's own outputs stay bit for bit."""
+    from click.testing import CliRunner
+    from onnxlrp.app.cli import cli
+    source = load(name)
+    inputs = feeds("vit", np.float16 if name.endswith("fp16") else np.float32)
+    out = tmp_path / "half.onnx"
+    result = CliRunner().invoke(cli, ["build", str(QUANTIZED / f"{name}.onnx"), "-o", str(out), "--composite",
+                                      "cp_lrp", "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    logits, relevance = run(onnx.load(str(out)), inputs, ["logits", "relevance"])
+    assert np.array_equal(logits, run(source, inputs)[0])
+    full = run(onnxlrp.build(source, onnxlrp.load_composite("cp_lrp")), inputs, ["relevance"])[0]
+    assert relative_error(relevance.astype(np.float32), full) < 2e-2
+
+
 @pytest.mark.parametrize("name", ["cnn_qoperator", "cnn_fp16"])
 def test_check_reads_the_layer_relevance_of_a_model_explained_on_its_twin(name, tmp_path):
     """The tensors that --layer-relevance records are the twin's, under the names the built model gives them."""
