@@ -23,7 +23,7 @@ PRESETS = {"cnn": ("epsilon", "zero", "epsilon_plus_flat", "epsilon_gamma_box"),
            "vit": ("attnlrp", "cp_lrp")}
 FORMS = ("cnn_qdq", "cnn_qdq_channel", "cnn_qoperator", "cnn_qoperator_channel", "cnn_dynamic", "cnn_fp16",
          "cnn_fp16_io32", "bert_qdq", "bert_qoperator", "bert_dynamic", "bert_int4", "bert_int4_qdq", "bert_fp16",
-         "vit_qdq", "vit_qdq_channel", "vit_fp16")
+         "vit_qdq", "vit_qdq_channel", "vit_qoperator", "vit_fp16")
 CASES = [(form, preset) for form in FORMS for preset in PRESETS[form.split("_")[0]]]
 
 
@@ -106,7 +106,7 @@ def qdq_twin(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # What each QOperator op stands for (ONNX and com.microsoft specs): the float op on its dequantized operands (input
 # indices of value, scale, zero point), QuantizeLinear at its output's (scale, zero point), and the int32 bias whose
-# scale is the product of the operands' scales.
+# scale is the product of the operands' scales; QLinearConcat's operands are the triples after its output's.
 QOPERATOR = {"QLinearConv": ("Conv", ((0, 1, 2), (3, 4, 5)), (6, 7), 8),
              "QLinearMatMul": ("MatMul", ((0, 1, 2), (3, 4, 5)), (6, 7), None),
              "QGemm": ("Gemm", ((0, 1, 2), (3, 4, 5)), (7, 8), 6),
@@ -114,7 +114,8 @@ QOPERATOR = {"QLinearConv": ("Conv", ((0, 1, 2), (3, 4, 5)), (6, 7), 8),
              "QLinearMul": ("Mul", ((0, 1, 2), (3, 4, 5)), (6, 7), None),
              "QLinearAveragePool": ("AveragePool", ((0, 1, 2),), (3, 4), None),
              "QLinearGlobalAveragePool": ("GlobalAveragePool", ((0, 1, 2),), (3, 4), None),
-             "QLinearSoftmax": ("Softmax", ((0, 1, 2),), (3, 4), None)}
+             "QLinearSoftmax": ("Softmax", ((0, 1, 2),), (3, 4), None),
+             "QLinearConcat": ("Concat", None, (0, 1), None)}
 
 
 def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -133,7 +134,8 @@ def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if node.op_type in QOPERATOR:
             op, operands, (scale, zero), bias = QOPERATOR[node.op_type]
-            axes = [1, 0 if node.op_type != "QGemm" or attributes(node).get("transB", 0) else 1]
+            operands = operands or [(i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
+            axes = [1, 0 if node.op_type != "QGemm" or attributes(node).get("transB", 0) else 1] + [1] * len(operands)
             inputs = [dequantize(*(node.input[i] for i in operand), axis=axis) for operand, axis in zip(operands, axes)]
             if bias is not None and len(node.input) > bias and node.input[bias]:
                 scales = values[node.input[1]] * values[node.input[4]] * attributes(node).get("alpha", 1.0)
