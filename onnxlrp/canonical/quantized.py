@@ -76,9 +76,12 @@ class Twin:
         self.added.append(numpy_helper.from_array(values, name))
         return name
 
-    def emit(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, domain: str = "",
-             attributes: Sequence[onnx.AttributeProto] = (), **attrs) -> None:
-        node = helper.make_node(op, list(inputs), list(outputs), name=self.names.fresh(name), domain=domain, **attrs)
+    def emit(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | onnx.NodeProto,
+             domain: str = "", attributes: Sequence[onnx.AttributeProto] = (), **attrs) -> None:
+        """Add a node; named after `name`, or exactly as the node it stands for (composites match node names)."""
+        name = name.name if isinstance(name, onnx.NodeProto) and name.name else self.names.fresh(
+            node_label(name) if isinstance(name, onnx.NodeProto) else name)
+        node = helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain, **attrs)
         node.attribute.extend(attributes)
         self.nodes.append(node)
 
@@ -236,14 +239,14 @@ def dequantize_linear(twin: Twin, node: onnx.NodeProto) -> None:
     value = twin.float_of(node, node.input[0], node.input[1], _input(node, 2), _attribute(node, "axis", 1),
                           _attribute(node, "block_size", 0), into=output)
     if value != output:
-        twin.emit("Identity", [value], [output], node_label(node))
+        twin.emit("Identity", [value], [output], node)
 
 
 def dynamic_quantize_linear(twin: Twin, node: onnx.NodeProto) -> None:
     """The twin keeps x in float with scale 1 and zero point 0: what reads (q - zero point) gets x, and what
     multiplies by the scale multiplies by 1."""
     quantized, scale, zero_point = node.output
-    twin.emit("Identity", [node.input[0]], [quantized], node_label(node))
+    twin.emit("Identity", [node.input[0]], [quantized], node)
     twin.floated.add(quantized)
     twin.unit.add(quantized)
     twin.constant(scale, np.ones((), np.float32), exact=True)
@@ -279,7 +282,7 @@ class Integer:
         saturated = self.output is not None and _input(node, self.output[0])
         produced = twin.names.fresh(f"{result}/float") if saturated else result
         attributes = [a for a in node.attribute if a.name not in self.dropped]
-        twin.emit(self.op, inputs, [produced], node_label(node), attributes=attributes)
+        twin.emit(self.op, inputs, [produced], node, attributes=attributes)
         if saturated:
             twin.saturate(node, produced, node.input[self.output[0]], _input(node, self.output[1]), result)
         twin.floated.add(result)
@@ -344,8 +347,7 @@ def matmul_nbits(twin: Twin, node: onnx.NodeProto) -> None:
     weight = ((quantized - zero[:, block]) * scales[:, block].astype(np.float32)).T.astype(scales.dtype)
     bias = _input(node, 5)
     product = twin.names.fresh(f"{node.output[0]}/product") if bias else node.output[0]
-    twin.emit("MatMul", [node.input[0], twin.constant(f"{node.input[1]}/dequantized", weight)], [product],
-              node_label(node))
+    twin.emit("MatMul", [node.input[0], twin.constant(f"{node.input[1]}/dequantized", weight)], [product], node)
     if bias:
         twin.emit("Add", [product, bias], [node.output[0]], f"{node_label(node)}/bias")
 
