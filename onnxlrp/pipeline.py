@@ -20,6 +20,8 @@ from .ir.export import export_model
 from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
+from .ir.precision import to_float16
+from .ir.runtime import require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
 from .lrp.composite import Composite
@@ -42,8 +44,8 @@ class Prepared:
 
 
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
-    """Canonicalise the model (a copy where it is quantized, whose own nodes keep computing the outputs), fold
-    BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns."""
+    """Canonicalise the model (its float twin where it is quantized or in half precision), fold BatchNorm and affine
+    constants into linear layers, convert to the opset the emitters need, collapse patterns."""
     return _prepared(canonicalize(model, source), source)
 
 
@@ -68,7 +70,7 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
-          target_default: bool = True) -> onnx.ModelProto:
+          target_default: bool = True, dtype: str = "float32") -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -76,7 +78,9 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     model inputs leave open. A model whose classifier output has rank 1 is built as a batch of one
     (canonical/batch.py). `target` defaults to -1 (the predicted class) through an initializer; without
     `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
-    (OpenVINO, TensorRT)."""
+    (OpenVINO, TensorRT). `dtype="float16"` computes in half precision (only the relevance, for a model explained on
+    its float twin). The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
+    LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     check_model_structure(model, source)
@@ -92,6 +96,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
+    twinned = quantized.needs_twin(model)
     built = _built(model, composite, explain, output, source, layer_relevance)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
@@ -103,7 +108,10 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 1  # fits a static batch
         built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
     built.ir_version = ir_version_for(built, source_ir)
+    if dtype == "float16":
+        built = to_float16(built, quantized.TWIN if twinned else "")
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    require_loadable(built, source)
     return built
 
 
@@ -111,13 +119,15 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
            layer_relevance: bool, choices: int = 0) -> onnx.ModelProto:
     """The model with `target` (no default yet) and `relevance`. An If whose condition depends on an input is
     explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
-    quantized.refuse_integer_arithmetic(model, source)
     refuse_not_explained(model, source)
-    original = model if quantized.is_quantized(model) else None  # its own nodes keep computing the outputs
-    graph = canonicalize(_copy(model) if original is not None else model, source)
+    original = model if quantized.needs_twin(model) else None  # its own nodes keep computing the outputs
+    graph = canonicalize(model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     choice = runtime_choice(graph)
     if choice is not None:
+        if original is not None:
+            raise LrpError(f"{source}: node '{choice.name}' (If) chooses its branch at run time, which is explained "
+                           f"on models that are neither quantized nor in half precision")
         if choices == MAX_CHOICES or layer_relevance:
             raise LrpError(f"{source}: node '{choice.name}' (If) chooses its branch at run time, which is explained "
                            + ("without --layer-relevance" if layer_relevance else
@@ -137,10 +147,9 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     as_soon_as_ready(graph)
     del prepared  # its graph is exported next: export_model moves the weight arrays into the model
     built = export_model(graph)
-    kept = [TARGET, RELEVANCE, EMBEDDING_RELEVANCE] + [layer["output"] for layer in layers or []]
-    named = quantized.twin_names(built, kept) if original is not None else lambda name: name
+    named = _same
     if original is not None:  # the built graph is the float twin that explains the quantized model
-        built = quantized.with_original_forward(original, built, kept)
+        built, named = quantized.with_original_forward(original, built)
     if layers is not None:
         record(built, [{**layer, "upper": named(layer["upper"])} for layer in layers], explain,
                (explained.ids or explained.x).name, named(explained.logits.name), RELEVANCE, TARGET)
@@ -149,10 +158,8 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     return built
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+def _same(name: str) -> str:
+    return name
 
 
 def _needed_opset(graph: gs.Graph, opset: int) -> int:

@@ -13,7 +13,6 @@ from ..api import DEVICES
 from ..errors import LrpError, LrpWarning, printable
 from ..ir import interrupts
 from ..ir.files import load, save_atomic
-from ..ir.precision import to_float16
 from ..lrp.composite import load_composite
 from ..lrp.rules import parse_value
 from ..lrp.seed import EXPLAIN
@@ -90,9 +89,8 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
-                  layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default)
-    if dtype == "float16":
-        built = to_float16(built)
+                  layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default,
+                  dtype=dtype)
     save_atomic(built, out)
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 

@@ -13,7 +13,7 @@ from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
 from .control import write_out
-from .quantized import fold_dequantized_weights
+from .quantized import dequantized_twin
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
@@ -22,19 +22,19 @@ REMOVABLE = {"Identity", "Dropout"}
 def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
     """Turn an exported model into the small, regular graph the relevance walk expects.
 
-    Constants become initializers and constant subgraphs are folded, control flow of constant condition or a known
-    number of steps is written out as plain nodes (control.py), Attention is written out in plain ops,
-    Identity/Dropout disappear, Gemm loses
+    A quantized or half-precision model becomes its float twin (quantized.py), constants become initializers and
+    constant subgraphs are folded, control flow of constant condition or a known number of steps is written out as
+    plain nodes (control.py), Attention is written out in plain ops, Identity/Dropout disappear, Gemm loses
     alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
     explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
     can rely on static non-batch dimensions.
     """
+    model = dequantized_twin(model, source) or model
     if opset_of(model) < MIN_OPSET:
         model = _converted(model, MIN_OPSET, source)
     graph = gs.import_onnx(model)
     _own_weights(graph)
     name_nodes(graph)
-    fold_dequantized_weights(graph)  # graphsurgeon's constant folding never folds Q/DQ
     _folded(graph)
     _without_static_control_flow(graph, source)
     if fold_batch_independent(graph):

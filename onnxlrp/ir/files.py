@@ -97,10 +97,10 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
     last): a whole-model serialization would hold up to twice its size in memory besides the model itself."""
     graph = model.graph
     sizes = [tensor.ByteSize() for tensor in graph.initializer]
-    rest = _shell(graph, "initializer").SerializeToString()
+    rest = shell(graph, "initializer").SerializeToString()
     items = [_key(GRAPH_INITIALIZER) + _varint(size) for size in sizes]
     with open(path, "wb") as file:
-        file.write(_shell(model, "graph").SerializeToString())
+        file.write(shell(model, "graph").SerializeToString())
         file.write(_key(MODEL_GRAPH) + _varint(len(rest) + sum(map(len, items)) + sum(sizes)))
         file.write(rest)
         for item, size, tensor in zip(items, sizes, graph.initializer):
@@ -115,19 +115,19 @@ MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 
 
-def _shell(message, left_out: str):
-    """A copy of a message without one (large) field."""
-    shell = type(message)()
+def shell(message, left_out: str):
+    """A copy of a message without one (large) field: a model without its graph, a graph without its weights."""
+    copy = type(message)()
     for field, value in message.ListFields():
         if field.name == left_out:
             continue
         if field.is_repeated:
-            getattr(shell, field.name).extend(value)
+            getattr(copy, field.name).extend(value)
         elif field.type == field.TYPE_MESSAGE:
-            getattr(shell, field.name).CopyFrom(value)
+            getattr(copy, field.name).CopyFrom(value)
         else:
-            setattr(shell, field.name, value)
-    return shell
+            setattr(copy, field.name, value)
+    return copy
 
 
 def _key(number: int) -> bytes:

@@ -10,18 +10,21 @@ from onnx import TensorProto, helper, numpy_helper
 FLOAT32_ONLY = {("Resize", 2), ("Upsample", 1)}
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of `model` that computes in float16 between a Cast at each float32 input and output."""
+def to_float16(model: onnx.ModelProto, prefix: str = "") -> onnx.ModelProto:
+    """Return a copy of `model` that computes in float16 between a Cast at each float32 input and output. With a
+    `prefix`, only the nodes and initializers whose names start with it (the relevance of a quantized model's float
+    twin): the model's own nodes keep their types and outputs."""
     half = onnx.ModelProto()
     half.CopyFrom(model)
     graph = half.graph
+    converted = [node for node in graph.node if node.name.startswith(prefix)]
     kept = {node.input[i] for node in graph.node for op, i in FLOAT32_ONLY
             if node.op_type == op and len(node.input) > i}
     for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type == TensorProto.FLOAT and tensor.name not in kept:
+        if tensor.data_type == TensorProto.FLOAT and tensor.name not in kept and tensor.name.startswith(prefix):
             graph.initializer[index].CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(tensor)),
                                                                       tensor.name))
-    for node in graph.node:
+    for node in converted:
         if node.op_type == "ConstantOfShape" and not node.attribute:  # float32 zeros by default
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
         for attribute in node.attribute:
@@ -37,16 +40,19 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
         if value.type.tensor_type.elem_type != TensorProto.FLOAT or value.name in initializers:
             continue
         inner = f"{value.name}/float16"
-        _rename_uses(graph, value.name, inner)
-        casts_in.append(helper.make_node("Cast", [value.name], [inner], name=f"{inner}/cast", to=TensorProto.FLOAT16))
+        _rename_uses(converted, value.name, inner)
+        casts_in.append(helper.make_node("Cast", [value.name], [inner], name=f"{prefix}{inner}/cast",
+                                         to=TensorProto.FLOAT16))
+    produced = {name for node in converted for name in node.output}
     for value in graph.output:
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT or value.name not in produced:
             continue
         inner = f"{value.name}/float16"
-        for node in graph.node:
+        for node in converted:
             node.output[:] = [inner if name == value.name else name for name in node.output]
-        _rename_uses(graph, value.name, inner)
-        graph.node.append(helper.make_node("Cast", [inner], [value.name], name=f"{inner}/cast", to=TensorProto.FLOAT))
+        _rename_uses(converted, value.name, inner)
+        graph.node.append(helper.make_node("Cast", [inner], [value.name], name=f"{prefix}{inner}/cast",
+                                           to=TensorProto.FLOAT))
     nodes = casts_in + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -60,6 +66,6 @@ def _half(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), np.clip(values, -limit, limit), values).astype(np.float16)
 
 
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
+def _rename_uses(nodes, old: str, new: str) -> None:
+    for node in nodes:
         node.input[:] = [new if name == old else name for name in node.input]

@@ -12,6 +12,9 @@ from ..errors import LrpError
 TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
 LISTED = 5
+# Types of fewer than 8 bits, packed into bytes (int4 weights, low bits first).
+PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
+               onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -52,7 +55,8 @@ def _check_tensor_data(tensor: onnx.TensorProto, source: str) -> None:
     except (KeyError, TypeError, ValueError):
         return  # types numpy has no fixed size for (4-bit and 8-bit floats): left to onnx
     if tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
-        found, needed, unit = len(tensor.raw_data), count * itemsize, "bytes"
+        bits = PACKED_BITS.get(tensor.data_type, 8 * itemsize)
+        found, needed, unit = len(tensor.raw_data), -(-count * bits // 8), "bytes"
     else:
         filled = [f for f in TYPED_FIELDS if len(getattr(tensor, f))]
         if not filled or tensor.data_type in COMPLEX or itemsize < 4:

@@ -1,5 +1,5 @@
 """Layers that move relevance by their gradient, whatever the rule: elementwise activations, reshaping, transposes,
-slicing and concatenation, gathers, broadcasts and selections, and the Q/DQ pairs of quantized activations."""
+slicing and concatenation, gathers, broadcasts and selections, and the dequantization of an integer input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +60,8 @@ def activation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> l
 
 @routes("quantize", QDQ)
 def quantize(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Quantizing and dequantizing an activation changes its values by rounding only: relevance passes."""
+    """Quantizing and dequantizing changes values by rounding only: relevance passes. (Quantized models are explained
+    on their float twin, canonical/quantized.py; what stays is the DequantizeLinear of an integer model input.)"""
     return _first_only(relevance[0], node)
 
 
