@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .canonical import quantized
+from .canonical.classic import linear_models
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
 from .canonical.patterns import Collapsed, collapse
@@ -36,12 +37,15 @@ class Prepared:
 
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
     """Canonicalise the model (a copy where it is quantized, whose own nodes keep computing the outputs), fold
-    BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns."""
+    BatchNorm and affine constants into linear layers, convert to the opset the emitters need, collapse patterns,
+    and add the twins of classic linear models (canonical/classic.py)."""
     graph = canonicalize(model)
     require_static_input(graph, source)
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)
-    return Prepared(graph, folded, collapse(graph))
+    collapsed = collapse(graph)
+    linear_models(graph, collapsed)
+    return Prepared(graph, folded, collapsed)
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,

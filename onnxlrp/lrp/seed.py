@@ -21,13 +21,15 @@ TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embed
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
 
 
-def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
-    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0.
+def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int,
+                   label: tuple[Tensor, np.ndarray] | None = None) -> Tensor:
+    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0: the arg-max of the
+    logits, or where the model has a label output (a classic model's), the position of its label in the class labels.
 
     A target of length 1 applies to the whole batch. Other lengths than N or 1, and classes >= C, make ONNX Runtime
     fail in nodes whose names (which its error message quotes) say what is wrong with `target`.
     """
-    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
+    predicted = ops("ArgMax", logits if label is None else _label_rows(ops, *label), axis=1, keepdims=0)
     length = f"{TARGET_CHECK}: its length must be the batch size or 1"
     chosen = _named(ops, ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target), length)
     labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
@@ -42,17 +44,24 @@ def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Te
                to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
 
 
+def _label_rows(ops: Ops, label: Tensor, classes: np.ndarray) -> Tensor:
+    """Rows of 1 at the position of each sample's label among the class labels, 0 elsewhere."""
+    known = ops.const(classes, dtype=classes.dtype)
+    return ops("Cast", ops("Equal", ops.unsqueeze(label, [1]), known), to=onnx.TensorProto.INT32)
+
+
 def _named(ops: Ops, tensor: gs.Variable, name: str) -> gs.Variable:
     """Rename the node that computes `tensor` (ONNX Runtime's errors quote node names)."""
     tensor.inputs[0].name = ops.fresh(name)
     return tensor
 
 
-def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str) -> tuple[Tensor, Tensor]:
-    """The tensor where the walk starts and its relevance."""
+def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str,
+          label: tuple[Tensor, np.ndarray] | None = None) -> tuple[Tensor, Tensor]:
+    """The tensor where the walk starts and its relevance (`label`: see one_hot_target)."""
     ops = ctx.ops
     ops.scope = "lrp/top"
-    hot = one_hot_target(ops, logits, target, classes)
+    hot = one_hot_target(ops, logits, target, classes, label)
     if explain == "onehot":
         return logits, hot
     if explain == "logit":

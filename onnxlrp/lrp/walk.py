@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..canonical.classic import head_of
 from ..errors import LrpError
 from ..ir.graph import floating
 from ..ir.ops import Ops, Tensor
@@ -113,14 +114,16 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
     x, ids = explained_input(graph, source)
     shown = _classifier_output(graph, output, source, hidden)
-    logits = _logits(shown)
+    head = head_of(graph, shown)
+    logits = head.scores if head is not None else _logits(shown)
     classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
     if not isinstance(classes, int):
         raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
     ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[x.shape[0] if x.shape else "N"])
     walk = Walk(graph, composite, ops, x)
-    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain), source)
+    label = (head.label, head.classes) if head is not None and head.label is not None else None
+    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain, label), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     total = ops.add_all(relevance[x.name])
@@ -147,20 +150,28 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
                            f"sees (it lies inside a written-out softmax, norm or activation)")
         if chosen is None:
             raise LrpError(f"{source}: no output named '{name}' (outputs: {', '.join(t.name for t in graph.outputs)})")
-        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+        if not isinstance(chosen, gs.Variable) or not (_matrix(chosen) or head_of(graph, chosen) is not None):
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
-    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
-    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
-    for tensor in list(graph.outputs) + zipped:
-        if floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2:
+    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps) of a [N, C] input,
+    # whose shape inference may not know (after ai.onnx.ml ops).
+    for tensor in graph.outputs:
+        if _matrix(tensor):
             return tensor
+    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
+    if zipped:
+        return zipped[0]
     raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
+
+
+def _matrix(tensor: gs.Tensor) -> bool:
+    """Whether a tensor is known to be a float tensor of rank 2."""
+    return floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2
 
 
 def _logits(output: gs.Variable) -> gs.Variable:
     """The tensor before a trailing Softmax/LogSoftmax (also written out: canonical/patterns.py) and Identity, so
-    that the logits are explained."""
+    that the logits are explained (a classic model's scores: canonical/classic.py)."""
     tensor = output
     while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
         tensor = tensor.inputs[0].inputs[0]

@@ -1,0 +1,241 @@
+"""Classic machine-learning models in ai.onnx.ml ops (scikit-learn through skl2onnx): the linear scorers
+LinearClassifier, LinearRegressor, and SVMClassifier and SVMRegressor with a linear kernel, and the Scaler before them.
+
+The model's own nodes keep computing its outputs, bit for bit. Beside them `linear_models` adds a twin in plain ops
+that the walk explains: a Scaler becomes Sub and Mul by its constants, and the scorers that feed the same outputs
+(one, or one per fold of a calibrated model) become one canonical `LinearModel` node, a dense layer whose output is
+their mean score per class before any post-transform. What turns those scores into the model's outputs
+(post_transform, Normalizer, calibration, votes, ZipMap) is a head: the walk starts below it (`head_of`), and a
+negative target explains the class in the model's label output.
+docs/rules.md, "Classic machine-learning models", gives the scores of each scorer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import floating
+from ..ir.names import fresh_name
+from .patterns import CANONICAL, Collapsed
+
+ML = "ai.onnx.ml"
+LINEAR_MODEL = "LinearModel"  # canonical: a classic model's scores, x @ W + b (W stored [C, F]: Gemm's transB)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A scorer's scores per class (or target) as an affine function of its input, in float64: x @ weight + bias."""
+    weight: np.ndarray  # [F, C]
+    bias: np.ndarray  # [C]
+
+
+def _floats(node: gs.Node, name: str, default: list[float] | None = None) -> np.ndarray:
+    """A float attribute as a float64 array (the default where the node leaves it out)."""
+    value = node.attrs.get(name, default)
+    if value is None:
+        raise LrpError(f"node '{node.name}' ({node.op}): has no attribute '{name}'")
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+
+
+def _features(node: gs.Node, x: gs.Tensor) -> int:
+    """F of the input [N, F] of a scorer (its twin's: a Scaler's output may have no inferred shape)."""
+    shape = x.shape
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        raise LrpError(f"node '{node.name}' ({node.op}): needs an input of shape [N, F] with a static F")
+    return shape[1]
+
+
+def _classes(node: gs.Node) -> int:
+    return len(node.attrs.get("classlabels_ints") or node.attrs.get("classlabels_strings") or [])
+
+
+def _linear_kernel(node: gs.Node) -> None:
+    kernel = node.attrs.get("kernel_type", "LINEAR")
+    kernel = kernel.decode() if isinstance(kernel, bytes) else kernel
+    if kernel != "LINEAR":
+        raise LrpError(f"node '{node.name}' ({node.op}): its {kernel} kernel is not linear; onnxlrp explains SVMs "
+                       f"with a linear kernel only")
+
+
+def _support_vectors(node: gs.Node, features: int) -> np.ndarray:
+    """The support vectors [S, F] of an SVM with a linear kernel."""
+    _linear_kernel(node)
+    vectors = _floats(node, "support_vectors", [])
+    if vectors.size == 0:
+        raise LrpError(f"node '{node.name}' ({node.op}): an SVM without support vectors is not supported")
+    return vectors.reshape(-1, features)
+
+
+def linear_classifier(node: gs.Node, features: int) -> Scores:
+    """One row of coefficients per class; a binary classifier with one row scores class 1 by it and class 0 by
+    its negation (as ONNX Runtime does)."""
+    weight = _floats(node, "coefficients").reshape(-1, features)
+    bias = _floats(node, "intercepts", [0.0] * len(weight))
+    if len(weight) == 1 and _classes(node) == 2:
+        weight, bias = np.concatenate([-weight, weight]), np.concatenate([-bias, bias])
+    return Scores(weight.T, bias)
+
+
+def linear_regressor(node: gs.Node, features: int) -> Scores:
+    """One row of coefficients per target."""
+    weight = _floats(node, "coefficients").reshape(-1, features)
+    return Scores(weight.T, _floats(node, "intercepts", [0.0] * len(weight)))
+
+
+def svm_regressor(node: gs.Node, features: int) -> Scores:
+    """sum_s coefficient_s <x, v_s> + rho: one target."""
+    if node.attrs.get("one_class", 0):
+        raise LrpError(f"node '{node.name}' ({node.op}): a one-class SVM is not supported")
+    weight = _floats(node, "coefficients") @ _support_vectors(node, features)
+    return Scores(weight[:, None], _floats(node, "rho")[:1])
+
+
+def svm_classifier(node: gs.Node, features: int) -> Scores:
+    """One-vs-one: the decision d_ij = sum_(s in i) a_(j-1),s <x, v_s> + sum_(s in j) a_i,s <x, v_s> + rho_ij of each
+    pair i < j (ONNX Runtime's, positive for i), and the score of class c the sum of the decisions for c minus those
+    against it, the confidence that scikit-learn adds to the votes."""
+    vectors = _support_vectors(node, features)
+    counts = [int(c) for c in node.attrs["vectors_per_class"]]
+    classes = len(counts)
+    coefficients = _floats(node, "coefficients").reshape(classes - 1, len(vectors))
+    rho = _floats(node, "rho")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    weight, bias = np.zeros((vectors.shape[1], classes)), np.zeros(classes)
+    pairs = [(i, j) for i in range(classes) for j in range(i + 1, classes)]
+    for (i, j), offset in zip(pairs, rho):
+        own, other = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+        decision = coefficients[j - 1, own] @ vectors[own] + coefficients[i, other] @ vectors[other]
+        weight[:, i] += decision
+        weight[:, j] -= decision
+        bias[i] += offset
+        bias[j] -= offset
+    return Scores(weight, bias)
+
+
+# The ai.onnx.ml ops whose scores are an affine function of their input [N, F]: (node, F) -> its scores.
+SCORERS: dict[str, Callable[[gs.Node, int], Scores]] = {
+    "LinearClassifier": linear_classifier,
+    "LinearRegressor": linear_regressor,
+    "SVMClassifier": svm_classifier,
+    "SVMRegressor": svm_regressor,
+}
+
+
+def _scaler(graph: gs.Graph, node: gs.Node, x: gs.Tensor) -> gs.Variable:
+    """Scaler: (x - offset) * scale, as Sub and Mul by constants of x's type."""
+    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+    shifted = _append(graph, "Sub", f"{node.name}/offset", x, _floats(node, "offset", [0.0]).astype(dtype), x.shape)
+    return _append(graph, "Mul", f"{node.name}/scale", shifted, _floats(node, "scale", [1.0]).astype(dtype), x.shape)
+
+
+# The ai.onnx.ml ops before a scorer that have a twin in plain ops: (graph, node, twin of its input) -> its output.
+TRANSFORMS: dict[str, Callable[[gs.Graph, gs.Node, gs.Tensor], gs.Variable]] = {"Scaler": _scaler}
+
+
+def _append(graph: gs.Graph, op: str, name: str, x: gs.Tensor, values: np.ndarray, shape) -> gs.Variable:
+    name = fresh_name(graph, name)
+    output = gs.Variable(name, dtype=values.dtype, shape=shape)
+    graph.nodes.append(gs.Node(op, name, {}, [x, gs.Constant(fresh_name(graph, f"{name}/value"), values)], [output]))
+    return output
+
+
+def _twin(graph: gs.Graph, tensor: gs.Tensor, twins: dict[str, gs.Tensor]) -> gs.Tensor:
+    """The tensor in plain ops: through the twins of the transforms that compute it, else the tensor itself."""
+    if tensor.name not in twins:
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None or producer.domain != ML or producer.op not in TRANSFORMS:
+            return tensor
+        twins[tensor.name] = TRANSFORMS[producer.op](graph, producer, _twin(graph, producer.inputs[0], twins))
+    return twins[tensor.name]
+
+
+def _reached(node: gs.Node, graph: gs.Graph) -> frozenset[str]:
+    """The names of the graph outputs that a node's outputs flow into."""
+    outputs = {t.name for t in graph.outputs}
+    reached, stack, seen = set(), list(node.outputs), set()
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        reached |= {tensor.name} & outputs
+        stack.extend(t for user in tensor.outputs for t in user.outputs)
+    return frozenset(reached)
+
+
+def linear_models(graph: gs.Graph, collapsed: Collapsed) -> None:
+    """Add the twin of every group of scorers that read one input and feed the same outputs: one LinearModel node
+    with their mean weight and bias, which `collapsed.restore` turns into a plain Gemm."""
+    groups: dict[tuple, list[gs.Node]] = {}
+    for node in graph.nodes:
+        if node.domain == ML and node.op in SCORERS:
+            groups.setdefault((node.inputs[0].name, _reached(node, graph)), []).append(node)
+    twins: dict[str, gs.Tensor] = {}
+    for scorers in groups.values():
+        x = _twin(graph, scorers[0].inputs[0], twins)
+        scores = [SCORERS[node.op](node, _features(node, x)) for node in scorers]
+        if len({s.bias.shape for s in scores}) != 1:
+            raise LrpError(f"nodes {', '.join(repr(n.name) for n in scorers)}: feed one output with different numbers "
+                           f"of classes")
+        dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+        weight = np.mean([s.weight for s in scores], axis=0).T.astype(dtype)
+        bias = np.mean([s.bias for s in scores], axis=0).astype(dtype)
+        name = fresh_name(graph, f"{scorers[0].name}/scores")
+        batch = x.shape[0] if x.shape else "N"
+        output = gs.Variable(name, dtype=dtype, shape=[batch, len(bias)])
+        inputs = [x, gs.Constant(fresh_name(graph, f"{name}/weight"), weight),
+                  gs.Constant(fresh_name(graph, f"{name}/bias"), bias)]
+        scored = [t.name for node in scorers for t in node.outputs]
+        labels = list(scorers[0].attrs.get("classlabels_ints", []))
+        canonical = gs.Node(LINEAR_MODEL, name, {"scores_of": scored, "labels": labels}, inputs, [output],
+                            domain=CANONICAL)
+        graph.nodes.append(canonical)
+        collapsed.stand_in(canonical, gs.Node("Gemm", name, {"transB": 1}))
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a classic model's output is computed from: its linear model's scores, and the model's label output with
+    the class labels in the order of the scores (None for a regressor, or labels that are not integers)."""
+    scores: gs.Variable
+    label: gs.Variable | None = None
+    classes: np.ndarray | None = None
+
+
+def head_of(graph: gs.Graph, tensor: gs.Tensor) -> Head | None:
+    """The linear model whose scorers compute `tensor` (through any head), or None where no scorer does. A tensor
+    that also depends on a model input otherwise than through those scores is refused."""
+    models = {name: node for node in graph.nodes if node.domain == CANONICAL and node.op == LINEAR_MODEL
+              for name in node.attrs["scores_of"]}
+    if not models:
+        return None
+    inputs = {t.name for t in graph.inputs}
+    found, direct, stack, seen = {}, [], [tensor], set()
+    while stack:
+        current = stack.pop()
+        if current.name in seen or not isinstance(current, gs.Variable):
+            continue
+        seen.add(current.name)
+        if current.name in models:
+            found[models[current.name].name] = models[current.name]
+        elif current.name in inputs:
+            direct.append(current.name)
+        elif current.inputs:
+            stack.extend(current.inputs[0].inputs)
+    if not found:
+        return None
+    if len(found) > 1 or direct:
+        reason = f"input '{direct[0]}' otherwise than through" if direct else "several separate"
+        raise LrpError(f"output '{tensor.name}' is computed from {reason} linear models' scores; onnxlrp explains the "
+                       f"scores of one linear model")
+    model = next(iter(found.values()))
+    labels = model.attrs["labels"]
+    label = next((t for t in graph.outputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)
+                  and len(t.shape or [None]) == 1), None)
+    if not labels or label is None:
+        return Head(model.outputs[0])
+    return Head(model.outputs[0], label, np.asarray(labels, dtype=np.dtype(label.dtype)))
