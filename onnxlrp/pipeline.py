@@ -29,7 +29,8 @@ from .lrp.walk import explain as explain_graph
 
 @dataclass
 class Prepared:
-    """The canonical graph the walk sees, what was folded into its linear layers, and what stands collapsed."""
+    """The canonical graph the walk sees, what was folded into its linear layers (or what a classic model's linear
+    model stands beside), and what stands collapsed."""
     graph: gs.Graph
     folded: dict[str, tuple[str, ...]]
     collapsed: Collapsed
@@ -44,7 +45,7 @@ def prepare(model: onnx.ModelProto, source: str) -> Prepared:
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)
     collapsed = collapse(graph)
-    linear_models(graph, collapsed)
+    folded.update(linear_models(graph, collapsed))
     return Prepared(graph, folded, collapsed)
 
 

@@ -171,3 +171,25 @@ def test_a_non_linear_svm_kernel_is_refused_in_one_line():
         onnxlrp.build(onnx.load(CLASSIC / "svc_rbf.onnx"))
     message = str(error.value)
     assert "\n" not in message and "RBF kernel is not linear" in message and "SVMClassifier" in message
+
+
+def test_log_odds_explain_the_linear_model_as_the_last_dense_layer():
+    """--explain logodds (docs/lrp.md §5): the differences w_c - w_c' shared by softmin_c'(z_c - z_c')."""
+    model = onnxlrp.build(source("logistic_regression"), explain="logodds")
+    label, _, result = session(model).run(None, feeds("logistic_regression"))
+    weights, z, rows = REFERENCES["logistic_regression/weights"], scores("logistic_regression"), np.arange(len(label))
+    differences = z[rows, label][:, None] - z
+    shares = np.where(np.eye(3, dtype=bool)[label], 0.0, np.exp(-differences))
+    shares /= shares.sum(1, keepdims=True)
+    expected = shifted("logistic_regression") * np.einsum("nk,nkf->nf", shares, weights[label][:, None] - weights[None])
+    assert_close(result, expected)
+
+
+def test_inspect_shows_the_twins():
+    """The model's scorer and Scaler are `twin`: the walk explains the LinearModel and the Sub/Mul beside them."""
+    from onnxlrp.app.inspect import rows
+    table = {row.node: row for row in rows(source("logistic_regression"), onnxlrp.load_composite("epsilon_plus_flat"))}
+    assert table["Scaler"].rule == table["LinearClassifier"].rule == "twin"
+    assert table["LinearClassifier/scores"].op_type == "LinearModel" and table["LinearClassifier/scores"].rule == "zero"
+    assert table["LinearClassifier/scores"].folded == ("LinearClassifier (LinearClassifier)",)
+    assert table["Scaler/scale"].folded == ("Scaler (Scaler)",)

@@ -13,6 +13,7 @@ from ..lrp.emitters import FAMILIES
 from ..pipeline import build, prepare
 
 UNSUPPORTED = "unsupported"
+TWINNED = "twin"  # a classic model's node that a LinearModel (or its Sub/Mul) stands beside for the walk
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,13 @@ def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") ->
     """The table of `inspect`, in the graph's topological order."""
     prepared = prepare(model, source)
     rule_of = composite.assign(prepared.graph)
+    twinned = {entry for entries in prepared.folded.values() for entry in entries}
     table = []
     for node in prepared.graph.nodes:
         folded = prepared.folded.get(node.name, ())
         if node.op not in FAMILIES:
-            table.append(Row(node.name, node.op, folded, UNSUPPORTED, {}))
+            table.append(Row(node.name, node.op, folded, TWINNED if f"{node.name} ({node.op})" in twinned
+                             else UNSUPPORTED, {}))
             continue
         rule, params = rule_of(node)
         used = {k: params[k] for k in rule.params}

@@ -143,13 +143,17 @@ def _append(graph: gs.Graph, op: str, name: str, x: gs.Tensor, values: np.ndarra
     return output
 
 
-def _twin(graph: gs.Graph, tensor: gs.Tensor, twins: dict[str, gs.Tensor]) -> gs.Tensor:
-    """The tensor in plain ops: through the twins of the transforms that compute it, else the tensor itself."""
+def _twin(graph: gs.Graph, tensor: gs.Tensor, twins: dict[str, gs.Tensor], beside: dict[str, tuple[str, ...]]
+          ) -> gs.Tensor:
+    """The tensor in plain ops: through the twins of the transforms that compute it, else the tensor itself. The
+    last node of each transform's twin is recorded in `beside` as standing beside it."""
     if tensor.name not in twins:
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is None or producer.domain != ML or producer.op not in TRANSFORMS:
             return tensor
-        twins[tensor.name] = TRANSFORMS[producer.op](graph, producer, _twin(graph, producer.inputs[0], twins))
+        twin = TRANSFORMS[producer.op](graph, producer, _twin(graph, producer.inputs[0], twins, beside))
+        beside[twin.inputs[0].name] = (f"{producer.name} ({producer.op})",)
+        twins[tensor.name] = twin
     return twins[tensor.name]
 
 
@@ -167,16 +171,18 @@ def _reached(node: gs.Node, graph: gs.Graph) -> frozenset[str]:
     return frozenset(reached)
 
 
-def linear_models(graph: gs.Graph, collapsed: Collapsed) -> None:
+def linear_models(graph: gs.Graph, collapsed: Collapsed) -> dict[str, tuple[str, ...]]:
     """Add the twin of every group of scorers that read one input and feed the same outputs: one LinearModel node
-    with their mean weight and bias, which `collapsed.restore` turns into a plain Gemm."""
+    with their mean weight and bias, which `collapsed.restore` turns into a plain Gemm. Returns, per twin node, the
+    model's nodes it stands beside ("name (op)", for `inspect`)."""
+    beside: dict[str, tuple[str, ...]] = {}
     groups: dict[tuple, list[gs.Node]] = {}
     for node in graph.nodes:
         if node.domain == ML and node.op in SCORERS:
             groups.setdefault((node.inputs[0].name, _reached(node, graph)), []).append(node)
     twins: dict[str, gs.Tensor] = {}
     for scorers in groups.values():
-        x = _twin(graph, scorers[0].inputs[0], twins)
+        x = _twin(graph, scorers[0].inputs[0], twins, beside)
         scores = [SCORERS[node.op](node, _features(node, x)) for node in scorers]
         if len({s.bias.shape for s in scores}) != 1:
             raise LrpError(f"nodes {', '.join(repr(n.name) for n in scorers)}: feed one output with different numbers "
@@ -195,6 +201,8 @@ def linear_models(graph: gs.Graph, collapsed: Collapsed) -> None:
                             domain=CANONICAL)
         graph.nodes.append(canonical)
         collapsed.stand_in(canonical, gs.Node("Gemm", name, {"transB": 1}))
+        beside[name] = tuple(f"{n.name} ({n.op})" for n in scorers)
+    return beside
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
-from .emitters.linear import Dense, linear_layer
+from .emitters import FAMILIES
+from .emitters.linear import Dense
 from .families import Context, Unsupported
 from .rules import Shared, propagate
 
@@ -90,12 +91,14 @@ def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Te
     z_c' = y_c - y_c' and a reverse log-sum-exp pooling that gives R_c' = z_c' * softmin_c'(z); the layer's rule
     (epsilon or zero) then runs on the differences, which needs no per-class weight copies."""
     producer = logits.inputs[0] if logits.inputs else None
+    family = FAMILIES.get(producer.op) if producer is not None else None
     try:
-        layer = linear_layer(producer) if producer is not None else None
+        layer = family.describe(ctx, producer) if family is not None else None
     except Unsupported:
         layer = None
     if not isinstance(layer, Dense):
-        raise LrpError("--explain logodds needs the logits to come straight from a dense layer (Gemm or MatMul)")
+        raise LrpError("--explain logodds needs the logits to come straight from a dense layer (Gemm or MatMul, or a "
+                       "classic model's linear model)")
     rule, params = ctx.rule(producer)
     if rule.name not in LOGODDS_RULES:
         raise LrpError(f"--explain logodds supports the {' or '.join(LOGODDS_RULES)} rule on the last layer "
