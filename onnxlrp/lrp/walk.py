@@ -171,7 +171,7 @@ def _matrix(tensor: gs.Tensor) -> bool:
 
 def _logits(output: gs.Variable) -> gs.Variable:
     """The tensor before a trailing Softmax/LogSoftmax (also written out: canonical/patterns.py) and Identity, so
-    that the logits are explained (a classic model's scores: canonical/classic.py)."""
+    that the logits are explained."""
     tensor = output
     while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
         tensor = tensor.inputs[0].inputs[0]
