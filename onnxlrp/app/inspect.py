@@ -13,7 +13,7 @@ from ..lrp.emitters import FAMILIES
 from ..pipeline import build, prepare
 
 UNSUPPORTED = "unsupported"
-TWINNED = "twin"  # a classic model's node that a LinearModel (or its Sub/Mul) stands beside for the walk
+TWINNED = "twin"  # a classic model's node that a twin (LinearModel, Centroids, Sub/Mul) stands beside for the walk
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def rows(model: onnx.ModelProto, composite: Composite, source: str = "model") ->
     table = []
     for node in prepared.graph.nodes:
         folded = prepared.folded.get(node.name, ())
-        if node.op not in FAMILIES:
+        if node.op not in FAMILIES or f"{node.name} ({node.op})" in twinned:
             table.append(Row(node.name, node.op, folded, TWINNED if f"{node.name} ({node.op})" in twinned
                              else UNSUPPORTED, {}))
             continue

@@ -24,6 +24,10 @@ from .patterns import CANONICAL, Collapsed
 
 ML = "ai.onnx.ml"
 LINEAR_MODEL = "LinearModel"  # canonical: a classic model's scores, x @ W + b (W stored [C, F]: Gemm's transB)
+# Canonical: a k-means model's scores 2 mu_k . x - |mu_k|^2, which are |x|^2 less its squared distances: the
+# differences of two are the linear discriminants between clusters (docs/rules.md, k-means).
+CENTROIDS = "Centroids"
+TWINS = (LINEAR_MODEL, CENTROIDS)
 
 
 @dataclass(frozen=True)
@@ -171,10 +175,73 @@ def _reached(node: gs.Node, graph: gs.Graph) -> frozenset[str]:
     return frozenset(reached)
 
 
+def _constant(tensor: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _made_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    return node if node is not None and node.op == op else None
+
+
+@dataclass(frozen=True)
+class KMeans:
+    """A k-means model found in a graph: its input, centroids [K, F] (float64), squared distances and the nodes that
+    compute them and the cluster."""
+    x: gs.Tensor
+    centroids: np.ndarray
+    distances: gs.Tensor
+    nodes: tuple[gs.Node, ...]
+
+
+def kmeans(argmin: gs.Node) -> KMeans | None:
+    """skl2onnx's KMeans: the ArgMin over squared distances |x|^2 - 2 x mu^T + |mu|^2, written as ReduceSumSquare(x),
+    Gemm(x, mu, alpha=-2) and two Adds; or None."""
+    distances = argmin.inputs[0]
+    outer = _made_by(distances, "Add")
+    if argmin.attrs.get("axis", 0) != 1 or outer is None:
+        return None
+    constants = [(_constant(t), u) for t, u in (outer.inputs, outer.inputs[::-1])]
+    norms, inner = next(((c, _made_by(u, "Add")) for c, u in constants if c is not None), (None, None))
+    if inner is None:
+        return None
+    made = {node.op: node for node in (_made_by(t, op) for t in inner.inputs for op in ("ReduceSumSquare", "Gemm"))
+            if node is not None}
+    square, product = made.get("ReduceSumSquare"), made.get("Gemm")
+    weight = _constant(product.inputs[1]) if product is not None else None
+    if square is None or weight is None or square.inputs[0] is not product.inputs[0]:
+        return None
+    transposed = weight if product.attrs.get("transB", 0) else weight.T
+    centroids = transposed.astype(np.float64) * (-product.attrs.get("alpha", 1.0) / 2)
+    shifted = product.inputs[2] if len(product.inputs) > 2 else None
+    scaling = _made_by(shifted, "Mul") if shifted is not None else None
+    zero = shifted is None or (scaling is not None and any(np.all(_constant(t) == 0) for t in scaling.inputs
+                                                            if _constant(t) is not None))
+    if not zero or not np.allclose(norms.reshape(-1), (centroids ** 2).sum(1), rtol=1e-5, atol=1e-6):
+        return None
+    nodes = (square,) + ((scaling,) if scaling is not None else ()) + (product, inner, outer, argmin)
+    return KMeans(square.inputs[0], centroids, distances, nodes)
+
+
+def _stand_in(graph: gs.Graph, collapsed: Collapsed, op: str, name: str, x: gs.Tensor, weight: np.ndarray,
+              bias: np.ndarray, scored: list[str], labels: list[int]) -> gs.Node:
+    """Add a canonical dense layer x @ weight.T + bias (weight [C, F], float64) that `collapsed.restore` turns into
+    a plain Gemm; `scored`: the model's tensors its scores stand for, `labels`: the class labels in score order."""
+    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+    name = fresh_name(graph, name)
+    output = gs.Variable(name, dtype=dtype, shape=[x.shape[0] if x.shape else "N", len(bias)])
+    inputs = [x, gs.Constant(fresh_name(graph, f"{name}/weight"), weight.astype(dtype)),
+              gs.Constant(fresh_name(graph, f"{name}/bias"), bias.astype(dtype))]
+    canonical = gs.Node(op, name, {"scores_of": scored, "labels": labels}, inputs, [output], domain=CANONICAL)
+    graph.nodes.append(canonical)
+    collapsed.stand_in(canonical, gs.Node("Gemm", name, {"transB": 1}))
+    return canonical
+
+
 def linear_models(graph: gs.Graph, collapsed: Collapsed) -> dict[str, tuple[str, ...]]:
     """Add the twin of every group of scorers that read one input and feed the same outputs: one LinearModel node
-    with their mean weight and bias, which `collapsed.restore` turns into a plain Gemm. Returns, per twin node, the
-    model's nodes it stands beside ("name (op)", for `inspect`)."""
+    with their mean weight and bias; and of every k-means model, a Centroids node. `collapsed.restore` turns both
+    into plain Gemms. Returns, per twin node, the model's nodes it stands beside ("name (op)", for `inspect`)."""
     beside: dict[str, tuple[str, ...]] = {}
     groups: dict[tuple, list[gs.Node]] = {}
     for node in graph.nodes:
@@ -187,21 +254,19 @@ def linear_models(graph: gs.Graph, collapsed: Collapsed) -> dict[str, tuple[str,
         if len({s.bias.shape for s in scores}) != 1:
             raise LrpError(f"nodes {', '.join(repr(n.name) for n in scorers)}: feed one output with different numbers "
                            f"of classes")
-        dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
-        weight = np.mean([s.weight for s in scores], axis=0).T.astype(dtype)
-        bias = np.mean([s.bias for s in scores], axis=0).astype(dtype)
-        name = fresh_name(graph, f"{scorers[0].name}/scores")
-        batch = x.shape[0] if x.shape else "N"
-        output = gs.Variable(name, dtype=dtype, shape=[batch, len(bias)])
-        inputs = [x, gs.Constant(fresh_name(graph, f"{name}/weight"), weight),
-                  gs.Constant(fresh_name(graph, f"{name}/bias"), bias)]
-        scored = [t.name for node in scorers for t in node.outputs]
-        labels = list(scorers[0].attrs.get("classlabels_ints", []))
-        canonical = gs.Node(LINEAR_MODEL, name, {"scores_of": scored, "labels": labels}, inputs, [output],
-                            domain=CANONICAL)
-        graph.nodes.append(canonical)
-        collapsed.stand_in(canonical, gs.Node("Gemm", name, {"transB": 1}))
-        beside[name] = tuple(f"{n.name} ({n.op})" for n in scorers)
+        canonical = _stand_in(graph, collapsed, LINEAR_MODEL, f"{scorers[0].name}/scores", x,
+                              np.mean([s.weight for s in scores], axis=0).T, np.mean([s.bias for s in scores], axis=0),
+                              [t.name for node in scorers for t in node.outputs],
+                              list(scorers[0].attrs.get("classlabels_ints", [])))
+        beside[canonical.name] = tuple(f"{n.name} ({n.op})" for n in scorers)
+    for argmin in [n for n in graph.nodes if n.op == "ArgMin"]:
+        found = kmeans(argmin)
+        if found is not None:
+            mu = found.centroids
+            canonical = _stand_in(graph, collapsed, CENTROIDS, f"{argmin.name}/centroids",
+                                  _twin(graph, found.x, twins, beside), 2 * mu, -(mu ** 2).sum(1),
+                                  [found.distances.name, argmin.outputs[0].name], list(range(len(mu))))
+            beside[canonical.name] = tuple(f"{n.name} ({n.op})" for n in found.nodes)
     return beside
 
 
@@ -217,7 +282,7 @@ class Head:
 def head_of(graph: gs.Graph, tensor: gs.Tensor) -> Head | None:
     """The linear model whose scorers compute `tensor` (through any head), or None where no scorer does. A tensor
     that also depends on a model input otherwise than through those scores is refused."""
-    models = {name: node for node in graph.nodes if node.domain == CANONICAL and node.op == LINEAR_MODEL
+    models = {name: node for node in graph.nodes if node.domain == CANONICAL and node.op in TWINS
               for name in node.attrs["scores_of"]}
     if not models:
         return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...canonical.classic import LINEAR_MODEL
+from ...canonical.classic import CENTROIDS, LINEAR_MODEL
 from ...errors import LrpError
 from ...ir.graph import constant, static
 from ...ir.ops import Ops, Tensor
@@ -145,7 +145,15 @@ def linear_model(ctx: Context, node: gs.Node) -> Layer:
     return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
 
 
-FAMILIES = (linear, linear_model)
+@family("centroids", (CENTROIDS,), ("midpoint", "zero", "epsilon"),
+        zeros=lambda node, rule: "kept" if rule.keeps_zeros else None)
+def centroids(ctx: Context, node: gs.Node) -> Layer:
+    """A k-means model's scores (canonical/classic.py), whose differences are the discriminants between clusters
+    that its logit min-pools (lrp/seed.py); NEON's midpoint rule by default."""
+    return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
+
+
+FAMILIES = (linear, linear_model, centroids)
 
 
 def _per_channel(node: gs.Node, values: np.ndarray, channels: int) -> np.ndarray:
