@@ -196,9 +196,9 @@ def test_inspect_shows_the_twins():
 
 
 def neon_kmeans(x: np.ndarray, cluster: int, stiffness: float) -> tuple[np.ndarray, float]:
-    """NEON for k-means in float64, as Kauffmann et al. write it (arXiv 1906.07633): the logit
-    f_c = min_k h_k, h_k = w_k x + b_k = |x - mu_k|^2 - |x - mu_c|^2 over the competitors k; R_k = f_c softmin_k(beta h);
-    the midpoint rule R_i = sum_k w_ki (x_i - m_ki) / h_k R_k, m_k = (mu_c + mu_k) / 2. Returns R and f_c."""
+    """NEON for k-means in float64, as Kauffmann et al. write it (arXiv 1906.07633): the logit f_c = min_k h_k,
+    h_k = w_k x + b_k = |x - mu_k|^2 - |x - mu_c|^2 over the competitors k; R_k = f_c softmin_k(beta h); the midpoint
+    rule R_i = sum_k w_ki (x_i - m_ki) / h_k R_k, m_k = (mu_c + mu_k) / 2. Returns R and f_c."""
     centroids = REFERENCES["kmeans/centroids"]
     others = [k for k in range(len(centroids)) if k != cluster]
     weights = 2 * (centroids[cluster] - centroids[others])
