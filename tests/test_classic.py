@@ -249,3 +249,50 @@ def test_kmeans_logit_is_the_models_margin():
     scale = np.abs(margin).max()  # the model's own float32 distances: 1.8e-5 from float64 at most (measured)
     assert np.abs(logit - margin).max() <= 1e-5 * scale
     assert np.abs(result.astype(np.float64).sum(1) - margin).max() <= 1e-5 * scale
+
+
+def one_class_dtd(x: np.ndarray, stiffness: float) -> tuple[np.ndarray, float]:
+    """One-class DTD in float64, as Kauffmann et al. write it (arXiv 1805.06230): the outlier score
+    o = -log(sum_j a_j exp(-gamma d_j)) / gamma, a soft min-pooling over h_j = d_j - log(a_j) / gamma with
+    d_j = |x - u_j|^2; R_j = o softmin_j(stiffness gamma h); R_i = sum_j (x_i - u_ji)^2 / d_j R_j. Returns R and o."""
+    vectors, weights, gamma = (REFERENCES[f"one_class/{k}"] for k in ("vectors", "weights", "gamma"))
+    distances = ((x.astype(np.float64) - vectors) ** 2).sum(1)
+    h = distances - np.log(weights) / gamma
+    score = h.min() - np.log(np.exp(-gamma * (h - h.min())).sum()) / gamma
+    shares = np.exp(-stiffness * gamma * (h - h.min()))
+    pooled = score * shares / shares.sum()
+    return ((x - vectors) ** 2 / distances[:, None] * pooled[:, None]).sum(0), float(score)
+
+
+@functools.cache
+def one_class(stiffness: float = 1.0) -> onnx.ModelProto:
+    return onnxlrp.build(onnx.load(CLASSIC / "one_class_svm.onnx"), stiffness=stiffness)
+
+
+def test_one_class_svm_keeps_its_outputs_bit_for_bit():
+    x = REFERENCES["one_class/inputs"]
+    expected = session(onnx.load(CLASSIC / "one_class_svm.onnx")).run(None, {"X": x})
+    actual = session(one_class()).run(None, {"X": x})
+    assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
+
+
+@pytest.mark.parametrize("stiffness", [1.0, 2.0])
+def test_one_class_svm_relevance_is_one_class_dtds(stiffness):
+    """Inliers and outliers, to 1e-5 of the largest relevance (measured: 2.1e-6, float32 against float64)."""
+    x = REFERENCES["one_class/inputs"]
+    result = session(one_class(stiffness)).run(["relevance"], {"X": x})[0]
+    expected = np.array([one_class_dtd(row, stiffness)[0] for row in x])
+    assert np.abs(result - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_one_class_svm_outlier_score_is_the_models():
+    """The paper's check: the neuralized output, which the relevance sums to, is the model's own decision f
+    (`scores`) as o = -log(f + rho) / gamma; outliers (label -1) are those above -log(rho) / gamma."""
+    x = REFERENCES["one_class/inputs"]
+    gamma, offset = float(REFERENCES["one_class/gamma"]), float(REFERENCES["one_class/offset"])
+    label, decision, result = session(one_class()).run(None, {"X": x})
+    own = -np.log(decision[:, 0].astype(np.float64) + offset) / gamma
+    scores = np.array([one_class_dtd(row, 1.0)[1] for row in x])
+    assert np.abs(scores - own).max() <= 1e-5 * np.abs(own).max()
+    assert np.abs(result.astype(np.float64).sum(1) - own).max() <= 1e-5 * np.abs(own).max()
+    assert np.array_equal(label.ravel() == -1, own > -np.log(offset) / gamma) and np.any(label == -1)

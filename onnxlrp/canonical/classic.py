@@ -7,7 +7,12 @@ that the walk explains: a Scaler becomes Sub and Mul by its constants, and the s
 their mean score per class before any post-transform. What turns those scores into the model's outputs
 (post_transform, Normalizer, calibration, votes, ZipMap) is a head: the walk starts below it (`head_of`), and a
 negative target explains the class in the model's label output.
-docs/rules.md, "Classic machine-learning models", gives the scores of each scorer.
+
+Two unsupervised models are neuralized the same way (NEON): a k-means model (skl2onnx's distances, ArgMin) gets a
+`Centroids` dense layer whose score differences are the discriminants between clusters, and a one-class SVM (an
+RBF SVMRegressor with positive weights) gets its distances to the support vectors in plain ops and an
+`OutlierScore` soft min-pooling over them. docs/rules.md, "Classic machine-learning models", gives each model's
+scores and the rules.
 """
 from __future__ import annotations
 
@@ -27,7 +32,11 @@ LINEAR_MODEL = "LinearModel"  # canonical: a classic model's scores, x @ W + b (
 # Canonical: a k-means model's scores 2 mu_k . x - |mu_k|^2, which are |x|^2 less its squared distances: the
 # differences of two are the linear discriminants between clusters (docs/rules.md, k-means).
 CENTROIDS = "Centroids"
-TWINS = (LINEAR_MODEL, CENTROIDS)
+# Canonical: a one-class SVM's outlier score, the soft min-pooling of its squared distances to its support vectors
+# (attrs: gamma and the log of their weights; docs/rules.md, one-class SVM).
+OUTLIER_SCORE = "OutlierScore"
+TWINS = (LINEAR_MODEL, CENTROIDS, OUTLIER_SCORE)
+AXES_AS_INPUT = {"ReduceSum": 13, "ReduceMin": 18}  # the opset from which a reduction takes its axes as an input
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,13 @@ def _classes(node: gs.Node) -> int:
     return len(node.attrs.get("classlabels_ints") or node.attrs.get("classlabels_strings") or [])
 
 
-def _linear_kernel(node: gs.Node) -> None:
+def _kernel(node: gs.Node) -> str:
     kernel = node.attrs.get("kernel_type", "LINEAR")
-    kernel = kernel.decode() if isinstance(kernel, bytes) else kernel
+    return kernel.decode() if isinstance(kernel, bytes) else kernel
+
+
+def _linear_kernel(node: gs.Node) -> None:
+    kernel = _kernel(node)
     if kernel != "LINEAR":
         raise LrpError(f"node '{node.name}' ({node.op}): its {kernel} kernel is not linear; onnxlrp explains SVMs "
                        f"with a linear kernel only")
@@ -93,7 +106,7 @@ def linear_regressor(node: gs.Node, features: int) -> Scores:
 def svm_regressor(node: gs.Node, features: int) -> Scores:
     """sum_s coefficient_s <x, v_s> + rho: one target."""
     if node.attrs.get("one_class", 0):
-        raise LrpError(f"node '{node.name}' ({node.op}): a one-class SVM is not supported")
+        raise LrpError(f"node '{node.name}' ({node.op}): an SVMRegressor with one_class set is not supported")
     weight = _floats(node, "coefficients") @ _support_vectors(node, features)
     return Scores(weight[:, None], _floats(node, "rho")[:1])
 
@@ -223,6 +236,25 @@ def kmeans(argmin: gs.Node) -> KMeans | None:
     return KMeans(square.inputs[0], centroids, distances, nodes)
 
 
+@dataclass(frozen=True)
+class OneClass:
+    """A one-class SVM: sum_j a_j exp(-gamma |x - u_j|^2) + rho with every a_j > 0 (float64)."""
+    vectors: np.ndarray  # [J, F]
+    weights: np.ndarray  # [J]
+    gamma: float
+
+
+def one_class(node: gs.Node, features: int) -> OneClass | None:
+    """An SVMRegressor with an RBF kernel and positive coefficients (skl2onnx's OneClassSVM), or None."""
+    if node.domain != ML or node.op != "SVMRegressor" or _kernel(node) != "RBF":
+        return None
+    weights = _floats(node, "coefficients")
+    if not np.all(weights > 0) or node.attrs.get("one_class", 0):
+        return None
+    vectors = _floats(node, "support_vectors").reshape(-1, features)
+    return OneClass(vectors, weights, float(_floats(node, "kernel_params")[0]))
+
+
 def _stand_in(graph: gs.Graph, collapsed: Collapsed, op: str, name: str, x: gs.Tensor, weight: np.ndarray,
               bias: np.ndarray, scored: list[str], labels: list[int]) -> gs.Node:
     """Add a canonical dense layer x @ weight.T + bias (weight [C, F], float64) that `collapsed.restore` turns into
@@ -234,7 +266,61 @@ def _stand_in(graph: gs.Graph, collapsed: Collapsed, op: str, name: str, x: gs.T
               gs.Constant(fresh_name(graph, f"{name}/bias"), bias.astype(dtype))]
     canonical = gs.Node(op, name, {"scores_of": scored, "labels": labels}, inputs, [output], domain=CANONICAL)
     graph.nodes.append(canonical)
-    collapsed.stand_in(canonical, gs.Node("Gemm", name, {"transB": 1}))
+    collapsed.stand_in(canonical, [(gs.Node("Gemm", name, {"transB": 1}), list(inputs), [output])])
+    return canonical
+
+
+class _Plain:
+    """Plain nodes built outside the graph, each as (node, inputs, outputs), for `Collapsed.stand_in` or the graph."""
+
+    def __init__(self, graph: gs.Graph, base: str, dtype: np.dtype):
+        self.graph, self.base, self.dtype = graph, base, dtype
+        self.nodes: list[tuple[gs.Node, list, list]] = []
+
+    def const(self, values: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
+        return gs.Constant(fresh_name(self.graph, f"{self.base}/const"), np.asarray(values, dtype=dtype or self.dtype))
+
+    def __call__(self, op: str, *inputs: gs.Tensor, shape=None, axes: list[int] | None = None,
+                 **attrs) -> gs.Variable:
+        name = fresh_name(self.graph, f"{self.base}/{op}")
+        inputs = list(inputs)
+        if axes is not None and self.graph.opset >= AXES_AS_INPUT[op]:
+            inputs.append(self.const(np.array(axes), np.dtype(np.int64)))
+        elif axes is not None:
+            attrs["axes"] = axes
+        output = gs.Variable(name, dtype=self.dtype, shape=shape)
+        self.nodes.append((gs.Node(op, name, attrs), inputs, [output]))
+        return output
+
+
+def _one_class_twin(graph: gs.Graph, collapsed: Collapsed, node: gs.Node, x: gs.Tensor, model: OneClass) -> gs.Node:
+    """The squared distances d_j = sum_i (x_i - u_ji)^2 in plain ops that the walk reads (Reshape, Sub, Mul,
+    ReduceSum), and an OutlierScore node that pools them: o = -log(sum_j a_j exp(-gamma d_j)) / gamma, restored as
+    plain ops."""
+    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+    batch, (count, features) = (x.shape[0] if x.shape else "N"), model.vectors.shape
+    plain = _Plain(graph, f"{node.name}/distances", dtype)
+    column = plain("Reshape", x, plain.const([0, 1, features], np.dtype(np.int64)), shape=[batch, 1, features])
+    differences = plain("Sub", column, plain.const(model.vectors), shape=[batch, count, features])
+    squares = plain("Mul", differences, differences, shape=[batch, count, features])
+    distances = plain("ReduceSum", squares, shape=[batch, count], axes=[2], keepdims=0)
+    graph.nodes.extend(n for n, _, _ in plain.nodes)
+    for n, inputs, outputs in plain.nodes:
+        n.inputs.extend(inputs)
+        n.outputs.extend(outputs)
+    pool = _Plain(graph, f"{node.name}/outlier_score", dtype)
+    h = pool("Sub", distances, pool.const(np.log(model.weights) / model.gamma), shape=[batch, count])
+    low = pool("ReduceMin", h, shape=[batch, 1], axes=[1], keepdims=1)
+    exponent = pool("Mul", pool("Sub", h, low, shape=[batch, count]), pool.const(-model.gamma), shape=[batch, count])
+    total = pool("ReduceSum", pool("Exp", exponent, shape=[batch, count]), shape=[batch, 1], axes=[1], keepdims=1)
+    spread = pool("Mul", pool("Log", total, shape=[batch, 1]), pool.const(1 / model.gamma), shape=[batch, 1])
+    score = pool("Sub", low, spread, shape=[batch, 1])
+    attrs = {"scores_of": [t.name for t in node.outputs], "labels": [], "gamma": model.gamma,
+             "log_weights": np.log(model.weights).tolist()}
+    name = fresh_name(graph, f"{node.name}/outlier_score")
+    canonical = gs.Node(OUTLIER_SCORE, name, attrs, [distances], [score], domain=CANONICAL)
+    graph.nodes.append(canonical)
+    collapsed.stand_in(canonical, pool.nodes)
     return canonical
 
 
@@ -244,10 +330,15 @@ def linear_models(graph: gs.Graph, collapsed: Collapsed) -> dict[str, tuple[str,
     into plain Gemms. Returns, per twin node, the model's nodes it stands beside ("name (op)", for `inspect`)."""
     beside: dict[str, tuple[str, ...]] = {}
     groups: dict[tuple, list[gs.Node]] = {}
-    for node in graph.nodes:
-        if node.domain == ML and node.op in SCORERS:
-            groups.setdefault((node.inputs[0].name, _reached(node, graph)), []).append(node)
     twins: dict[str, gs.Tensor] = {}
+    for node in graph.nodes:
+        x = _twin(graph, node.inputs[0], twins, beside) if node.domain == ML and node.op in SCORERS else None
+        found = one_class(node, _features(node, x)) if x is not None and node.op == "SVMRegressor" else None
+        if found is not None:
+            canonical = _one_class_twin(graph, collapsed, node, x, found)
+            beside[canonical.name] = (f"{node.name} ({node.op})",)
+        elif x is not None:
+            groups.setdefault((node.inputs[0].name, _reached(node, graph)), []).append(node)
     for scorers in groups.values():
         x = _twin(graph, scorers[0].inputs[0], twins, beside)
         scores = [SCORERS[node.op](node, _features(node, x)) for node in scorers]

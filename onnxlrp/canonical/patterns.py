@@ -300,10 +300,11 @@ class Collapsed:
                             for n in swaps.get(index, [node])]
         self.replaced.clear()
 
-    def stand_in(self, canonical: gs.Node, node: gs.Node) -> None:
-        """Let a canonical node in the graph stand for a plain node (without inputs and outputs) that `restore`
-        puts in its place with the canonical node's inputs and outputs (a twin that only the walk reads)."""
-        self.replaced.append((canonical, [(node, list(canonical.inputs), list(canonical.outputs))]))
+    def stand_in(self, canonical: gs.Node, nodes: list[tuple[gs.Node, list, list]]) -> None:
+        """Let a canonical node in the graph stand for plain nodes not in it (node, its inputs, its outputs; in graph
+        order, from the canonical node's inputs to its outputs) that `restore` puts in its place: a twin that only
+        the walk reads."""
+        self.replaced.append((canonical, nodes))
 
     def hidden(self) -> dict[str, gs.Tensor]:
         """The tensors that only the covered nodes read or write, by name (a user may name one)."""

@@ -140,6 +140,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     # centroids: the pass on x without bias less the pass on ones with w^2 / 4 (w m = (w_c^2 - w_k^2) / 4).
     Rule("midpoint", (Group((Term("x", SAME, None), Term("ones", QUARTER_SQUARE, None, -1))),),
          params=("stiffness", "stabilizer")),
+    # One-class DTD's min-pooling (Kauffmann et al. 2020): relevance follows the gradient of a soft-min whose
+    # stiffness is `stiffness` times the pooling's own, min-take-most.
+    Rule("minpool", params=("stiffness",)),
 )}
 
 DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,
