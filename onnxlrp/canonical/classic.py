@@ -142,22 +142,49 @@ SCORERS: dict[str, Callable[[gs.Node, int], Scores]] = {
 }
 
 
+class _Plain:
+    """Plain nodes built outside the graph, each as (node, inputs, outputs), for `Collapsed.stand_in` or the graph."""
+
+    def __init__(self, graph: gs.Graph, base: str, dtype: np.dtype):
+        self.graph, self.base, self.dtype = graph, base, dtype
+        self.nodes: list[tuple[gs.Node, list, list]] = []
+
+    def const(self, values: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
+        return gs.Constant(fresh_name(self.graph, f"{self.base}/const"), np.asarray(values, dtype=dtype or self.dtype))
+
+    def __call__(self, op: str, *inputs: gs.Tensor, shape=None, axes: list[int] | None = None,
+                 name: str | None = None, **attrs) -> gs.Variable:
+        """A node's output; `name` (default: the base and op type) names the node and its output."""
+        name = fresh_name(self.graph, f"{self.base}/{name or op}")
+        inputs = list(inputs)
+        if axes is not None and self.graph.opset >= AXES_AS_INPUT[op]:
+            inputs.append(self.const(np.array(axes), np.dtype(np.int64)))
+        elif axes is not None:
+            attrs["axes"] = axes
+        output = gs.Variable(name, dtype=self.dtype, shape=shape)
+        self.nodes.append((gs.Node(op, name, attrs), inputs, [output]))
+        return output
+
+    def into_graph(self) -> None:
+        """Connect the nodes and append them to the graph (twins that stay, unlike those a canonical node stands
+        for)."""
+        for node, inputs, outputs in self.nodes:
+            node.inputs.extend(inputs)
+            node.outputs.extend(outputs)
+            self.graph.nodes.append(node)
+
+
 def _scaler(graph: gs.Graph, node: gs.Node, x: gs.Tensor) -> gs.Variable:
     """Scaler: (x - offset) * scale, as Sub and Mul by constants of x's type."""
-    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
-    shifted = _append(graph, "Sub", f"{node.name}/offset", x, _floats(node, "offset", [0.0]).astype(dtype), x.shape)
-    return _append(graph, "Mul", f"{node.name}/scale", shifted, _floats(node, "scale", [1.0]).astype(dtype), x.shape)
+    plain = _Plain(graph, node.name, np.dtype(x.dtype) if floating(x) else np.dtype(np.float32))
+    shifted = plain("Sub", x, plain.const(_floats(node, "offset", [0.0])), shape=x.shape, name="offset")
+    scaled = plain("Mul", shifted, plain.const(_floats(node, "scale", [1.0])), shape=x.shape, name="scale")
+    plain.into_graph()
+    return scaled
 
 
 # The ai.onnx.ml ops before a scorer that have a twin in plain ops: (graph, node, twin of its input) -> its output.
 TRANSFORMS: dict[str, Callable[[gs.Graph, gs.Node, gs.Tensor], gs.Variable]] = {"Scaler": _scaler}
-
-
-def _append(graph: gs.Graph, op: str, name: str, x: gs.Tensor, values: np.ndarray, shape) -> gs.Variable:
-    name = fresh_name(graph, name)
-    output = gs.Variable(name, dtype=values.dtype, shape=shape)
-    graph.nodes.append(gs.Node(op, name, {}, [x, gs.Constant(fresh_name(graph, f"{name}/value"), values)], [output]))
-    return output
 
 
 def _twin(graph: gs.Graph, tensor: gs.Tensor, twins: dict[str, gs.Tensor], beside: dict[str, tuple[str, ...]]
@@ -270,29 +297,6 @@ def _stand_in(graph: gs.Graph, collapsed: Collapsed, op: str, name: str, x: gs.T
     return canonical
 
 
-class _Plain:
-    """Plain nodes built outside the graph, each as (node, inputs, outputs), for `Collapsed.stand_in` or the graph."""
-
-    def __init__(self, graph: gs.Graph, base: str, dtype: np.dtype):
-        self.graph, self.base, self.dtype = graph, base, dtype
-        self.nodes: list[tuple[gs.Node, list, list]] = []
-
-    def const(self, values: np.ndarray, dtype: np.dtype | None = None) -> gs.Constant:
-        return gs.Constant(fresh_name(self.graph, f"{self.base}/const"), np.asarray(values, dtype=dtype or self.dtype))
-
-    def __call__(self, op: str, *inputs: gs.Tensor, shape=None, axes: list[int] | None = None,
-                 **attrs) -> gs.Variable:
-        name = fresh_name(self.graph, f"{self.base}/{op}")
-        inputs = list(inputs)
-        if axes is not None and self.graph.opset >= AXES_AS_INPUT[op]:
-            inputs.append(self.const(np.array(axes), np.dtype(np.int64)))
-        elif axes is not None:
-            attrs["axes"] = axes
-        output = gs.Variable(name, dtype=self.dtype, shape=shape)
-        self.nodes.append((gs.Node(op, name, attrs), inputs, [output]))
-        return output
-
-
 def _one_class_twin(graph: gs.Graph, collapsed: Collapsed, node: gs.Node, x: gs.Tensor, model: OneClass) -> gs.Node:
     """The squared distances d_j = sum_i (x_i - u_ji)^2 in plain ops that the walk reads (Reshape, Sub, Mul,
     ReduceSum), and an OutlierScore node that pools them: o = -log(sum_j a_j exp(-gamma d_j)) / gamma, restored as
@@ -304,10 +308,7 @@ def _one_class_twin(graph: gs.Graph, collapsed: Collapsed, node: gs.Node, x: gs.
     differences = plain("Sub", column, plain.const(model.vectors), shape=[batch, count, features])
     squares = plain("Mul", differences, differences, shape=[batch, count, features])
     distances = plain("ReduceSum", squares, shape=[batch, count], axes=[2], keepdims=0)
-    graph.nodes.extend(n for n, _, _ in plain.nodes)
-    for n, inputs, outputs in plain.nodes:
-        n.inputs.extend(inputs)
-        n.outputs.extend(outputs)
+    plain.into_graph()
     pool = _Plain(graph, f"{node.name}/outlier_score", dtype)
     h = pool("Sub", distances, pool.const(np.log(model.weights) / model.gamma), shape=[batch, count])
     low = pool("ReduceMin", h, shape=[batch, 1], axes=[1], keepdims=1)
@@ -326,12 +327,13 @@ def _one_class_twin(graph: gs.Graph, collapsed: Collapsed, node: gs.Node, x: gs.
 
 def linear_models(graph: gs.Graph, collapsed: Collapsed) -> dict[str, tuple[str, ...]]:
     """Add the twin of every group of scorers that read one input and feed the same outputs: one LinearModel node
-    with their mean weight and bias; and of every k-means model, a Centroids node. `collapsed.restore` turns both
-    into plain Gemms. Returns, per twin node, the model's nodes it stands beside ("name (op)", for `inspect`)."""
+    with their mean weight and bias; of every one-class SVM, its distances and an OutlierScore node; and of every
+    k-means model, a Centroids node. `collapsed.restore` puts plain ops in place of the canonical nodes. Returns, per
+    twin node, the model's nodes it stands beside ("name (op)", for `inspect`)."""
     beside: dict[str, tuple[str, ...]] = {}
     groups: dict[tuple, list[gs.Node]] = {}
     twins: dict[str, gs.Tensor] = {}
-    for node in graph.nodes:
+    for node in list(graph.nodes):  # twins are appended as it goes
         x = _twin(graph, node.inputs[0], twins, beside) if node.domain == ML and node.op in SCORERS else None
         found = one_class(node, _features(node, x)) if x is not None and node.op == "SVMRegressor" else None
         if found is not None:
