@@ -75,7 +75,7 @@ def _linear_kernel(node: gs.Node) -> None:
     kernel = _kernel(node)
     if kernel != "LINEAR":
         raise LrpError(f"node '{node.name}' ({node.op}): its {kernel} kernel is not linear; onnxlrp explains SVMs "
-                       f"with a linear kernel only")
+                       f"with a linear kernel, and one-class SVMs with an RBF kernel")
 
 
 def _support_vectors(node: gs.Node, features: int) -> np.ndarray:
