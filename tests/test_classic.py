@@ -296,3 +296,11 @@ def test_one_class_svm_outlier_score_is_the_models():
     assert np.abs(scores - own).max() <= 1e-5 * np.abs(own).max()
     assert np.abs(result.astype(np.float64).sum(1) - own).max() <= 1e-5 * np.abs(own).max()
     assert np.array_equal(label.ravel() == -1, own > -np.log(offset) / gamma) and np.any(label == -1)
+
+
+def test_float16_is_refused_in_one_line():
+    """ai.onnx.ml operators take no float16, so a half-precision copy of a classic model would not load."""
+    from onnxlrp.ir.precision import to_float16
+    with pytest.raises(onnxlrp.LrpError) as error:
+        to_float16(built("logistic_regression"))
+    assert "\n" not in str(error.value) and "ai.onnx.ml" in str(error.value)
