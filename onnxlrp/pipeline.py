@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from .canonical import quantized
 from .canonical.batch import batch_of_one, lacks_batch_axis
+from .canonical.classic import linear_models
 from .canonical.control import condition, either, runtime_choice, with_branch
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
@@ -37,7 +38,8 @@ MAX_CHOICES = 3
 
 @dataclass
 class Prepared:
-    """The canonical graph the walk sees, what was folded into its linear layers, and what stands collapsed."""
+    """The canonical graph the walk sees, what was folded into its linear layers (or what a classic model's linear
+    model stands beside), and what stands collapsed."""
     graph: gs.Graph
     folded: dict[str, tuple[str, ...]]
     collapsed: Collapsed
@@ -45,7 +47,8 @@ class Prepared:
 
 def prepare(model: onnx.ModelProto, source: str) -> Prepared:
     """Canonicalise the model (its float twin where it is quantized or in half precision), fold BatchNorm and affine
-    constants into linear layers, convert to the opset the emitters need, collapse patterns."""
+    constants into linear layers, convert to the opset the emitters need, collapse patterns,
+    and add the twins of classic linear models (canonical/classic.py)."""
     return _prepared(canonicalize(model, source), source)
 
 
@@ -65,7 +68,9 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
     require_static_input(graph, source)
     folded = fold(graph)
     graph = _at_opset(graph, _needed_opset(graph, graph.opset), source)
-    return Prepared(graph, folded, collapse(graph))
+    collapsed = collapse(graph)
+    folded.update(linear_models(graph, collapsed))
+    return Prepared(graph, folded, collapsed)
 
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,

@@ -72,4 +72,4 @@ def test_no_emitter_compares_a_rule_by_name():
     for path in (PACKAGE / "lrp" / "emitters").glob("*.py"):
         text = path.read_text()
         for name in ("pass", "wta", "absorb", "stop", "softmax", "norm", "epsilon", "zero"):
-            assert f'== "{name}"' not in text and f'rule == ' not in text and '.name ==' not in text, path.name
+            assert f'== "{name}"' not in text and 'rule == ' not in text and '.name ==' not in text, path.name

@@ -65,6 +65,8 @@ def cli() -> None:
 @click.option("--beta", type=float, help="Beta of the alpha-beta rule.")
 @click.option("--low", help="Lowest input value of the zbox rule: a number or comma-separated per channel.")
 @click.option("--high", help="Highest input value of the zbox rule: a number or comma-separated per channel.")
+@click.option("--stiffness", type=float, help="Stiffness of the soft-min of a k-means logit over competitors, and "
+                                             "(times gamma) of a one-class SVM's outlier score (NEON).")
 @click.option("--explain", type=click.Choice(EXPLAIN), default="logit", show_default=True,
               help="What is explained: the target's logit, its log-odds, or a one-hot seed.")
 @click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")

@@ -16,6 +16,7 @@ from ..pipeline import Prepared, build, prepare, prepare_branches
 UNSUPPORTED = "unsupported"
 CONSTANT = "constant"  # no relevance reaches the node (shapes, a norm's sigma, masks): no rule is needed
 SKIPPED = "skipped"  # the classifier's head (Softmax, LogSoftmax, Sigmoid): its input, the logits, is explained
+TWINNED = "twin"  # a classic model's node that a twin (LinearModel, Centroids, Sub/Mul) stands beside for the walk
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ def _rows(prepared: Prepared, composite: Composite, source: str = "model") -> li
         skipped = {id(n) for n in head.skipped}
     except LrpError:  # build says why, in the verdict
         found, skipped = {id(n) for n in prepared.graph.nodes}, set()
+    twinned = {entry for entries in prepared.folded.values() for entry in entries}
     table = []
     for node in prepared.graph.nodes:
         folded = prepared.folded.get(node.name, ())
-        label = SKIPPED if id(node) in skipped else CONSTANT if id(node) not in found else \
-            UNSUPPORTED if node.op not in FAMILIES else None
+        label = TWINNED if f"{node.name} ({node.op})" in twinned else SKIPPED if id(node) in skipped else \
+            CONSTANT if id(node) not in found else UNSUPPORTED if node.op not in FAMILIES else None
         if label is not None:
             table.append(Row(node.name, node.op, folded, label, {}))
             continue

@@ -340,6 +340,12 @@ class Collapsed:
                             for n in swaps.get(index, [node])]
         self.replaced.clear()
 
+    def stand_in(self, canonical: gs.Node, nodes: list[tuple[gs.Node, list, list]]) -> None:
+        """Let a canonical node in the graph stand for plain nodes not in it (node, its inputs, its outputs; in graph
+        order, from the canonical node's inputs to its outputs) that `restore` puts in its place: a twin that only
+        the walk reads."""
+        self.replaced.append((canonical, nodes))
+
     def hidden(self) -> dict[str, gs.Tensor]:
         """The tensors that only the covered nodes read or write, by name (a user may name one)."""
         return {t.name: t for _, covered in self.replaced for _, inputs, outputs in covered for t in inputs + outputs}

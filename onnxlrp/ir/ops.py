@@ -67,6 +67,11 @@ class Ops:
             return self("ReduceMean", x, self.ints(axes), keepdims=int(keepdims))
         return self("ReduceMean", x, axes=list(axes), keepdims=int(keepdims))
 
+    def reduce_min(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
+        if self.opset >= 18:
+            return self("ReduceMin", x, self.ints(axes), keepdims=int(keepdims))
+        return self("ReduceMin", x, axes=list(axes), keepdims=int(keepdims))
+
     def unsqueeze(self, x: Tensor, axes: Sequence[int]) -> gs.Variable:
         if self.opset >= 13:
             return self("Unsqueeze", x, self.ints(axes))

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import LrpError
+
 # Inputs that ONNX requires in float32 whatever the data type (Resize and Upsample scales).
 FLOAT32_ONLY = {("Resize", 2), ("Upsample", 1)}
 
@@ -13,7 +15,13 @@ FLOAT32_ONLY = {("Resize", 2), ("Upsample", 1)}
 def to_float16(model: onnx.ModelProto, prefix: str = "") -> onnx.ModelProto:
     """Return a copy of `model` that computes in float16 between a Cast at each float32 input and output. With a
     `prefix`, only the nodes and initializers whose names start with it (the relevance of a quantized model's float
-    twin): the model's own nodes keep their types and outputs."""
+    twin): the model's own nodes keep their types and outputs. ai.onnx.ml operators (scikit-learn's models) take no
+    float16: such a model is refused in one line."""
+    classic = next((node for node in model.graph.node if node.domain == "ai.onnx.ml"
+                    and node.name.startswith(prefix)), None)
+    if classic is not None:
+        raise LrpError(f"--dtype float16: node '{classic.name}' ({classic.op_type}) is an ai.onnx.ml operator, "
+                       f"which computes in float32 only; build this model in float32")
     half = onnx.ModelProto()
     half.CopyFrom(model)
     graph = half.graph

@@ -47,6 +47,7 @@ GAMMA_UP = Modifier(1.0, lambda p: p["gamma"])  # p + gamma p+
 GAMMA_DOWN = Modifier(lambda p: 1 + p["gamma"], lambda p: -p["gamma"])  # p + gamma p- = (1 + gamma) p - gamma p+
 ONES = Modifier(kind="ones")
 SQUARE = Modifier(kind="square")
+QUARTER_SQUARE = Modifier(0.25, kind="square")  # p^2 / 4: the midpoint rule's root term (below)
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,20 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("stop", ONE_GROUP, params=("stabilizer",), detaches=True),
     # AttnLRP's softmax rule (Prop. 3.1) is exact: no stabilizer.
     Rule("softmax", ONE_GROUP, fixed={"stabilizer": 0.0}),
+    # NEON's midpoint rule for a k-means model (Kauffmann et al. 2022, docs/rules.md): on the discriminant between
+    # clusters c and k, scores 2 mu . x - |mu|^2, each input keeps (x_i - m_i) w_i of z, m the midpoint of the two
+    # centroids: the pass on x without bias less the pass on ones with w^2 / 4 (w m = (w_c^2 - w_k^2) / 4).
+    Rule("midpoint", (Group((Term("x", SAME, None), Term("ones", QUARTER_SQUARE, None, -1))),),
+         params=("stiffness", "stabilizer")),
+    # One-class DTD's min-pooling (Kauffmann et al. 2020): relevance follows the gradient of a soft-min whose
+    # stiffness is `stiffness` times the pooling's own, min-take-most.
+    Rule("minpool", params=("stiffness",)),
 )}
 
 DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,
-            "epsilon_scale": 0.0}
+            "epsilon_scale": 0.0, "stiffness": 1.0}
 VECTOR_PARAMS = ("low", "high")
-NONNEGATIVE_PARAMS = ("epsilon", "stabilizer", "gamma", "alpha", "beta", "epsilon_scale")
+NONNEGATIVE_PARAMS = ("epsilon", "stabilizer", "gamma", "alpha", "beta", "epsilon_scale", "stiffness")
 
 
 def parse_value(key: str, value: object, where: str) -> float | tuple[float, ...]:
@@ -448,7 +457,7 @@ def _modifier_cache(ops: Ops, params) -> Callable[[Tensor | None, Modifier | Non
     def modified(tensor, modifier):
         if tensor is None or modifier is None:
             return None
-        key = (tensor.name, modifier.kind, modifier.coefficients(params) if modifier.kind == "linear" else None)
+        key = (tensor.name, modifier.kind, modifier.coefficients(params))
         if key not in cache:
             cache[key] = _modify(ops, tensor, modifier, params)
         return cache[key]
@@ -459,7 +468,9 @@ def _modify(ops: Ops, tensor: Tensor, modifier: Modifier, params) -> Tensor:
     if modifier.kind == "ones":
         return ops("Expand", ops.scalar(1.0), ops.ints(tensor.shape))
     if modifier.kind == "square":
-        return ops("Mul", tensor, tensor)
+        scale = modifier.coefficients(params)[0]
+        squared = ops("Mul", tensor, tensor)
+        return squared if scale == 1 else ops("Mul", squared, ops.scalar(scale))
     same, positive = modifier.coefficients(params)
     if (same, positive) == (1.0, -1.0):
         return ops.negative(tensor)

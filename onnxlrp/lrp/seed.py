@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..canonical.classic import CENTROIDS
 from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
 from .composite import ARCHITECTURES, SUGGESTED
-from .emitters.linear import Dense, linear_layer
+from .emitters import FAMILIES
+from .emitters.linear import Dense
 from .families import Context, Unsupported
-from .rules import Shared, propagate
+from .rules import Weighted, propagate
 
 EXPLAIN = ("logit", "logodds", "onehot")
 LOGODDS_RULES = ("epsilon", "zero")
@@ -79,13 +81,15 @@ class Recorded:
             return cls()
 
 
-def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Tensor:
-    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0.
+def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int,
+                   label: tuple[Tensor, np.ndarray] | None = None) -> Tensor:
+    """One-hot rows of the class to explain: `target`, or the predicted class where target < 0: the arg-max of the
+    logits, or where the model has a label output (a classic model's), the position of its label in the class labels.
 
     A target of length 1 applies to the whole batch. Other lengths than N or 1, and classes >= C, make ONNX Runtime
     fail in nodes whose names (which its error message quotes) say what is wrong with `target`.
     """
-    predicted = ops("ArgMax", logits, axis=1, keepdims=0)
+    predicted = ops("ArgMax", logits if label is None else _label_rows(ops, *label), axis=1, keepdims=0)
     length = f"{TARGET_CHECK}: its length must be the batch size or 1"
     chosen = _named(ops, ops("Where", ops("Less", target, ops.scalar(0, np.int64)), predicted, target), length)
     labels = ops.const(np.arange(classes), dtype=np.dtype(np.int64))
@@ -100,52 +104,86 @@ def one_hot_target(ops: Ops, logits: Tensor, target: Tensor, classes: int) -> Te
                to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))
 
 
+def _label_rows(ops: Ops, label: Tensor, classes: np.ndarray) -> Tensor:
+    """Rows of 1 at the position of each sample's label among the class labels, 0 elsewhere."""
+    known = ops.const(classes, dtype=classes.dtype)
+    return ops("Cast", ops("Equal", ops.unsqueeze(label, [1]), known), to=onnx.TensorProto.INT32)
+
+
 def _named(ops: Ops, tensor: gs.Variable, name: str) -> gs.Variable:
     """Rename the node that computes `tensor` (ONNX Runtime's errors quote node names)."""
     tensor.inputs[0].name = ops.fresh(name)
     return tensor
 
 
-def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str) -> tuple[Tensor, Tensor]:
-    """The tensor where the walk starts and its relevance."""
+def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, explain: str,
+          label: tuple[Tensor, np.ndarray] | None = None) -> tuple[Tensor, Tensor]:
+    """The tensor where the walk starts and its relevance (`label`: see one_hot_target). A k-means model's logit
+    is its cluster logit (`_cluster_logit`)."""
     ops = ctx.ops
     ops.scope = "lrp/top"
-    hot = one_hot_target(ops, logits, target, classes)
+    hot = one_hot_target(ops, logits, target, classes, label)
     if explain == "onehot":
         return logits, hot
+    if explain == "logit" and logits.inputs and logits.inputs[0].op == CENTROIDS:
+        return _cluster_logit(ctx, logits, hot)
     if explain == "logit":
         return logits, ops("Mul", hot, logits)
     return _logodds(ctx, logits, hot)
 
 
 @dataclass
-class Differences(Shared):
-    """The last dense layer as the differences z_c' = y_c - y_c' (weights w_c - w_c'): c = w_c * sum(s) - W s."""
+class Differences(Weighted):
+    """The last dense layer as the differences z_c' = y_c - y_c' of each sample's class c (weights w_c - w_c',
+    biases b_c - b_c'), computed from the layer's own parameters: its input-gradient is w_c * sum(s) - W s."""
     layer: Dense
     hot: Tensor
     output: Tensor
 
     @property
-    def inputs(self) -> list[Tensor | None]:
-        return [self.layer.x]
+    def x(self) -> Tensor:
+        return self.layer.x
 
-    def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
-        chosen_weight = self.layer.backward(ops, self.hot, self.layer.weight)  # the row w_c of each sample
-        others = self.layer.backward(ops, s, self.layer.weight)
-        return [ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), others)]
+    def parameters(self) -> tuple[Tensor, Tensor | None]:
+        return self.layer.parameters()
+
+    def forward(self, ops: Ops, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        scores = self.layer.forward(ops, x, weight, bias)
+        return ops("Sub", ops.reduce_sum(ops("Mul", self.hot, scores), [1]), scores)
+
+    def backward(self, ops: Ops, s: Tensor, weight: Tensor) -> Tensor:
+        chosen_weight = self.layer.backward(ops, self.hot, weight)  # the row w_c of each sample
+        return ops("Sub", ops("Mul", chosen_weight, ops.reduce_sum(s, [1])), self.layer.backward(ops, s, weight))
+
+    def constant_input(self, ops: Ops, values: np.ndarray) -> Tensor:
+        return self.layer.constant_input(ops, values)
+
+
+def _last_dense(ctx: Context, logits: gs.Variable, what: str) -> tuple[gs.Node, Dense]:
+    """The dense layer that computes the logits (a Gemm or MatMul, or a classic model's twin), or `what` needs one."""
+    producer = logits.inputs[0] if logits.inputs else None
+    family = FAMILIES.get(producer.op) if producer is not None else None
+    try:
+        layer = family.describe(ctx, producer) if family is not None else None
+    except Unsupported:
+        layer = None
+    if not isinstance(layer, Dense):
+        raise LrpError(f"{what} needs the logits to come straight from a dense layer (Gemm or MatMul, or a "
+                       f"classic model's linear model)")
+    return producer, layer
+
+
+def _differences(ops: Ops, logits: Tensor, hot: Tensor) -> tuple[Tensor, Tensor]:
+    """z_c' = y_c - y_c' (0 at c' = c), and where c' = c (boolean)."""
+    chosen_logit = ops.reduce_sum(ops("Mul", hot, logits), [1])
+    return ops("Sub", chosen_logit, logits), ops("Cast", hot, to=onnx.TensorProto.BOOL)
 
 
 def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Tensor]:
     """Explain log(P(c) / (1 - P(c))) through the last dense layer, replaced by the differences
     z_c' = y_c - y_c' and a reverse log-sum-exp pooling that gives R_c' = z_c' * softmin_c'(z); the layer's rule
     (epsilon or zero) then runs on the differences, which needs no per-class weight copies."""
-    producer = logits.inputs[0] if logits.inputs else None
-    try:
-        layer = linear_layer(producer) if producer is not None else None
-    except Unsupported:
-        layer = None
-    if not isinstance(layer, Dense):
-        raise LrpError("--explain logodds needs the logits to come straight from a dense layer (Gemm or MatMul)")
+    producer, layer = _last_dense(ctx, logits, "--explain logodds")
     rule, params = ctx.rule(producer)
     if rule.name not in LOGODDS_RULES:
         raise LrpError(f"--explain logodds supports the {' or '.join(LOGODDS_RULES)} rule on the last layer "
@@ -153,12 +191,25 @@ def _logodds(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Te
     if params.get("epsilon_scale") and "epsilon_scale" in rule.params:
         raise LrpError(f"--explain logodds does not support epsilon_scale on the last layer '{producer.name}'")
     ops = ctx.ops
-    chosen_logit = ops.reduce_sum(ops("Mul", hot, logits), [1])
-    differences = ops("Sub", chosen_logit, logits)  # z_c' = y_c - y_c', 0 at c' = c
-    exponents = ops("Where", ops("Cast", hot, to=onnx.TensorProto.BOOL), ops.scalar(-np.inf),
-                    ops("Neg", differences))
-    weights = ops("Softmax", exponents, axis=1)  # softmin over c' != c
+    differences, own = _differences(ops, logits, hot)
+    weights = ops("Softmax", ops("Where", own, ops.scalar(-np.inf), ops("Neg", differences)), axis=1)  # softmin
     pair_relevance = ops("Mul", differences, weights)
+    lower = propagate(ctx, producer, Differences(layer, hot, differences), [pair_relevance])
+    return layer.x, lower[0]
+
+
+def _cluster_logit(ctx: Context, logits: gs.Variable, hot: Tensor) -> tuple[Tensor, Tensor]:
+    """NEON for k-means (Kauffmann et al., arXiv 1906.07633): the logit of cluster c is f_c = min_k h_k over the
+    competitors k, h_k = y_c - y_k = |x - mu_k|^2 - |x - mu_c|^2 the linear discriminant between c and k (> 0 for
+    all k where x is in c). Min-take-most: R_k = f_c softmin_k(stiffness h), then the Centroids layer's rule
+    (midpoint) on the discriminants."""
+    producer, layer = _last_dense(ctx, logits, "a k-means model's logit")
+    _, params = ctx.rule(producer)
+    ops = ctx.ops
+    differences, own = _differences(ops, logits, hot)
+    logit = ops.reduce_min(ops("Where", own, ops.scalar(np.inf), differences), [1])
+    exponents = ops("Where", own, ops.scalar(-np.inf), ops("Mul", differences, ops.scalar(-params["stiffness"])))
+    pair_relevance = ops("Mul", ops("Softmax", exponents, axis=1), logit)
     lower = propagate(ctx, producer, Differences(layer, hot, differences), [pair_relevance])
     return layer.x, lower[0]
 

@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..canonical.classic import head_of
 from ..canonical.patterns import STOP_GRADIENT
 from ..errors import LrpError
 from ..ir.graph import floating
@@ -110,6 +111,8 @@ class Head:
     output: gs.Variable
     logits: gs.Variable
     skipped: tuple[gs.Node, ...]
+    label: gs.Variable | None = None  # a classic model's label output, whose class labels are `classes`
+    classes: np.ndarray | None = None
 
     @property
     def kind(self) -> str | None:
@@ -154,7 +157,8 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[x.shape[0] if x.shape else "N"])
     walk = Walk(graph, composite, ops, x)
-    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain), source)
+    label = (head.label, head.classes) if head.label is not None else None
+    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain, label), source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     total = ops.add_all(relevance[x.name])
@@ -172,8 +176,12 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
 
 
 def classifier(graph: gs.Graph, output: str | None, source: str, hidden: Mapping[str, gs.Tensor] = {}) -> Head:
-    """The classifier output (`output`, or the first float [N, C] output) and the logits before its head."""
+    """The classifier output (`output`, or the first float [N, C] output) and the logits before its head (for a
+    classic model, the scores of its linear model: canonical/classic.py)."""
     shown = _classifier_output(graph, output, source, hidden)
+    classic = head_of(graph, shown)
+    if classic is not None:
+        return Head(shown, classic.scores, (), classic.label, classic.classes)
     tensor, skipped = shown, []
     while tensor.inputs and tensor.inputs[0].op in HEADS + ("Identity",):
         skipped.insert(0, tensor.inputs[0])
@@ -218,13 +226,21 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
         if chosen is None:
             raise LrpError(f"{source}: --classifier-output: no tensor named '{name}' in the graph (it takes any "
                            f"float tensor of shape [N, C]; outputs: {', '.join(t.name for t in graph.outputs)})")
-        if not isinstance(chosen, gs.Variable) or not floating(chosen) or len(chosen.shape or []) != 2:
+        if not isinstance(chosen, gs.Variable) or not (_matrix(chosen) or head_of(graph, chosen) is not None):
             raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
         return chosen
-    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps).
-    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
-    for tensor in list(graph.outputs) + zipped:
-        if floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2:
+    # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps) of a [N, C] input,
+    # whose shape inference may not know (after ai.onnx.ml ops).
+    for tensor in graph.outputs:
+        if _matrix(tensor):
             return tensor
+    zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
+    if zipped:
+        return zipped[0]
     raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
+
+
+def _matrix(tensor: gs.Tensor) -> bool:
+    """Whether a tensor is known to be a float tensor of rank 2."""
+    return floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2
 

@@ -1,11 +1,12 @@
-"""Linear layers (Gemm, MatMul by a constant, Conv, ConvTranspose): a forward pass, its input-gradient, and
-the emitter that applies any rule of rules.py to them."""
+"""Linear layers (Gemm, MatMul by a constant, Conv, ConvTranspose, and a classic model's scores): a forward pass, its
+input-gradient, and the emitter that applies any rule of rules.py to them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ...canonical.classic import CENTROIDS, LINEAR_MODEL
 from ...errors import LrpError
 from ...ir.graph import constant, static
 from ...ir.ops import Ops, Tensor
@@ -137,7 +138,23 @@ def linear(ctx: Context, node: gs.Node) -> Layer:
     return Product(node) if node.op == "MatMul" and not is_layer(node) else linear_layer(node)
 
 
-FAMILIES = (linear,)
+@family("linear model", (LINEAR_MODEL,), ("zero",) + tuple(r for r in LINEAR_RULES if r != "zero"),
+        zeros=lambda node, rule: "kept" if rule.keeps_zeros else None)
+def linear_model(ctx: Context, node: gs.Node) -> Layer:
+    """A classic model's scores (canonical/classic.py): one dense layer, LRP-0 unless the composite names its op type,
+    so that each feature gets its exact contribution w_ci x_i. It is not a `first_linear` layer of the presets."""
+    return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
+
+
+@family("centroids", (CENTROIDS,), ("midpoint", "zero", "epsilon"),
+        zeros=lambda node, rule: "kept" if rule.keeps_zeros else None)
+def centroids(ctx: Context, node: gs.Node) -> Layer:
+    """A k-means model's scores (canonical/classic.py), whose differences are the discriminants between clusters
+    that its logit min-pools (lrp/seed.py); NEON's midpoint rule by default."""
+    return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
+
+
+FAMILIES = (linear, linear_model, centroids)
 
 
 def _per_channel(node: gs.Node, values: np.ndarray, channels: int) -> np.ndarray:

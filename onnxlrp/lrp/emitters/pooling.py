@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ...canonical.classic import OUTLIER_SCORE
 from ...ir.graph import constant, static
 from ...ir.ops import Ops, Tensor
 from ..families import Context, Unsupported, family
-from ..rules import Layer, OfNode, Rule, Weighted
+from ..rules import Layer, OfNode, Routing, Rule, Weighted
 
 WINDOW_ATTRS = ("kernel_shape", "strides", "pads", "ceil_mode")
 
@@ -197,4 +198,25 @@ def max_reduction(ctx: Context, node: gs.Node) -> Layer:
     return MaxReduction(node, *_reduction(node), ops=ctx.ops)
 
 
-FAMILIES = (average_pool, reduction, max_pool, max_reduction)
+@dataclass
+class SoftMin(OfNode, Routing):
+    """A one-class SVM's outlier score o = -log(sum_j exp(-gamma h_j)) / gamma, a soft min-pooling over
+    h_j = d_j - log(a_j) / gamma, d_j its squared distances (canonical/classic.py). Relevance goes to each distance by
+    the gradient of a soft-min of stiffness `stiffness` x gamma, R_j = softmin_j(stiffness gamma h) R: min-take-most
+    (with stiffness 1, the pooling's own gradient)."""
+    node: gs.Node
+    stiffness: float
+
+    def route(self, ops: Ops, rule: Rule, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+        gamma = float(self.node.attrs["gamma"])
+        h = ops("Sub", self.x, ops.const(np.asarray(self.node.attrs["log_weights"]) / gamma))
+        shares = ops("Softmax", ops("Mul", h, ops.scalar(-self.stiffness * gamma)), axis=1)
+        return [ops("Mul", shares, relevance[0])]
+
+
+@family("outlier score", (OUTLIER_SCORE,), ("minpool",))
+def outlier_score(ctx: Context, node: gs.Node) -> Layer:
+    return SoftMin(node, float(ctx.rule(node)[1]["stiffness"]))
+
+
+FAMILIES = (average_pool, reduction, max_pool, max_reduction, outlier_score)
