@@ -29,7 +29,7 @@ from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
-from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, RELEVANCE_PAIRS, TARGET, Recorded
+from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
 # If nodes chosen at run time that a build explains (each doubles the built model).
@@ -104,7 +104,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     twinned = quantized.needs_twin(model)
     built = _built(model, composite, explain, output, source, layer_relevance)
     if unbatched is not None:
-        built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS])
+        built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
