@@ -28,19 +28,19 @@ FORM = "the pairs rule needs a Mul of two Relu(x @ W) of rank-2 tensors by const
 
 @dataclass
 class Projection:
-    """One factor max(0, x W) of the product: the projected tensor x [N, I], the weight as stored and its layout
-    (`rows`: [K, I], a Gemm with transB), and the projection x W before the ReLU."""
+    """One factor max(0, x W) of the product: the projected tensor x [N, features], the weight as stored and its
+    layout (`rows`: [K, features], a Gemm with transB), and the projection x W before the ReLU."""
     x: Tensor
     weight: Tensor
     rows: bool
     projected: Tensor
 
     def columns(self, ops: Ops) -> Tensor:
-        """The weight as [I, K]."""
+        """The weight as [features, K]."""
         return ops("Transpose", self.weight) if self.rows else self.weight
 
     def lines(self, ops: Ops) -> Tensor:
-        """The weight as [K, I]."""
+        """The weight as [K, features]."""
         return self.weight if self.rows else ops("Transpose", self.weight)
 
 
@@ -62,7 +62,8 @@ def projection(factor: Tensor) -> Projection:
 @dataclass
 class Bilinear(Weighted):
     """z_k = sum_ij (x_i y_j) w_ik v_jk = (x W_k)(y V_k): a layer linear in the outer product x y^T [N, I, J], whose
-    weight the rule reads is W (the plain rule modifies none) and whose input-gradient is W diag(s) V^T."""
+    weight the rule reads is W (the plain rule modifies none) and whose input-gradient is W diag(s) V^T. Its output
+    z is the product of the model's own projections: the plain rule needs no other forward pass."""
     left: Projection
     right: Projection
     x: Tensor
