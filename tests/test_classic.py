@@ -1,6 +1,8 @@
-"""Classic scikit-learn models through skl2onnx (fixtures/make_classic.py): the model's own outputs are kept bit for
-bit, and the relevance of class c is each feature's exact contribution w_ci (x_i - reference_i) to the score of c,
-computed in numpy from the coefficients that scikit-learn holds (docs/rules.md, Classic machine-learning models)."""
+"""Classic scikit-learn models through skl2onnx (fixtures/make_classic.py, and the trained examples of
+fixtures/make_examples.py): the model's own outputs are kept bit for bit, and the relevance of class c is each
+feature's exact contribution w_ci (x_i - reference_i) to the score of c, computed in numpy from the coefficients that
+scikit-learn holds (docs/rules.md, Classic machine-learning models); k-means and one-class SVMs against NEON's and
+One-class DTD's formulas."""
 from __future__ import annotations
 
 import functools
@@ -13,11 +15,17 @@ from onnx import TensorProto, helper
 import onnxlrp
 from conftest import FIXTURES, session
 
-CLASSIC = FIXTURES / "classic"
-REFERENCES = np.load(CLASSIC / "classic.npz")
-# Model -> the inputs of its references in classic.npz.
+CLASSIC, EXAMPLES = FIXTURES / "classic", FIXTURES / "examples"
+# The references of both fixture folders (their keys differ).
+REFERENCES = {**np.load(CLASSIC / "classic.npz"), **np.load(EXAMPLES / "examples.npz")}
+# Model -> the inputs of its references.
 MODELS = {"logistic_regression": "iris", "linear_svc": "iris", "calibrated_svc": "iris", "svc": "iris",
-          "svc_binary": "iris", "svr": "iris3", "linear_regression": "iris3", "text_logistic_regression": "text"}
+          "svc_binary": "iris", "svr": "iris3", "linear_regression": "iris3", "text_logistic_regression": "text",
+          "wine_pipeline": "wine"}
+# k-means model -> its inputs; one-class SVM -> the start of its references' keys.
+KMEANS = {"kmeans": "iris", "digits_kmeans": "digits"}
+ONE_CLASS = {"one_class_svm": "one_class", "digits_one_class": "digits_one_class"}
+TRAINED = ("wine_pipeline", "digits_kmeans", "digits_one_class")  # fixtures/examples
 CLASSIFIERS = [name for name in MODELS if name not in ("svr", "linear_regression")]
 # Relevance against numpy, relative to the largest contribution (measured: 4e-7 at most, svr).
 TOLERANCE = 1e-6
@@ -25,12 +33,12 @@ TOLERANCE = 1e-6
 
 @functools.cache
 def source(name: str) -> onnx.ModelProto:
-    return onnx.load(CLASSIC / f"{name}.onnx")
+    return onnx.load((EXAMPLES if name in TRAINED else CLASSIC) / f"{name}.onnx")
 
 
 @functools.cache
-def built(name: str, composite: str = "epsilon_plus_flat") -> onnx.ModelProto:
-    return onnxlrp.build(source(name), composite)
+def built(name: str, composite: str = "epsilon_plus_flat", stiffness: float | None = None) -> onnx.ModelProto:
+    return onnxlrp.build(source(name), composite, stiffness=stiffness)
 
 
 def feeds(name: str, **extra: np.ndarray) -> dict[str, np.ndarray]:
@@ -195,11 +203,11 @@ def test_inspect_shows_the_twins():
     assert table["Scaler/scale"].folded == ("Scaler (Scaler)",)
 
 
-def neon_kmeans(x: np.ndarray, cluster: int, stiffness: float) -> tuple[np.ndarray, float]:
+def neon_kmeans(name: str, x: np.ndarray, cluster: int, stiffness: float) -> tuple[np.ndarray, float]:
     """NEON for k-means in float64, as Kauffmann et al. write it (arXiv 1906.07633): the logit f_c = min_k h_k,
     h_k = w_k x + b_k = |x - mu_k|^2 - |x - mu_c|^2 over the competitors k; R_k = f_c softmin_k(beta h); the midpoint
     rule R_i = sum_k w_ki (x_i - m_ki) / h_k R_k, m_k = (mu_c + mu_k) / 2. Returns R and f_c."""
-    centroids = REFERENCES["kmeans/centroids"]
+    centroids = REFERENCES[f"{name}/centroids"]
     others = [k for k in range(len(centroids)) if k != cluster]
     weights = 2 * (centroids[cluster] - centroids[others])
     biases = (centroids[others] ** 2).sum(1) - (centroids[cluster] ** 2).sum()
@@ -210,52 +218,50 @@ def neon_kmeans(x: np.ndarray, cluster: int, stiffness: float) -> tuple[np.ndarr
     return (contributions / contributions.sum(1, keepdims=True) * pooled[:, None]).sum(0), float(h.min())
 
 
-@functools.cache
-def kmeans(stiffness: float = 1.0) -> onnx.ModelProto:
-    return onnxlrp.build(onnx.load(CLASSIC / "kmeans.onnx"), stiffness=stiffness)
-
-
-def test_kmeans_keeps_its_outputs_bit_for_bit():
-    x = REFERENCES["iris"]
-    expected = session(onnx.load(CLASSIC / "kmeans.onnx")).run(None, {"X": x})
-    actual = session(kmeans()).run(None, {"X": x})
+@pytest.mark.parametrize("name", KMEANS)
+def test_kmeans_keeps_its_outputs_bit_for_bit(name):
+    x = REFERENCES[KMEANS[name]]
+    expected = session(source(name)).run(None, {"X": x})
+    actual = session(built(name)).run(None, {"X": x})
     assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
 
 
+@pytest.mark.parametrize("name", KMEANS)
 @pytest.mark.parametrize("stiffness", [1.0, 3.0])
-def test_kmeans_relevance_is_neons(stiffness):
-    """The assigned cluster (the model's label) and every other, to 1e-5 of the largest relevance (measured: 1.7e-6
-    over the 150 iris flowers, float32 against float64)."""
-    x = REFERENCES["iris"]
-    model = session(kmeans(stiffness))
+def test_kmeans_relevance_is_neons(name, stiffness):
+    """The assigned cluster (the model's label) and others, to 1e-5 of the largest relevance (measured: 1.7e-6 over
+    the 150 iris flowers, 9.0e-7 over 20 held-out digits, float32 against float64)."""
+    x = REFERENCES[KMEANS[name]]
+    model = session(built(name, stiffness=stiffness))
     label = model.run(None, {"X": x})[0]
     for target in [None, 0, 1, 2]:
         feeds = {"X": x} if target is None else {"X": x, "target": np.full(len(x), target, np.int64)}
         clusters = label if target is None else np.full(len(x), target)
-        expected = np.array([neon_kmeans(row, c, stiffness)[0] for row, c in zip(x, clusters)])
+        expected = np.array([neon_kmeans(name, row, c, stiffness)[0] for row, c in zip(x, clusters)])
         result = model.run(["relevance"], feeds)[0]
         assert np.abs(result - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_kmeans_logit_is_the_models_margin():
+@pytest.mark.parametrize("name", KMEANS)
+def test_kmeans_logit_is_the_models_margin(name):
     """The paper's check: the neuralized logit, which the relevance sums to, is the model's own margin
     min_k d_k^2 - d_c^2 (from its distances output), positive for the assigned cluster; to 1e-5 of the largest."""
-    x = REFERENCES["iris"]
-    label, distances, result = session(kmeans()).run(None, {"X": x})
+    x = REFERENCES[KMEANS[name]]
+    label, distances, result = session(built(name)).run(None, {"X": x})
     squared = distances.astype(np.float64) ** 2
     margin = np.array([np.delete(d, c).min() - d[c] for d, c in zip(squared, label)])
-    logit = np.array([neon_kmeans(row, c, 1.0)[1] for row, c in zip(x, label)])
+    logit = np.array([neon_kmeans(name, row, c, 1.0)[1] for row, c in zip(x, label)])
     assert np.all(margin > 0)
     scale = np.abs(margin).max()  # the model's own float32 distances: 1.8e-5 from float64 at most (measured)
     assert np.abs(logit - margin).max() <= 1e-5 * scale
     assert np.abs(result.astype(np.float64).sum(1) - margin).max() <= 1e-5 * scale
 
 
-def one_class_dtd(x: np.ndarray, stiffness: float) -> tuple[np.ndarray, float]:
+def one_class_dtd(name: str, x: np.ndarray, stiffness: float) -> tuple[np.ndarray, float]:
     """One-class DTD in float64, as Kauffmann et al. write it (arXiv 1805.06230): the outlier score
     o = -log(sum_j a_j exp(-gamma d_j)) / gamma, a soft min-pooling over h_j = d_j - log(a_j) / gamma with
     d_j = |x - u_j|^2; R_j = o softmin_j(stiffness gamma h); R_i = sum_j (x_i - u_ji)^2 / d_j R_j. Returns R and o."""
-    vectors, weights, gamma = (REFERENCES[f"one_class/{k}"] for k in ("vectors", "weights", "gamma"))
+    vectors, weights, gamma = (REFERENCES[f"{ONE_CLASS[name]}/{k}"] for k in ("vectors", "weights", "gamma"))
     distances = ((x.astype(np.float64) - vectors) ** 2).sum(1)
     h = distances - np.log(weights) / gamma
     score = h.min() - np.log(np.exp(-gamma * (h - h.min())).sum()) / gamma
@@ -264,35 +270,34 @@ def one_class_dtd(x: np.ndarray, stiffness: float) -> tuple[np.ndarray, float]:
     return ((x - vectors) ** 2 / distances[:, None] * pooled[:, None]).sum(0), float(score)
 
 
-@functools.cache
-def one_class(stiffness: float = 1.0) -> onnx.ModelProto:
-    return onnxlrp.build(onnx.load(CLASSIC / "one_class_svm.onnx"), stiffness=stiffness)
-
-
-def test_one_class_svm_keeps_its_outputs_bit_for_bit():
-    x = REFERENCES["one_class/inputs"]
-    expected = session(onnx.load(CLASSIC / "one_class_svm.onnx")).run(None, {"X": x})
-    actual = session(one_class()).run(None, {"X": x})
+@pytest.mark.parametrize("name", ONE_CLASS)
+def test_one_class_svm_keeps_its_outputs_bit_for_bit(name):
+    x = REFERENCES[f"{ONE_CLASS[name]}/inputs"]
+    expected = session(source(name)).run(None, {"X": x})
+    actual = session(built(name)).run(None, {"X": x})
     assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
 
 
+@pytest.mark.parametrize("name", ONE_CLASS)
 @pytest.mark.parametrize("stiffness", [1.0, 2.0])
-def test_one_class_svm_relevance_is_one_class_dtds(stiffness):
-    """Inliers and outliers, to 1e-5 of the largest relevance (measured: 2.1e-6, float32 against float64)."""
-    x = REFERENCES["one_class/inputs"]
-    result = session(one_class(stiffness)).run(["relevance"], {"X": x})[0]
-    expected = np.array([one_class_dtd(row, stiffness)[0] for row in x])
+def test_one_class_svm_relevance_is_one_class_dtds(name, stiffness):
+    """Inliers and outliers, to 1e-5 of the largest relevance (measured: 2.1e-6 on iris, 2.2e-7 on digits, float32
+    against float64)."""
+    x = REFERENCES[f"{ONE_CLASS[name]}/inputs"]
+    result = session(built(name, stiffness=stiffness)).run(["relevance"], {"X": x})[0]
+    expected = np.array([one_class_dtd(name, row, stiffness)[0] for row in x])
     assert np.abs(result - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_one_class_svm_outlier_score_is_the_models():
+@pytest.mark.parametrize("name", ONE_CLASS)
+def test_one_class_svm_outlier_score_is_the_models(name):
     """The paper's check: the neuralized output, which the relevance sums to, is the model's own decision f
     (`scores`) as o = -log(f + rho) / gamma; outliers (label -1) are those above -log(rho) / gamma."""
-    x = REFERENCES["one_class/inputs"]
-    gamma, offset = float(REFERENCES["one_class/gamma"]), float(REFERENCES["one_class/offset"])
-    label, decision, result = session(one_class()).run(None, {"X": x})
+    x = REFERENCES[f"{ONE_CLASS[name]}/inputs"]
+    gamma, offset = (float(REFERENCES[f"{ONE_CLASS[name]}/{k}"]) for k in ("gamma", "offset"))
+    label, decision, result = session(built(name)).run(None, {"X": x})
     own = -np.log(decision[:, 0].astype(np.float64) + offset) / gamma
-    scores = np.array([one_class_dtd(row, 1.0)[1] for row in x])
+    scores = np.array([one_class_dtd(name, row, 1.0)[1] for row in x])
     assert np.abs(scores - own).max() <= 1e-5 * np.abs(own).max()
     assert np.abs(result.astype(np.float64).sum(1) - own).max() <= 1e-5 * np.abs(own).max()
     assert np.array_equal(label.ravel() == -1, own > -np.log(offset) / gamma) and np.any(label == -1)

@@ -143,6 +143,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     # One-class DTD's min-pooling (Kauffmann et al. 2020): relevance follows the gradient of a soft-min whose
     # stiffness is `stiffness` times the pooling's own, min-take-most.
     Rule("minpool", params=("stiffness",)),
+    # Pairwise matching (Montavon et al. 2019, section 10.4): a product of two ReLU'd projections keeps today's
+    # product rule and adds relevance_pairs, the plain rule on the bilinear layer of the outer product (lrp/pairs.py).
+    Rule("pairs", ONE_GROUP, stabilizer="epsilon", params=("epsilon",)),
 )}
 
 DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,

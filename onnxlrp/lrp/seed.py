@@ -23,6 +23,7 @@ EXPLAIN = ("logit", "logodds", "onehot")
 LOGODDS_RULES = ("epsilon", "zero")
 # The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
+RELEVANCE_PAIRS = "relevance_pairs"  # of a product under the rule `pairs` (lrp/pairs.py)
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
 EXPLAINED_KEY = "onnxlrp.explained"  # the metadata key of `Explained`
 # What the relevance is compared with, by seed: the value the walk starts from sums to it.

@@ -21,8 +21,10 @@ from .facts import (computed, data_path, explained_input, nonnegative_tensors, o
                     unbounded_tensors, vanishing_relevance)
 from .families import Unsupported
 from .layers import LayerRelevance
+from .pairs import PAIRS, Pairs, second_order
+from .pairs import expose as expose_pairs
 from .rules import Rule, propagate
-from .seed import EMBEDDING_RELEVANCE, RELEVANCE, TARGET, start
+from .seed import EMBEDDING_RELEVANCE, RELEVANCE, RELEVANCE_PAIRS, TARGET, start
 
 # Trailing ops skipped so that the logits are explained: softmax heads and the sigmoid of binary and multi-label
 # heads (written-out softmaxes are collapsed into Softmax and LogSoftmax: canonical/patterns.py).
@@ -45,6 +47,7 @@ class Walk:
         with on_data_path(self._data_path):
             self._rectified = rectified_outputs(graph, vanishing_relevance(graph, self.rule, FAMILIES))
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
+        self.pairs: list[Pairs] = []  # the products under the rule `pairs` (lrp/pairs.py)
 
     def rule(self, node: gs.Node) -> tuple[Rule, dict]:
         return self._rule(node)
@@ -85,6 +88,8 @@ class Walk:
                 lower = propagate(self, node, layer, upper)
                 if isinstance(layer, Linear):
                     self.layers.append(LayerRelevance(node, self.rule(node)[0].name, upper[0], lower[0]))
+                if self.rule(node)[0].name == PAIRS:
+                    self.pairs.append(second_order(self, node, upper[0]))
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
                 # Keep walking through the float inputs, so that every problem is reported at once.
@@ -138,10 +143,11 @@ class Explained:
 
 def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | None, source: str,
             hidden: Mapping[str, gs.Tensor] = {}) -> Explained:
-    """Add the input `target` and the output `relevance` (and `relevance_embedding` for token ids) to a canonical
-    graph: the walk from the explained logit back to the explained input. `hidden`: tensors of the model that
-    canonical nodes stand for (canonical/patterns.py), which `output` may name."""
-    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE}
+    """Add the input `target` and the output `relevance` (and `relevance_embedding` for token ids, `relevance_pairs`
+    for a product under the rule `pairs`) to a canonical graph: the walk from the explained logit back to the
+    explained input. `hidden`: tensors of the model that canonical nodes stand for (canonical/patterns.py), which
+    `output` may name."""
+    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
     x, ids = explained_input(graph, source)
@@ -172,6 +178,8 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.append(target)
     graph.outputs.append(result)
+    if walk.pairs:
+        expose_pairs(graph, ops, walk.pairs, source)
     return Explained(x, head, target, walk.layers[::-1], architecture, ids)
 
 

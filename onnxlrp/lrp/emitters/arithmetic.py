@@ -5,6 +5,8 @@ Rules of the arithmetic family:
   absorb  a constant addend keeps its share too: R_x = x / (x + c) * R (docs/attnlrp.md §3, the transformer presets).
   stop    as absorb; in a product with a gate (an activation's output) the gate is a constant, so the signal gets
           all (CP-LRP).
+  pairs   on a Mul of two ReLU'd projections: the product rule of `norm`, and the relevance of pairs of the
+          projected features as the output relevance_pairs (lrp/pairs.py).
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant; a Sigmoid gate
 gives all to its signal; any other product of two computed tensors gives each factor half (AttnLRP's uniform rule).
 A broadcast operand gets the sum over the axes it was broadcast along. Written-out constructs (a softmax, an
@@ -23,7 +25,7 @@ from ..facts import computed
 from ..families import Context, Unsupported, family
 from ..rules import Layer, OfNode, Rule, Shared
 
-ARITHMETIC_RULES = ("norm", "absorb", "stop")
+ARITHMETIC_RULES = ("norm", "absorb", "stop", "pairs")
 
 
 def unbroadcast(ops: Ops, relevance: Tensor, operand: Tensor, output: Tensor, matrix_axes: int = 0) -> Tensor:
