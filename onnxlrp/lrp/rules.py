@@ -81,7 +81,8 @@ class Rule:
     that stabilizes its denominators, the parameters it reads and those it fixes. `absorbs`: a constant added to
     one computed tensor keeps its share of the relevance (false for `norm`, where it passes it on unchanged);
     `detaches`: gates and attention weights are constants (CP-LRP), so a product with one is linear in the other
-    factor and nothing reaches what computed them."""
+    factor and nothing reaches what computed them. `second_order`: a product also gets the relevance of pairs of
+    its factors' input features (lrp/pairs.py)."""
     name: str
     groups: tuple[Group, ...] = ()
     stabilizer: str = "stabilizer"  # the parameter used as epsilon of the stabilizer
@@ -89,6 +90,7 @@ class Rule:
     fixed: Mapping[str, float] = field(default_factory=dict)
     absorbs: bool = True
     detaches: bool = False
+    second_order: bool = False
 
     @property
     def routes(self) -> bool:
@@ -145,7 +147,7 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("minpool", params=("stiffness",)),
     # Pairwise matching (Montavon et al. 2019, section 10.4): a product of two ReLU'd projections keeps today's
     # product rule and adds relevance_pairs, the plain rule on the bilinear layer of the outer product (lrp/pairs.py).
-    Rule("pairs", ONE_GROUP, stabilizer="epsilon", params=("epsilon",)),
+    Rule("pairs", ONE_GROUP, stabilizer="epsilon", params=("epsilon",), second_order=True),
 )}
 
 DEFAULTS = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0, "low": 0.0, "high": 1.0,

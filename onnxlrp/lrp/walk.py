@@ -21,7 +21,7 @@ from .facts import (computed, data_path, explained_input, nonnegative_tensors, o
                     unbounded_tensors, vanishing_relevance)
 from .families import Unsupported
 from .layers import LayerRelevance
-from .pairs import PAIRS, Pairs, second_order
+from .pairs import Pairs, second_order
 from .pairs import expose as expose_pairs
 from .rules import Rule, propagate
 from .seed import EMBEDDING_RELEVANCE, RELEVANCE, RELEVANCE_PAIRS, TARGET, start
@@ -88,7 +88,7 @@ class Walk:
                 lower = propagate(self, node, layer, upper)
                 if isinstance(layer, Linear):
                     self.layers.append(LayerRelevance(node, self.rule(node)[0].name, upper[0], lower[0]))
-                if self.rule(node)[0].name == PAIRS:
+                if self.rule(node)[0].second_order:
                     self.pairs.append(second_order(self, node, upper[0]))
             except Unsupported as reason:
                 problems[(node.op, str(reason))].append(node.name)
