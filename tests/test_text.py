@@ -21,6 +21,7 @@ from onnxlrp.app.text import Text, TextModel
 
 TOKENIZER = FIXTURES / "transformers" / "bert_tokenizer.json"
 BERT = FIXTURES / "transformers" / "bert_op17.onnx"
+DIGITS = FIXTURES / "digits" / "digits_epsilon_plus_flat.onnx"
 LABELS = ["negative", "neutral", "positive"]
 LONG, SHORT = "This movie was really boring, unfun!", "great acting"
 
@@ -126,8 +127,8 @@ ERRORS = {
                         ["labels.txt", "not a tokenizer file"]),
     "larger vocabulary": (lambda t, m: [m, "--text", SHORT, "--tokenizer", t / "big.json"],
                           ["big.json", "60 tokens", "50 rows", "'input_ids'"]),
-    "no token inputs": (lambda t, m: [FIXTURES / "digits" / "digits_epsilon_plus_flat.onnx", "--text", SHORT,
-                                      "--tokenizer", TOKENIZER], ["digits_epsilon_plus_flat.onnx", "no token-id input"]),
+    "no token inputs": (lambda t, m: [DIGITS, "--text", SHORT, "--tokenizer", TOKENIZER],
+                        ["digits_epsilon_plus_flat.onnx", "no token-id input"]),
     "no tokenizer": (lambda t, m: [m, "--text", SHORT], ["--text and --text-file need --tokenizer"]),
     "texts and files": (lambda t, m: [m, t / "labels.txt", "--text", SHORT, "--tokenizer", TOKENIZER],
                         ["INPUT files or --text"]),
