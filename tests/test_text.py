@@ -165,3 +165,46 @@ def test_without_the_text_extra_one_line_names_it(built, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     conftest.assert_one_line_error(result, "--tokenizer needs the Hugging Face tokenizers library",
                                    "pip install 'onnxlrp[text]'")
+
+
+def bag_of_embeddings(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A next-token model in miniature: the unmasked tokens' embeddings summed, then scores over the tokenizer's
+    50 tokens; token t's relevance for class c is exactly E[id_t] . W[:, c]. Also E and W."""
+    from onnx import TensorProto, helper, numpy_helper
+    embedding = rng.standard_normal((50, 8)).astype(np.float32)
+    weight = (rng.standard_normal((8, 50)) / 3).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["embedded"]),
+             helper.make_node("Cast", ["attention_mask"], ["kept"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["kept", "two"], ["kept3"]),
+             helper.make_node("Mul", ["embedded", "kept3"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "one"], ["pooled"], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["logits"])]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["N", "T"])
+              for name in ("input_ids", "attention_mask")]
+    constants = {"E": embedding, "W": weight, "two": np.array([2]), "one": np.array([1])}
+    scores = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 50])
+    graph = helper.make_graph(nodes, "lm", inputs, [scores],
+                              [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, embedding, weight
+
+
+def test_a_vocabulary_sized_output_is_named_by_tokens(tmp_path, rng):
+    model, embedding, weight = bag_of_embeddings(rng)
+    onnx.save(model, tmp_path / "lm.onnx")
+    out = tmp_path / "out"
+    result = onnxlrp_cli("explain", tmp_path / "lm.onnx", "--text", LONG, "--text", SHORT, "--tokenizer", TOKENIZER,
+                         "-o", out, "--target", "good")
+    assert result.returncode == 0, result.stderr
+    good = Tokenizer.from_file(str(TOKENIZER)).token_to_id("good")
+    for k, line in enumerate(result.stdout.splitlines()[::2]):
+        written = json.loads((out / f"text-{k}.json").read_text())
+        ids = np.array(written["ids"])
+        logits = embedding[ids].sum(axis=0) @ weight
+        predicted = int(np.argmax(logits))
+        assert written["explained"] == {"index": good, "name": "good"}
+        assert written["predicted"]["name"] == Tokenizer.from_file(str(TOKENIZER)).id_to_token(predicted)
+        assert line.startswith(f"text-{k}: predicted {predicted} ({written['predicted']['name']}), explained {good} "
+                               "(good), logit ")
+        np.testing.assert_allclose(written["relevance"], embedding[ids] @ weight[:, good], rtol=1e-5, atol=1e-6)

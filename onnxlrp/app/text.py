@@ -279,7 +279,7 @@ def page(result: TextResult, model: TextModel) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
 .text{{font-size:1.3em;line-height:2em;white-space:pre-wrap}}
-.t{{padding:0.1em 0.05em;border-radius:0.2em}} .special{{font-size:0.7em;color:#555;margin:0 0.3em}}
+.t{{padding:0.1em 0.05em;border-radius:0.2em}} .special{{font-size:0.7em;margin:0 0.3em;border:1px solid #888}}
 table{{border-collapse:collapse}} td{{padding:0.1em 0.8em;font-family:monospace}}</style></head>
 <body><h1>{title}</h1>
 <p>{html.escape(model.built.shown)} {result.output[result.explained]:.6g}, relevance sum {result.total:.6g}
