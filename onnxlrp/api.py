@@ -182,12 +182,13 @@ class Explanation:
 
 
 def built(path_or_model: onnx.ModelProto | str | Path, composite: str | Path | Composite | None = None,
-          explain: str | None = None, default: str = "epsilon_plus_flat",
+          explain: str | None = None, default: str = "epsilon_plus_flat", source: str | None = None,
           **rule_params: float | tuple[float, ...]) -> tuple[onnx.ModelProto, str]:
-    """A built model and the name messages give it: as read when it computes relevance already, else built with
-    `composite` (or `default`); a composite, explain or rule parameters for a built model are refused."""
+    """A built model and the name messages give it (`source`, or the path): as read when it computes relevance
+    already, else built with `composite` (or `default`); a composite, explain or rule parameters for a built model
+    are refused."""
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
-    source = "model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    source = source or ("model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model))
     if not is_built(model):
         return build(model, composite or default, explain or "logit", source=source, **rule_params), source
     if composite is not None or explain is not None or rule_params:

@@ -135,6 +135,8 @@ ERRORS = {
     "unknown class name": (lambda t, m: [m, "--text", SHORT, "--tokenizer", TOKENIZER, "--target", "happy"],
                            ["--target happy", "neither a class number nor a class name"]),
     "empty text": (lambda t, m: [m, "--text", SHORT, "--text", " ", "--tokenizer", TOKENIZER], ["--text 2", "empty"]),
+    "no pad token": (lambda t, m: [m, "--text", SHORT, "--text", LONG, "--tokenizer", t / "unpadded.json"],
+                     ["unpadded.json", "no padding settings nor a pad token", "--batch-size 1"]),
 }
 
 
@@ -144,6 +146,7 @@ def test_errors_are_one_line_and_write_nothing(built, tmp_path, case):
     (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
     vocabulary = {f"w{i}": i for i in range(59)} | {"[UNK]": 59}
     Tokenizer(models.WordPiece(vocabulary, unk_token="[UNK]")).save(str(tmp_path / "big.json"))
+    (tmp_path / "unpadded.json").write_text(TOKENIZER.read_text().replace('"[PAD]"', '"[NOTHING]"'))
     arguments, fragments = ERRORS[case]
     result = CliRunner().invoke(cli, ["explain", *map(str, arguments(tmp_path, built)), "-o", str(tmp_path / "out")],
                                 standalone_mode=False)

@@ -20,7 +20,7 @@ import onnx
 
 from ..api import BuiltModel, ModelInput, batch_note, built, fixed_batch, metadata_labels
 from ..errors import LrpError, LrpWarning, printable
-from ..ir.files import first_line
+from ..ir.files import first_line, load
 from ..lrp.seed import TARGET, chosen_classes
 from .explain import Staging, chosen_target, labelled_target, read_labels
 from .inputs import token_tables
@@ -104,50 +104,49 @@ class TextModel:
     def __init__(self, model_path: str, tokenizer_path: str, device: str = "cpu", composite: str | None = None,
                  labels_file: str | None = None):
         self.tokenizer = load_tokenizer(tokenizer_path)
-        model, source = built(model_path, composite, default="attnlrp")
-        tables = token_tables(model)
+        self.tokenizer_path = tokenizer_path
+        plain = load(model_path)  # its token inputs are checked before a plain model is built
+        tables = token_tables(plain)
         if not tables:
-            raise LrpError(f"{source}: no token-id input (an integer input looked up in an embedding table): --text "
-                           "explains text models")
-        self.built = BuiltModel(model, source, device)
-        self.source = source
+            raise LrpError(f"{model_path}: no token-id input (an integer input looked up in an embedding table): "
+                           "--text explains text models")
         ids = max(tables, key=tables.get)
-        inputs = {i.name: i for i in model.graph.input}
+        inputs = {i.name: i for i in plain.graph.input}
         dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[ids].type.tensor_type.shape.dim)
         self.ids = ModelInput(ids, dims, onnx.helper.tensor_dtype_to_np_dtype(inputs[ids].type.tensor_type.elem_type))
-        defaults = {t.name for t in model.graph.initializer} | {TARGET, ids}
+        defaults = {t.name for t in plain.graph.initializer} | {TARGET, ids}
         self.fed: dict[str, str] = {}
         for name in (n for n in inputs if n not in defaults):
             word = next((w for w in FED if w in name.lower()), None)
             if word is None:
-                raise LrpError(f"{source}: input '{name}' is not one that texts feed (token ids '{ids}', attention "
-                               "mask, token types, positions)")
+                raise LrpError(f"{model_path}: input '{name}' is not one that texts feed (token ids '{ids}', "
+                               "attention mask, token types, positions)")
             self.fed[name] = word
         vocabulary = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if vocabulary > tables[ids]:
             raise LrpError(f"{tokenizer_path}: {vocabulary} tokens, more than the {tables[ids]} rows of the embedding "
-                           f"table of '{ids}' in {source}: not this model's tokenizer")
+                           f"table of '{ids}' in {model_path}: not this model's tokenizer")
+        model, self.source = built(plain, composite, default="attnlrp", source=model_path)
+        self.built = BuiltModel(model, self.source, device)
         self.classes = self.built.classes
         # A vocabulary-sized output (a language model's next token) is named by tokens, a classifier's by labels.
         self.vocabulary = self.classes >= vocabulary
         self.labels = read_labels(labels_file, self.classes) if labels_file else metadata_labels(model, self.classes)
         self.batch = fixed_batch(self.ids)
         self.length = self.ids.shape[1] if len(self.ids.shape) == 2 and isinstance(self.ids.shape[1], int) else None
-        self.tokenizer_path = tokenizer_path
-        self.padded = self._pad()
+        self._pad()
 
-    def _pad(self) -> bool:
+    def _pad(self) -> None:
         """Padding as the tokenizer says, or with its pad token; to the model's sequence length when it is fixed."""
         settings = self.tokenizer.padding
         if settings is None:
             pad = next((t for t in PAD_TOKENS if self.tokenizer.token_to_id(t) is not None), None)
             if pad is None:
-                return False
+                return
             settings = {"pad_id": self.tokenizer.token_to_id(pad), "pad_token": pad}
         keys = ("direction", "pad_id", "pad_type_id", "pad_token", "pad_to_multiple_of")
         self.tokenizer.enable_padding(**{k: settings[k] for k in keys if settings.get(k) is not None},
                                       length=self.length or settings.get("length"))
-        return True
 
     def target(self, target: str | None) -> int | None:
         """The class `--target` names: a class name (labels) or, for a vocabulary-sized output, a token; else a
@@ -171,8 +170,9 @@ class TextModel:
                                "takes")
         if len({len(e.ids) for e in encodings} | ({self.length} if self.length else set())) > 1:
             raise LrpError(f"{self.tokenizer_path}: has no padding settings nor a pad token "
-                           f"({', '.join(PAD_TOKENS)}), so texts of other lengths than the model's or each other's "
-                           "cannot be fed: give --batch-size 1")
+                           f"({', '.join(PAD_TOKENS)}), so texts of other lengths than "
+                           + (f"the model's {self.length} tokens cannot be fed" if self.length else
+                              "each other's cannot share a batch: give --batch-size 1"))
         as_array = lambda name: np.array([getattr(e, name) for e in encodings], dtype=self.ids.dtype)  # noqa: E731
         return Tokens(as_array("ids"), as_array("attention_mask"), as_array("type_ids"),
                       [e.tokens for e in encodings], [list(e.offsets) for e in encodings])
