@@ -181,6 +181,57 @@ class Explanation:
     relevance: np.ndarray
 
 
+def built(path_or_model: onnx.ModelProto | str | Path, composite: str | Path | Composite | None = None,
+          explain: str | None = None, default: str = "epsilon_plus_flat", source: str | None = None,
+          **rule_params: float | tuple[float, ...]) -> tuple[onnx.ModelProto, str]:
+    """A built model and the name messages give it (`source`, or the path): as read when it computes relevance
+    already, else built with `composite` (or `default`); a composite, explain or rule parameters for a built model
+    are refused."""
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
+    source = source or ("model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model))
+    if not is_built(model):
+        return build(model, composite or default, explain or "logit", source=source, **rule_params), source
+    if composite is not None or explain is not None or rule_params:
+        raise LrpError(f"{source}: already computes relevance; a composite, explain or rule parameters "
+                       "apply to plain models only")
+    return model, source
+
+
+class BuiltModel:
+    """A session of a built model, whatever its inputs, and the outputs read beside `relevance`: the classifier
+    output [N, C] (`output`, holding what `shown` says: logits, or the probabilities of a softmax or sigmoid head)
+    and the logits behind its head (`logits`, what is explained)."""
+
+    def __init__(self, model: onnx.ModelProto, source: str, device: str = "cpu"):
+        self.model = model
+        self.source = source
+        self.recorded = Recorded.of(model)  # what it explains (all None for models built before it was stored)
+        produced = {o.name for o in model.graph.output} | {t for node in model.graph.node for t in node.output}
+        extra = [n for n in (self.recorded.output, self.recorded.logits) if n is not None and n in produced]
+        self.session = open_session(with_outputs(model, extra, source), device)
+        outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
+        chosen = self.recorded.output if self.recorded.output in extra else None
+        scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2
+                       and (chosen is None or o.name == chosen)), None)
+        if scores is None or not isinstance(scores.shape[1], int):
+            raise LrpError(f"{source}: no output of shape [N, C] among {', '.join(o.name for o in outputs)}")
+        self.output: str = scores.name
+        self.shown: str = self.recorded.shown if chosen is not None else "logit"
+        self.logits: str = self.recorded.logits if self.recorded.logits in extra else scores.name
+        self.classes: int = scores.shape[1]
+
+    def run(self, feeds: Mapping[str, np.ndarray], chosen: np.ndarray, batch: int | None = None) -> Explanation:
+        """The model on `feeds` (every input but `target`) for the classes `chosen` (negative: the predicted one), in
+        chunks of `batch` when the model takes a fixed batch."""
+        names, quiet = [self.output, self.logits, RELEVANCE], ort.RunOptions()
+        quiet.log_severity_level = 4  # a failure raises; ONNX Runtime need not log it as well
+        output, logits, relevance = in_batches(lambda chunk: self.session.run(names, chunk, quiet),
+                                               {**feeds, TARGET: chosen}, batch)
+        classes = np.where(chosen < 0, logits.argmax(axis=1), chosen)
+        values = np.array([explained_value(self.recorded.explain, row, int(c))[1] for row, c in zip(logits, classes)])
+        return Explanation(output, logits, classes, values, relevance)
+
+
 class Explainer:
     """Runs a built model (or builds a plain one first) on numpy arrays and returns logits and relevance.
 
@@ -191,35 +242,19 @@ class Explainer:
     def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",
                  composite: str | Path | Composite | None = None, explain: str | None = None,
                  **rule_params: float | tuple[float, ...]):
-        model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
-        source = "model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-        if not is_built(model):
-            model = build(model, composite or "epsilon_plus_flat", explain or "logit", source=source, **rule_params)
-        elif composite is not None or explain is not None or rule_params:
-            raise LrpError(f"{source}: already computes relevance; a composite, explain or rule parameters "
-                           "apply to plain models only")
-        self.model = model
-        self.source = source
-        self.recorded = Recorded.of(model)  # what it explains (all None for models built before it was stored)
-        produced = {o.name for o in model.graph.output} | {t for node in model.graph.node for t in node.output}
-        extra = [n for n in (self.recorded.output, self.recorded.logits) if n is not None and n in produced]
-        self.session = open_session(with_outputs(model, extra, source), device)
+        model, source = built(path_or_model, composite, explain, **rule_params)
+        self.built = BuiltModel(model, source, device)
+        self.model, self.source, self.recorded, self.session = model, source, self.built.recorded, self.built.session
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "
                            f"{', '.join(i.name for i in inputs)})")
         self.input = ModelInput(inputs[0].name, tuple(inputs[0].shape),
                                 np.dtype(_NUMPY_TYPES.get(inputs[0].type, np.float32)))
-        outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
-        chosen = self.recorded.output if self.recorded.output in extra else None
-        scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2
-                       and (chosen is None or o.name == chosen)), None)
-        if scores is None or not isinstance(scores.shape[1], int):
-            raise LrpError(f"{source}: no output of shape [N, C] among {', '.join(o.name for o in outputs)}")
-        self.logits_name: str = scores.name  # the classifier output (probabilities when the model outputs them)
-        self.shown: str = self.recorded.shown if chosen is not None else "logit"
-        self.explained_name: str = self.recorded.logits if self.recorded.logits in extra else scores.name
-        self.classes: int = scores.shape[1]
+        self.logits_name: str = self.built.output  # the classifier output (probabilities when the model outputs them)
+        self.shown: str = self.built.shown
+        self.explained_name: str = self.built.logits
+        self.classes: int = self.built.classes
         self.labels: list[str] | None = metadata_labels(self.model, self.classes)
         self.batch: int | None = fixed_batch(self.input)
         self._noted = False
@@ -257,12 +292,7 @@ class Explainer:
         if self.batch is not None and len(x) != self.batch and not self._noted:
             warnings.warn(batch_note(self.source, self.batch), LrpWarning, stacklevel=2)
             self._noted = True
-        names = [self.logits_name, self.explained_name, RELEVANCE]
-        output, logits, relevance = in_batches(lambda feeds: self.session.run(names, feeds),
-                                               {self.input_name: x, TARGET: chosen}, self.batch)
-        classes = np.where(chosen < 0, logits.argmax(axis=1), chosen)
-        values = np.array([explained_value(self.recorded.explain, row, int(c))[1] for row, c in zip(logits, classes)])
-        return Explanation(output, logits, classes, values, relevance)
+        return self.built.run({self.input_name: x}, chosen, self.batch)
 
     def label(self, index: int) -> str | None:
         return self.labels[index] if self.labels else None

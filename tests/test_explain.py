@@ -360,3 +360,13 @@ def test_resize_reaches_explain(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out" / "wide.npy"), expected[0], rtol=1e-5, atol=1e-7)
     assert_one_line_error(onnxlrp_cli("explain", model, tmp_path / "wide.png", "-o", tmp_path / "bad", "--resize",
                                       "squash"), "--resize", "squash")
+
+
+def test_target_by_class_name(tmp_path):
+    """`--target eight` is class 8 of the digits model (its labels are in its metadata): the same line and files."""
+    from onnxlrp.app.explain import explain_inputs
+    by_name = explain_inputs(str(BUILT), [str(SAMPLES[0])], str(tmp_path / "name"), target="eight")
+    by_number = explain_inputs(str(BUILT), [str(SAMPLES[0])], str(tmp_path / "number"), target=8)
+    assert by_name == by_number and "explained 8 (eight)" in by_name[0]
+    relevance = [np.load(tmp_path / folder / f"{SAMPLES[0].stem}.npy") for folder in ("name", "number")]
+    np.testing.assert_array_equal(*relevance)

@@ -15,7 +15,7 @@ from ..errors import LrpError, LrpWarning
 from ..ir.files import first_line, load
 from ..lrp.layers import recorded
 from ..lrp.seed import Recorded, chosen_classes, explained_value
-from .inputs import ModelInput, Options, read_batch
+from .inputs import ModelInput, Options, read_batch, token_tables
 
 SEED = 0
 
@@ -70,7 +70,7 @@ def _feeds(model: onnx.ModelProto, info: dict, input_path: str | None, options: 
     x_input = inputs.pop(info["input"])
     notes = []
     if input_path is None:
-        x = random_input(x_input, source, _vocabulary(model, x_input.name))
+        x = random_input(x_input, source, token_tables(model).get(x_input.name))
         what = "token ids, uniform" if np.issubdtype(x.dtype, np.integer) else "standard normal"
         notes.append(f"no --input: a deterministic random input ({what}, seed {SEED}) of shape {list(x.shape)}")
     else:
@@ -118,13 +118,6 @@ def random_input(model_input: ModelInput, source: str, vocabulary: int | None = 
     if vocabulary is not None:
         return rng.integers(0, vocabulary, size=shape).astype(model_input.dtype)
     return rng.standard_normal(shape).astype(model_input.dtype)
-
-
-def _vocabulary(model: onnx.ModelProto, ids: str) -> int | None:
-    """The rows of the embedding table that token ids `ids` are looked up in (Gather), None for other inputs."""
-    tables = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
-    return next((tables[n.input[0]] for n in model.graph.node
-                 if n.op_type == "Gather" and n.input[1:2] == [ids] and n.input[0] in tables), None)
 
 
 def _filler(model_input: ModelInput, x: np.ndarray, source: str) -> np.ndarray:

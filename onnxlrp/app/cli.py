@@ -20,6 +20,7 @@ from ..pipeline import build
 from . import explain as explaining, inspect as inspection
 from .heatmaps import CMAPS
 from .inputs import NORMALIZE, RESIZE, parse_options
+from .text import COLORS, explain_texts
 
 
 # How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
@@ -112,10 +113,12 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 
 @cli.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input; created if missing.")
-@click.option("--target", type=int, help="Class to explain for every input (default: each one's predicted class).")
+              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input, or STEM.html and STEM.json per "
+                   "text; created if missing.")
+@click.option("--target", help="Class to explain for every input, by number or name (a token for a language model's "
+                               "next token; default: each one's predicted class).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="cuda only runs where ONNX Runtime's CUDA provider really loads.")
@@ -124,16 +127,40 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 @preprocessing_options
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
               help="Class names, one per line (default: from the model's metadata, if any).")
-@click.option("--composite", help="Rules to build MODEL with, when it is a plain model (not built yet).")
-def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: int | None, batch_size: int,
+@click.option("--composite", help="Rules to build MODEL with, when it is a plain model (not built yet; default: "
+                                  "epsilon_plus_flat, attnlrp for texts).")
+@click.option("--text", "texts", multiple=True, help="A text to explain (instead of INPUT; repeat for several).")
+@click.option("--text-file", "text_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A file of texts to explain, one per line (blank lines skipped; repeatable).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="The model's tokenizer.json (Hugging Face tokenizers), for --text and --text-file.")
+@click.option("--color", type=click.Choice(COLORS), default="auto", show_default=True,
+              help="Colour the tokens of texts by relevance (auto: when stdout is a terminal).")
+def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: str | None, batch_size: int,
                     device: str, cmap: str, overlay: bool, labels_file: str | None, composite: str | None,
+                    texts: tuple[str, ...], text_files: tuple[str, ...], tokenizer: str | None, color: str,
                     **preprocess: str | None) -> None:
-    """Explain each INPUT (images, folders of them, .npy arrays) with MODEL; write relevance and heatmaps."""
-    lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
-                                      cmap=cmap, overlay=overlay, options=parse_options(**preprocess),
-                                      labels_file=labels_file, composite=composite)
+    """Explain each INPUT (images, folders of them, .npy arrays), or texts, with MODEL; write relevance and
+    heatmaps (pages for texts)."""
+    colored = None  # click strips escape sequences when stdout is no terminal; --color always keeps them
+    if texts or text_files:
+        if inputs:
+            raise LrpError("give INPUT files or --text/--text-file, not both")
+        if tokenizer is None:
+            raise LrpError("--text and --text-file need --tokenizer (the model's tokenizer.json)")
+        colored = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        lines = explain_texts(model, tokenizer, texts, text_files, outdir, target=target, batch_size=batch_size,
+                              device=device, labels_file=labels_file, composite=composite, color=colored)
+    elif not inputs:
+        raise LrpError("nothing to explain: give INPUT files, --text or --text-file")
+    elif tokenizer is not None:
+        raise LrpError("--tokenizer is for --text and --text-file, not INPUT files")
+    else:
+        lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
+                                          cmap=cmap, overlay=overlay, options=parse_options(**preprocess),
+                                          labels_file=labels_file, composite=composite)
     for line in lines:
-        click.echo(line)
+        click.echo(line, color=colored)
 
 
 @cli.command("inspect")

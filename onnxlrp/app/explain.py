@@ -150,7 +150,31 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: int | None = None,
+def chosen_target(target: str | int | None, classes: int, find: Callable[[str], int | None], names: str
+                  ) -> int | None:
+    """The class `--target` gives: the one `find` names (a class name, a token), else its number; an LrpError for
+    neither or a number out of range. `names` says what `find` looks for."""
+    if target is None:
+        return None
+    found = find(str(target))
+    if found is None:
+        try:
+            found = int(target)
+        except ValueError:
+            raise LrpError(f"--target {target}: neither a class number nor {names}") from None
+    if not 0 <= found < classes:
+        raise LrpError(f"--target {target}: out of range (the model has {classes} classes, 0 to {classes - 1})")
+    return found
+
+
+def labelled_target(target: str | int | None, classes: int, labels: list[str] | None) -> int | None:
+    """The class `--target` gives by its name among `labels` or by its number."""
+    names = labels or []
+    return chosen_target(target, classes, lambda s: names.index(s) if s in names else None,
+                         "a class name (--labels or the model's metadata)")
+
+
+def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: int | str | None = None,
                    batch_size: int = 16, device: str = "cpu", cmap: str = "bwr", overlay: bool = False,
                    options: Options = Options(), labels_file: str | None = None,
                    composite: str | None = None) -> list[str]:
@@ -158,10 +182,8 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
     return the line to print per input. `options` say how pictures become model inputs."""
     explainer = Explainer(model, device=device, composite=composite)
     if labels_file is not None:
-        explainer.labels = _labels(labels_file, explainer.classes)
-    if target is not None and not 0 <= target < explainer.classes:
-        raise LrpError(f"--target {target}: out of range (the model has {explainer.classes} classes, "
-                       f"0 to {explainer.classes - 1})")
+        explainer.labels = read_labels(labels_file, explainer.classes)
+    target = labelled_target(target, explainer.classes, explainer.labels)
     prep = preprocessing(explainer.input, options)
     files = collect(inputs)
     items = samples(files, explainer.input, prep)
@@ -201,7 +223,7 @@ def _progress(iterable: Iterator, length: int) -> Iterator:
         yield from bar
 
 
-def _labels(path: str, classes: int) -> list[str]:
+def read_labels(path: str, classes: int) -> list[str]:
     """Class names from a text file, one per line (blank lines skipped), exactly one per class."""
     try:
         names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

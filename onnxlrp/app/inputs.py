@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 from PIL import Image, UnidentifiedImageError
 
 from ..api import ModelInput
@@ -216,3 +217,15 @@ def _fraction(text: str) -> float:
         return float(top) / float(bottom) if bottom else float(top)
     except (ValueError, ZeroDivisionError):
         raise LrpError(f"--scale must be a number or a fraction such as 1/255 (got '{text}')") from None
+
+
+def token_tables(model: onnx.ModelProto) -> dict[str, int]:
+    """The integer inputs of a text model that look up rows of a float embedding table (Gather on axis 0), with the
+    table's number of rows (the vocabulary for token ids)."""
+    graph_inputs = {i.name for i in model.graph.input
+                    if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), np.integer)}
+    tables = {t.name: t.dims[0] for t in model.graph.initializer
+              if t.dims and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating)}
+    return {node.input[1]: tables[node.input[0]] for node in model.graph.node
+            if node.op_type == "Gather" and node.input[1:2] and node.input[1] in graph_inputs
+            and node.input[0] in tables and all(a.i == 0 for a in node.attribute if a.name == "axis")}
