@@ -62,7 +62,7 @@ class _Copy:
         return [self.tensor(t) for t in graph.outputs]
 
 
-def _rebind(graph: gs.Graph, node: gs.Node, results: list[gs.Tensor]) -> None:
+def rebind(graph: gs.Graph, node: gs.Node, results: list[gs.Tensor]) -> None:
     """Let `results` compute the node's outputs (through Identity nodes, which a later pass removes); drop the
     node."""
     outputs = list(node.outputs)
@@ -92,7 +92,7 @@ def inline_if(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     if condition is None:
         return False
     branch = node.attrs[BRANCHES[bool(condition)]]
-    _rebind(graph, node, _Copy(graph, node.name, {}).body(branch))
+    rebind(graph, node, _Copy(graph, node.name, {}).body(branch))
     return True
 
 
@@ -124,7 +124,7 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
         values = results[:len(initial)]
         for stack, value in zip(stacks, results[len(initial):]):
             stack.append(value)
-    _rebind(graph, node, values + [_stacked(ops, stack, 0) for stack in stacks])
+    rebind(graph, node, values + [stacked(ops, stack, 0) for stack in stacks])
     return True
 
 
@@ -156,13 +156,13 @@ def unroll_scan(graph: gs.Graph, node: gs.Node, source: str) -> bool:
             stack.append(value)
     out_axes = node.attrs.get("scan_output_axes", [0] * scanned)
     out_reversed = node.attrs.get("scan_output_directions", [0] * scanned)
-    stacked = []
+    outputs = []
     for stack, axis, back in zip(stacks, out_axes, out_reversed):
         rank = len(stack[0].shape) + 1 if stack[0].shape is not None else None
         if axis < 0 and rank is None:
             raise _refuse(source, node, "the rank of its scan outputs is not known at build time")
-        stacked.append(_stacked(ops, stack[::-1] if back else stack, axis % rank if axis < 0 else axis))
-    _rebind(graph, node, values + stacked)
+        outputs.append(stacked(ops, stack[::-1] if back else stack, axis % rank if axis < 0 else axis))
+    rebind(graph, node, values + outputs)
     return True
 
 
@@ -185,7 +185,7 @@ def _ops(graph: gs.Graph, node: gs.Node) -> Ops:
     return ops
 
 
-def _stacked(ops: Ops, values: list[gs.Tensor], axis: int) -> gs.Tensor:
+def stacked(ops: Ops, values: list[gs.Tensor], axis: int) -> gs.Tensor:
     """The values stacked along a new axis."""
     return ops("Concat", *[ops.unsqueeze(v, [axis]) for v in values], axis=axis)
 
@@ -219,7 +219,7 @@ def with_branch(graph: gs.Graph, choice: gs.Node, taken: bool) -> onnx.ModelProt
     """The model with the If `choice` replaced by the nodes of the branch `taken`."""
     copy = graph.copy()
     node = next(n for n in copy.nodes if n.name == choice.name)
-    _rebind(copy, node, _Copy(copy, node.name, {}).body(node.attrs[BRANCHES[taken]]))
+    rebind(copy, node, _Copy(copy, node.name, {}).body(node.attrs[BRANCHES[taken]]))
     return gs.export_onnx(copy.cleanup().toposort(), do_type_check=False)
 
 

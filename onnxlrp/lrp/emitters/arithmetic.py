@@ -6,7 +6,7 @@ Rules of the arithmetic family:
   stop    as absorb; in a product with a gate (an activation's output) the gate is a constant, so the signal gets
           all (CP-LRP).
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant; a Sigmoid gate
-gives all to its signal; any other product of two computed tensors gives each factor half (AttnLRP's uniform rule).
+gives all to its signal (signal-take-all, Arras et al. 2017; a constant signal keeps it); any other product of two computed tensors gives each factor half (AttnLRP's uniform rule).
 A broadcast operand gets the sum over the axes it was broadcast along. Written-out constructs (a softmax, an
 activation x * f(x), a dense layer's bias) reach the walk as canonical nodes (canonical/patterns.py).
 """
@@ -81,14 +81,18 @@ class Sum(Elementwise):
 
 class Scaling(Elementwise):
     """Mul or Div by a constant (Div by a computed tensor: the denominator is a constant to the walk, as the sigma
-    of a norm is): R passes to the computed operand."""
+    of a norm is): R passes to the computed operand, except to a Sigmoid gate of a constant signal, which keeps it
+    (signal-take-all: a recurrent cell's gate times its constant initial state or bias)."""
 
     def passes(self, rule: Rule) -> bool:
         return True
 
     def shares(self, rule: Rule) -> list[float]:
         numerator = float(computed(self.node.inputs[0]))
-        return [numerator, 0.0] if self.node.op == "Div" else super().shares(rule)
+        if self.node.op == "Div":
+            return [numerator, 0.0]
+        return [0.0 if t is not None and t.inputs and t.inputs[0].op in GATES else share
+                for t, share in zip(self.inputs, super().shares(rule))]
 
 
 class Gated(Elementwise):
