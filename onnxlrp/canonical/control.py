@@ -11,8 +11,10 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from ..errors import LrpError
+from ..ir.files import ir_version_for
 from ..ir.graph import constant
 from ..ir.names import Names, fresh_name, proto_names, renamed_graph
 from ..ir.ops import Ops
@@ -108,10 +110,13 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     if keep_going.name and _scalar(keep_going) is None:
         raise _refuse(source, node, f"its first condition '{keep_going.name}' is computed from the data")
     stays = body.outputs[0]
+    steps = int(steps) if not keep_going.name or bool(_scalar(keep_going)) else 0
     if not (stays is body.inputs[1] or _passes(stays, body.inputs[1]) or (_scalar(stays) is not None and
                                                                           bool(_scalar(stays)))):
-        raise _refuse(source, node, f"it stops on a condition '{stays.name}' computed at each step")
-    steps = int(steps) if not keep_going.name or bool(_scalar(keep_going)) else 0
+        counted = counted_steps(graph, node, min(steps, MAX_STEPS + 1))
+        if counted is None:
+            raise _refuse(source, node, f"it stops on a condition '{stays.name}' computed at each step from the data")
+        steps = counted
     scanned = len(body.outputs) - 1 - len(initial)
     if steps > MAX_STEPS or (steps == 0 and scanned):
         raise _refuse(source, node, f"it runs {steps} steps")
@@ -126,6 +131,53 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
             stack.append(value)
     rebind(graph, node, values + [stacked(ops, stack, 0) for stack in stacks])
     return True
+
+
+def counted_steps(graph: gs.Graph, node: gs.Node, most: int) -> int | None:
+    """The number of steps (at most `most`) of a Loop whose condition is computed at each step from the iteration
+    number, loop-carried counters and constants only (tf2onnx's while loops: i < T and j < n), found by running once,
+    in ONNX Runtime, a copy of the Loop that keeps only what its condition needs; None where the data reaches it."""
+    body = node.attrs["body"]
+    producers = {id(t): n for n in body.nodes for t in n.outputs}
+    positions = {id(t): k for k, t in enumerate(body.inputs)}
+    nodes, carried, seen, pending = set(), set(), set(), [body.outputs[0]]
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen or not tensor.name:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in producers:
+            producer = producers[id(tensor)]
+            if any(isinstance(v, gs.Graph) for v in producer.attrs.values()):
+                return None
+            nodes.add(id(producer))
+            pending.extend(producer.inputs)
+        elif positions.get(id(tensor), 0) >= 2:  # a loop-carried value: its initial value and its update
+            k = positions[id(tensor)] - 2
+            if k >= len(node.inputs) - 2 or constant(node.inputs[2 + k]) is None:
+                return None
+            carried.add(k)
+            pending.append(body.outputs[1 + k])
+        elif id(tensor) not in positions and not isinstance(tensor, gs.Constant):
+            return None  # a tensor of the enclosing graph that is computed
+    kept = sorted(carried)
+    number = body.inputs[0]
+    scanned = gs.Variable(f"{number.name}/counted", dtype=np.int64, shape=list(number.shape or []))
+    counter = gs.Node("Identity", f"{number.name}/counted", inputs=[number], outputs=[scanned])
+    trial = gs.Graph([n for n in body.nodes if id(n) in nodes] + [counter],
+                     body.inputs[:2] + [body.inputs[2 + k] for k in kept],
+                     [body.outputs[0]] + [body.outputs[1 + k] for k in kept] + [scanned], opset=body.opset)
+    steps = gs.Variable("steps", dtype=np.int64)
+    finals = [gs.Variable(f"final{k}", dtype=body.outputs[1 + k].dtype) for k in kept]
+    loop = gs.Node("Loop", "counted", {"body": trial},
+                   [gs.Constant("most", np.array(most, np.int64)), node.inputs[1]] + [node.inputs[2 + k] for k in kept],
+                   finals + [steps])
+    model = gs.export_onnx(gs.Graph([loop], [], [steps], opset=graph.opset), do_type_check=False)
+    model.ir_version = ir_version_for(model, 3)  # onnx stamps a newer one than ONNX Runtime may read
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return len(session.run(None, {})[0])
 
 
 def unroll_scan(graph: gs.Graph, node: gs.Node, source: str) -> bool:

@@ -54,12 +54,11 @@ class Step:
         return self.ops("Gemm", data, made(self.ops, key + ("w",), weight), made(self.ops, key + ("b",), bias),
                         transB=1)
 
-    def linear(self, index: int, h: Tensor | None, sign: float = 1.0) -> Tensor:
-        """sign * (W x + R h + wb + rb) of gate block `index`, without R h where h is None."""
+    def linear(self, index: int, h: Tensor | None) -> Tensor:
+        """W x + R h + wb + rb of gate block `index`, without R h where h is None."""
         w, r, wb, rb = self.weights.block(index)
         data = self.x if h is None else self.ops("Concat", self.x, h, axis=1)
-        return self.gemm(data, (index, sign, h is None), lambda: sign * (w if h is None else np.hstack([w, r])),
-                         lambda: sign * (wb + rb))
+        return self.gemm(data, (index, h is None), lambda: w if h is None else np.hstack([w, r]), lambda: wb + rb)
 
 
 def lstm_step(step: Step, h: Tensor | None, c: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -72,12 +71,10 @@ def lstm_step(step: Step, h: Tensor | None, c: Tensor | None) -> tuple[Tensor, T
 
 
 def gru_step(step: Step, h: Tensor | None, c: None) -> tuple[Tensor, None]:
-    """ONNX's gate order z, r, h: h_t = (1 - z) * n + z * h, 1 - z written as the Sigmoid of the negated map so
-    that both products are of a gate and a signal; n = tanh(W x + r * (R h + rb) + wb) (linear_before_reset) or
-    tanh([W R] [x, r * h] + wb + rb)."""
+    """ONNX's gate order z, r, h: h_t = (1 - z) * n + z * h (1 - z is a gate too: lrp/emitters/arithmetic.py);
+    n = tanh(W x + r * (R h + rb) + wb) (linear_before_reset) or tanh([W R] [x, r * h] + wb + rb)."""
     ops = step.ops
-    keep = ops("Sigmoid", step.linear(0, h, -1.0))
-    r = ops("Sigmoid", step.linear(1, h))
+    z, r = (ops("Sigmoid", step.linear(k, h)) for k in range(2))
     w, recurrent, wb, rb = step.weights.block(2)
     if step.attrs.get("linear_before_reset", 0):
         signal = (step.weights.constant(ops, ("rb",), lambda: rb) if h is None
@@ -85,8 +82,8 @@ def gru_step(step: Step, h: Tensor | None, c: None) -> tuple[Tensor, None]:
         n = ops("Tanh", ops("Add", step.gemm(step.x, ("W x",), lambda: w, lambda: wb), ops("Mul", r, signal)))
     else:
         n = ops("Tanh", step.linear(2, None if h is None else ops("Mul", r, h)))
-    kept = ops("Mul", keep, n)
-    return (kept if h is None else ops("Add", kept, ops("Mul", ops("Sigmoid", step.linear(0, h)), h))), None
+    kept = ops("Mul", ops("Sub", ops.scalar(1.0), z), n)
+    return (kept if h is None else ops("Add", kept, ops("Mul", z, h))), None
 
 
 def rnn_step(step: Step, h: Tensor | None, c: None) -> tuple[Tensor, None]:

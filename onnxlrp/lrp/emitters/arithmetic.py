@@ -18,6 +18,7 @@ from typing import Sequence
 import onnx_graphsurgeon as gs
 
 from ...canonical.patterns import GATES, is_activation
+from ...ir.graph import constant
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
@@ -91,12 +92,20 @@ class Scaling(Elementwise):
         numerator = float(computed(self.node.inputs[0]))
         if self.node.op == "Div":
             return [numerator, 0.0]
-        return [0.0 if t is not None and t.inputs and t.inputs[0].op in GATES else share
-                for t, share in zip(self.inputs, super().shares(rule))]
+        return [0.0 if t is not None and is_gate(t) else share for t, share in zip(self.inputs, super().shares(rule))]
+
+
+def is_gate(tensor: Tensor) -> bool:
+    """Whether a tensor is a Sigmoid gate's output, or its complement 1 - gate (a GRU's h = (1 - z) n + z h)."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Sub":
+        one = constant(producer.inputs[0])
+        return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and is_gate(producer.inputs[1])
+    return producer is not None and producer.op in GATES
 
 
 class Gated(Elementwise):
-    """signal * gate of two computed tensors: a Sigmoid gate gives all to its signal, and under a rule that detaches
+    """signal * gate of two computed tensors: a Sigmoid gate (or 1 - one) gives all to its signal, and under a rule that detaches
     gates (stop) so does an activation's output; otherwise each factor gets half (AttnLRP's uniform rule)."""
 
     def passes(self, rule: Rule) -> bool:
@@ -105,8 +114,7 @@ class Gated(Elementwise):
     def shares(self, rule: Rule) -> list[float]:
         a, b = self.node.inputs
         for signal, gate in ((a, b), (b, a)):
-            producer, other = (t.inputs[0].op if t.inputs else None for t in (gate, signal))
-            if (producer in GATES and other not in GATES) or \
+            if (is_gate(gate) and not is_gate(signal)) or \
                     (rule.detaches and is_activation(gate, computed) and not is_activation(signal, computed)):
                 return [1.0 if t is signal else 0.0 for t in self.node.inputs]
         return [0.5, 0.5]

@@ -1,0 +1,96 @@
+"""Recurrent nets (issue 20 item 1): LSTM, GRU and RNN layers from torch and Keras (tf2onnx), and written with
+onnx.helper for what the exporters leave out (sequence_lens, direction reverse, linear_before_reset = 0, a constant
+initial state), explained by the signal-take-all rule of Arras et al. (docs/rules.md). The references are float64
+numpy implementations of the rule (fixtures/recurrent_reference.py, checked against Arras et al.'s published formulas
+when the fixtures are made: fixtures/make_recurrent.py, make_recurrent_keras.py)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import FIXTURES, explain, relative_error, run
+from onnxlrp.errors import LrpError
+
+RECURRENT = FIXTURES / "recurrent"
+TORCH = np.load(RECURRENT / "reference.npz")
+KERAS = np.load(RECURRENT / "keras.npz")
+MODELS = {**{name: TORCH for name in ("lstm", "lstm_bidi2", "gru", "gru_bidi", "rnn_bidi2", "lstm_lens",
+                                      "gru_reverse")},
+          **{name: KERAS for name in ("keras_lstm", "keras_bidi", "keras_gru")}}
+BUILT: dict[str, onnx.ModelProto] = {}
+
+
+def built(name: str) -> onnx.ModelProto:
+    if name not in BUILT:
+        BUILT[name] = explain(onnx.load(str(RECURRENT / f"{name}.onnx")), "epsilon")
+    return BUILT[name]
+
+
+def feeds(name: str) -> dict[str, np.ndarray]:
+    references = MODELS[name]
+    given = {"x": references["x"]}
+    if name == "lstm_lens":
+        given["lens"] = references["lens"]
+    return given
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_relevance_matches_the_float64_reference(name):
+    references = MODELS[name]
+    model = built(name)
+    logits, relevance = run(model, {**feeds(name), "target": references["targets"]},
+                            [model.graph.output[0].name, "relevance"])
+    assert relevance.shape == references["x"].shape  # [N, T, F]
+    assert relative_error(relevance.astype(np.float64), references[f"{name}/relevance"]) <= 1e-4
+    np.testing.assert_allclose(logits, references[f"{name}/logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_outputs_are_the_models_own(name):
+    """The model's own recurrent nodes compute the outputs, bit for bit; only the relevance is written out (a Loop
+    is written out as copies of its body, which compute what it computes)."""
+    original = onnx.load(str(RECURRENT / f"{name}.onnx"))
+    expected = run(original, feeds(name))
+    actual = run(built(name), {**feeds(name), "target": MODELS[name]["targets"]},
+                 [o.name for o in original.graph.output])
+    for want, got in zip(expected, actual):
+        assert np.array_equal(want, got)
+    cells = [n.name for n in original.graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
+    assert cells == [n.name for n in built(name).graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
+
+
+def test_padded_steps_get_exactly_zero():
+    lens = TORCH["lens"]
+    relevance = run(built("lstm_lens"), {**feeds("lstm_lens"), "target": TORCH["targets"]}, ["relevance"])[0]
+    for sample, length in enumerate(lens):
+        assert np.all(relevance[sample, length:] == 0)
+        assert np.all(relevance[sample, :length] != 0)
+
+
+def with_attribute(name: str, **attrs) -> onnx.ModelProto:
+    model = onnx.load(str(RECURRENT / f"{name}.onnx"))
+    node = next(n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN"))
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    return model
+
+
+@pytest.mark.parametrize("name, attrs, message", [
+    ("lstm_lens", {"activations": ["Sigmoid", "Relu", "Tanh"] * 2},
+     "model: node 'lstm' (LSTM): activations Sigmoid, Relu, Tanh, Sigmoid, Relu, Tanh are not explained (only the "
+     "default Sigmoid, Tanh, Tanh)"),
+    ("gru_reverse", {"clip": 3.0},
+     "model: node 'gru' (GRU): attribute clip=3.0 is not explained (only the cell as Arras et al. define it)"),
+])
+def test_other_cells_are_refused_in_one_line(name, attrs, message):
+    with pytest.raises(LrpError) as refusal:
+        explain(with_attribute(name, **attrs), "epsilon")
+    assert str(refusal.value) == message
+
+
+def test_default_activations_named_are_explained():
+    """activations that name the defaults (any case) are the default cell."""
+    model = with_attribute("gru_reverse", activations=["sigmoid", "TANH"])
+    relevance = run(explain(model, "epsilon"), {"x": TORCH["x"], "target": TORCH["targets"]}, ["relevance"])[0]
+    assert relative_error(relevance.astype(np.float64), TORCH["gru_reverse/relevance"]) <= 1e-4
