@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
 from conftest import FIXTURES, explain, relative_error, run
+from onnxlrp.canonical.passes import canonicalize
 from onnxlrp.errors import LrpError
 
 RECURRENT = FIXTURES / "recurrent"
@@ -93,4 +95,39 @@ def test_default_activations_named_are_explained():
     """activations that name the defaults (any case) are the default cell."""
     model = with_attribute("gru_reverse", activations=["sigmoid", "TANH"])
     relevance = run(explain(model, "epsilon"), {"x": TORCH["x"], "target": TORCH["targets"]}, ["relevance"])[0]
+    assert relative_error(relevance.astype(np.float64), TORCH["gru_reverse/relevance"]) <= 1e-4
+
+
+def test_batch_first_layout_is_written_out_as_the_same_cell():
+    """lstm_lens with layout = 1 (x [N, T, F] and Y_h [N, D, H], no Transposes), which ONNX Runtime does not run:
+    its written-out cells compute the reference's logits."""
+    model = onnx.load(str(RECURRENT / "lstm_lens.onnx"))
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    lstm.input[0] = "x"
+    lstm.attribute.append(helper.make_attribute("layout", 1))
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    reshape.input[0] = "Y_h"
+    kept = [n for n in model.graph.node if n.op_type != "Transpose"]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    written = gs.export_onnx(canonicalize(model))
+    written.ir_version = model.ir_version
+    assert not any(n.op_type == "LSTM" for n in written.graph.node)
+    logits = run(written, feeds("lstm_lens"))[0]
+    np.testing.assert_allclose(logits, TORCH["lstm_lens/logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_initial_state_given_as_input_keeps_its_share():
+    """gru_reverse with its initial state as a model input: the relevance of x is the reference's, where the same
+    state is a constant (the state's own share stays with it)."""
+    model = onnx.load(str(RECURRENT / "gru_reverse.onnx"))
+    h0 = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "h0")
+    kept = [n for n in model.graph.node if n.op_type != "Expand"]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.input.append(helper.make_tensor_value_info("initial_h", onnx.TensorProto.FLOAT, list(h0.shape[:1])
+                                                           + [len(TORCH["x"]), h0.shape[2]]))
+    state = np.broadcast_to(h0, (1, len(TORCH["x"]), h0.shape[2])).astype(np.float32)
+    relevance = run(explain(model, "epsilon"), {"x": TORCH["x"], "initial_h": state, "target": TORCH["targets"]},
+                    ["relevance"])[0]
     assert relative_error(relevance.astype(np.float64), TORCH["gru_reverse/relevance"]) <= 1e-4

@@ -6,7 +6,8 @@ Rules of the arithmetic family:
   stop    as absorb; in a product with a gate (an activation's output) the gate is a constant, so the signal gets
           all (CP-LRP).
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant; a Sigmoid gate
-gives all to its signal (signal-take-all, Arras et al. 2017; a constant signal keeps it); any other product of two computed tensors gives each factor half (AttnLRP's uniform rule).
+gives all to its signal (signal-take-all, Arras et al. 2017; a constant signal keeps it); any other product of two
+computed tensors gives each factor half (AttnLRP's uniform rule).
 A broadcast operand gets the sum over the axes it was broadcast along. Written-out constructs (a softmax, an
 activation x * f(x), a dense layer's bias) reach the walk as canonical nodes (canonical/patterns.py).
 """
@@ -105,8 +106,9 @@ def is_gate(tensor: Tensor) -> bool:
 
 
 class Gated(Elementwise):
-    """signal * gate of two computed tensors: a Sigmoid gate (or 1 - one) gives all to its signal, and under a rule that detaches
-    gates (stop) so does an activation's output; otherwise each factor gets half (AttnLRP's uniform rule)."""
+    """signal * gate of two computed tensors: a Sigmoid gate (or 1 - one) gives all to its signal, and under a rule
+    that detaches gates (stop) so does an activation's output; otherwise each factor gets half (AttnLRP's uniform
+    rule)."""
 
     def passes(self, rule: Rule) -> bool:
         return True
