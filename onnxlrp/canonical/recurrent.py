@@ -93,8 +93,8 @@ def rnn_step(step: Step, h: Tensor | None, c: None) -> tuple[Tensor, None]:
 
 @dataclass(frozen=True)
 class Cell:
-    """A recurrent op: its weight blocks, default activations (per direction), whether it has a cell state (the
-    input index of its initial value), and its step."""
+    """A recurrent op: its number of weight blocks (gates), default activations (per direction), the input index of
+    its initial cell state (LSTM), and its step."""
     blocks: int
     activations: tuple[str, ...]
     step: Callable[[Step, Tensor | None, Tensor | None], tuple[Tensor, Tensor | None]]
@@ -155,6 +155,9 @@ def _checked(node: gs.Node, cell: Cell, source: str) -> tuple[str, list[Weights]
     w, r = (constant(t) for t in node.inputs[1:3])
     if w is None or r is None:
         raise _refuse(source, node, "its weights W and R are computed, not constants")
+    if w.shape[1] != cell.blocks * r.shape[2] or r.shape[1] != w.shape[1]:
+        raise _refuse(source, node, f"its weights have shapes {list(w.shape)} and {list(r.shape)}, not "
+                                    f"[D, {cell.blocks} H, F] and [D, {cell.blocks} H, H]")
     bias = _input(node, 3)
     b = constant(bias) if bias is not None else np.zeros((w.shape[0], 2 * w.shape[1]), w.dtype)
     if b is None:
