@@ -102,7 +102,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
-    twinned = quantized.needs_twin(model)
+    twinned = quantized.needs_twin(model) or has_recurrent(model)  # built on a twin beside its own nodes
     built = _built(model, composite, explain, output, source, layer_relevance)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])

@@ -1,7 +1,8 @@
 """Control flow written out as plain nodes, so that the relevance walk sees one graph: an If whose condition is a
 constant at build time becomes the nodes of the branch it takes, and a Loop or a Scan that runs a number of steps
-known at build time becomes that many copies of its body. A Loop whose number of steps depends on the data is
-refused with one line. An If whose condition depends on an input stays: the pipeline builds the model once with
+known at build time becomes that many copies of its body (a Loop whose condition counts its steps is run once, at
+build time, to count them: `counted_steps`). A Loop whose number of steps depends on the data is refused with one
+line. An If whose condition depends on an input stays: the pipeline builds the model once with
 each branch taken (`with_branch`) and joins the two built models under one If (`either`), so that the branch taken
 at run time is explained."""
 from __future__ import annotations
