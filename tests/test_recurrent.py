@@ -8,12 +8,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
 from conftest import FIXTURES, explain, relative_error, run
+from onnxlrp import load_composite
 from onnxlrp.canonical.passes import canonicalize
 from onnxlrp.errors import LrpError
+from onnxlrp.pipeline import build
 
 RECURRENT = FIXTURES / "recurrent"
 TORCH = np.load(RECURRENT / "reference.npz")
@@ -131,3 +134,18 @@ def test_an_initial_state_given_as_input_keeps_its_share():
     relevance = run(explain(model, "epsilon"), {"x": TORCH["x"], "initial_h": state, "target": TORCH["targets"]},
                     ["relevance"])[0]
     assert relative_error(relevance.astype(np.float64), TORCH["gru_reverse/relevance"]) <= 1e-4
+
+
+def test_float16_keeps_the_models_own_recurrent_nodes_in_float32():
+    """ONNX Runtime 1.31's CPU provider crashes on written-out recurrent nets in float16 under ORT_ENABLE_ALL: the
+    session here uses ORT_ENABLE_EXTENDED."""
+    half = build(onnx.load(str(RECURRENT / "lstm.onnx")), load_composite("epsilon"), dtype="float16")
+    lstm = next(n for n in half.graph.node if n.op_type == "LSTM")
+    weights = {t.name: t.data_type for t in half.graph.initializer}
+    assert all(weights[name] == onnx.TensorProto.FLOAT for name in lstm.input if name in weights)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session = ort.InferenceSession(half.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    logits, relevance = session.run(["logits", "relevance"], {"x": TORCH["x"], "target": TORCH["targets"]})
+    assert np.array_equal(logits, run(onnx.load(str(RECURRENT / "lstm.onnx")), {"x": TORCH["x"]})[0])
+    assert relative_error(relevance.astype(np.float64), TORCH["lstm/relevance"]) < 2e-2
