@@ -15,6 +15,7 @@ from .canonical.classic import linear_models
 from .canonical.control import condition, either, runtime_choice, with_branch
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
+from .canonical.recurrent import has_recurrent
 from .canonical.patterns import Collapsed, collapse
 from .errors import LrpError
 from .ir.export import export_model
@@ -101,7 +102,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
-    twinned = quantized.needs_twin(model)
+    twinned = quantized.needs_twin(model) or has_recurrent(model)  # built on a twin beside its own nodes
     built = _built(model, composite, explain, output, source, layer_relevance)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
@@ -125,7 +126,8 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     """The model with `target` (no default yet) and `relevance`. An If whose condition depends on an input is
     explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
     refuse_not_explained(model, source)
-    original = model if quantized.needs_twin(model) else None  # its own nodes keep computing the outputs
+    # A quantized model's twin, or written-out recurrent layers: the model's own nodes keep computing the outputs.
+    original = model if quantized.needs_twin(model) or has_recurrent(model) else None
     graph = canonicalize(model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     choice = runtime_choice(graph)
@@ -153,7 +155,7 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     del prepared  # its graph is exported next: export_model moves the weight arrays into the model
     built = export_model(graph)
     named = _same
-    if original is not None:  # the built graph is the float twin that explains the quantized model
+    if original is not None:  # the built graph is the twin that explains the model
         built, named = quantized.with_original_forward(original, built)
     if layers is not None:
         record(built, [{**layer, "upper": named(layer["upper"])} for layer in layers], explain,

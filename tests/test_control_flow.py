@@ -120,7 +120,7 @@ def test_relevance_is_conserved_through_control_flow(rng):
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("loop_dynamic", "it stops on a condition 'again_out' computed at each step"),
+    ("loop_dynamic", "it stops on a condition 'again_out' computed at each step from the data"),
     ("loop_steps", "its trip count 'steps' is not known at build time")])
 def test_data_dependent_loops_are_refused(name, reason):
     with pytest.raises(onnxlrp.LrpError) as refused:

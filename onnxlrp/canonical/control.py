@@ -1,7 +1,8 @@
 """Control flow written out as plain nodes, so that the relevance walk sees one graph: an If whose condition is a
 constant at build time becomes the nodes of the branch it takes, and a Loop or a Scan that runs a number of steps
-known at build time becomes that many copies of its body. A Loop whose number of steps depends on the data is
-refused with one line. An If whose condition depends on an input stays: the pipeline builds the model once with
+known at build time becomes that many copies of its body (a Loop whose condition counts its steps is run once, at
+build time, to count them: `counted_steps`). A Loop whose number of steps depends on the data is refused with one
+line. An If whose condition depends on an input stays: the pipeline builds the model once with
 each branch taken (`with_branch`) and joins the two built models under one If (`either`), so that the branch taken
 at run time is explained."""
 from __future__ import annotations
@@ -11,8 +12,10 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from ..errors import LrpError
+from ..ir.files import ir_version_for
 from ..ir.graph import constant
 from ..ir.names import Names, fresh_name, proto_names, renamed_graph
 from ..ir.ops import Ops
@@ -62,7 +65,7 @@ class _Copy:
         return [self.tensor(t) for t in graph.outputs]
 
 
-def _rebind(graph: gs.Graph, node: gs.Node, results: list[gs.Tensor]) -> None:
+def rebind(graph: gs.Graph, node: gs.Node, results: list[gs.Tensor]) -> None:
     """Let `results` compute the node's outputs (through Identity nodes, which a later pass removes); drop the
     node."""
     outputs = list(node.outputs)
@@ -92,7 +95,7 @@ def inline_if(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     if condition is None:
         return False
     branch = node.attrs[BRANCHES[bool(condition)]]
-    _rebind(graph, node, _Copy(graph, node.name, {}).body(branch))
+    rebind(graph, node, _Copy(graph, node.name, {}).body(branch))
     return True
 
 
@@ -108,10 +111,13 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     if keep_going.name and _scalar(keep_going) is None:
         raise _refuse(source, node, f"its first condition '{keep_going.name}' is computed from the data")
     stays = body.outputs[0]
+    steps = int(steps) if not keep_going.name or bool(_scalar(keep_going)) else 0
     if not (stays is body.inputs[1] or _passes(stays, body.inputs[1]) or (_scalar(stays) is not None and
                                                                           bool(_scalar(stays)))):
-        raise _refuse(source, node, f"it stops on a condition '{stays.name}' computed at each step")
-    steps = int(steps) if not keep_going.name or bool(_scalar(keep_going)) else 0
+        counted = counted_steps(graph, node, min(steps, MAX_STEPS + 1))
+        if counted is None:
+            raise _refuse(source, node, f"it stops on a condition '{stays.name}' computed at each step from the data")
+        steps = counted
     scanned = len(body.outputs) - 1 - len(initial)
     if steps > MAX_STEPS or (steps == 0 and scanned):
         raise _refuse(source, node, f"it runs {steps} steps")
@@ -124,8 +130,55 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
         values = results[:len(initial)]
         for stack, value in zip(stacks, results[len(initial):]):
             stack.append(value)
-    _rebind(graph, node, values + [_stacked(ops, stack, 0) for stack in stacks])
+    rebind(graph, node, values + [stacked(ops, stack, 0) for stack in stacks])
     return True
+
+
+def counted_steps(graph: gs.Graph, node: gs.Node, most: int) -> int | None:
+    """The number of steps (at most `most`) of a Loop whose condition is computed at each step from the iteration
+    number, loop-carried counters and constants only (tf2onnx's while loops: i < T and j < n), found by running once,
+    in ONNX Runtime, a copy of the Loop that keeps only what its condition needs; None where the data reaches it."""
+    body = node.attrs["body"]
+    producers = {id(t): n for n in body.nodes for t in n.outputs}
+    positions = {id(t): k for k, t in enumerate(body.inputs)}
+    nodes, carried, seen, pending = set(), set(), set(), [body.outputs[0]]
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen or not tensor.name:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in producers:
+            producer = producers[id(tensor)]
+            if any(isinstance(v, gs.Graph) for v in producer.attrs.values()):
+                return None
+            nodes.add(id(producer))
+            pending.extend(producer.inputs)
+        elif positions.get(id(tensor), 0) >= 2:  # a loop-carried value: its initial value and its update
+            k = positions[id(tensor)] - 2
+            if k >= len(node.inputs) - 2 or constant(node.inputs[2 + k]) is None:
+                return None
+            carried.add(k)
+            pending.append(body.outputs[1 + k])
+        elif id(tensor) not in positions and not isinstance(tensor, gs.Constant):
+            return None  # a tensor of the enclosing graph that is computed
+    kept = sorted(carried)
+    number = body.inputs[0]
+    scanned = gs.Variable(f"{number.name}/counted", dtype=np.int64, shape=list(number.shape or []))
+    counter = gs.Node("Identity", f"{number.name}/counted", inputs=[number], outputs=[scanned])
+    trial = gs.Graph([n for n in body.nodes if id(n) in nodes] + [counter],
+                     body.inputs[:2] + [body.inputs[2 + k] for k in kept],
+                     [body.outputs[0]] + [body.outputs[1 + k] for k in kept] + [scanned], opset=body.opset)
+    steps = gs.Variable("steps", dtype=np.int64)
+    finals = [gs.Variable(f"final{k}", dtype=body.outputs[1 + k].dtype) for k in kept]
+    loop = gs.Node("Loop", "counted", {"body": trial},
+                   [gs.Constant("most", np.array(most, np.int64)), node.inputs[1]] + [node.inputs[2 + k] for k in kept],
+                   finals + [steps])
+    model = gs.export_onnx(gs.Graph([loop], [], [steps], opset=graph.opset), do_type_check=False)
+    model.ir_version = ir_version_for(model, 3)  # onnx stamps a newer one than ONNX Runtime may read
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return len(session.run(None, {})[0])
 
 
 def unroll_scan(graph: gs.Graph, node: gs.Node, source: str) -> bool:
@@ -156,13 +209,13 @@ def unroll_scan(graph: gs.Graph, node: gs.Node, source: str) -> bool:
             stack.append(value)
     out_axes = node.attrs.get("scan_output_axes", [0] * scanned)
     out_reversed = node.attrs.get("scan_output_directions", [0] * scanned)
-    stacked = []
+    outputs = []
     for stack, axis, back in zip(stacks, out_axes, out_reversed):
         rank = len(stack[0].shape) + 1 if stack[0].shape is not None else None
         if axis < 0 and rank is None:
             raise _refuse(source, node, "the rank of its scan outputs is not known at build time")
-        stacked.append(_stacked(ops, stack[::-1] if back else stack, axis % rank if axis < 0 else axis))
-    _rebind(graph, node, values + stacked)
+        outputs.append(stacked(ops, stack[::-1] if back else stack, axis % rank if axis < 0 else axis))
+    rebind(graph, node, values + outputs)
     return True
 
 
@@ -185,7 +238,7 @@ def _ops(graph: gs.Graph, node: gs.Node) -> Ops:
     return ops
 
 
-def _stacked(ops: Ops, values: list[gs.Tensor], axis: int) -> gs.Tensor:
+def stacked(ops: Ops, values: list[gs.Tensor], axis: int) -> gs.Tensor:
     """The values stacked along a new axis."""
     return ops("Concat", *[ops.unsqueeze(v, [axis]) for v in values], axis=axis)
 
@@ -219,7 +272,7 @@ def with_branch(graph: gs.Graph, choice: gs.Node, taken: bool) -> onnx.ModelProt
     """The model with the If `choice` replaced by the nodes of the branch `taken`."""
     copy = graph.copy()
     node = next(n for n in copy.nodes if n.name == choice.name)
-    _rebind(copy, node, _Copy(copy, node.name, {}).body(node.attrs[BRANCHES[taken]]))
+    rebind(copy, node, _Copy(copy, node.name, {}).body(node.attrs[BRANCHES[taken]]))
     return gs.export_onnx(copy.cleanup().toposort(), do_type_check=False)
 
 

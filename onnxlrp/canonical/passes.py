@@ -14,6 +14,7 @@ from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
 from .control import write_out
 from .quantized import dequantized_twin
+from .recurrent import write_out_recurrent
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
@@ -24,7 +25,7 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
 
     A quantized or half-precision model becomes its float twin (quantized.py), constants become initializers and
     constant subgraphs are folded, control flow of constant condition or a known number of steps is written out as
-    plain nodes (control.py), Attention is written out in plain ops, Identity/Dropout disappear, Gemm loses
+    plain nodes (control.py), recurrent layers over their time steps (recurrent.py), Attention in plain ops, Identity/Dropout disappear, Gemm loses
     alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
     explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
     can rely on static non-batch dimensions.
@@ -44,6 +45,8 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
         graph.fold_constants(error_ok=True, flatten_subgraphs=False)
         graph.cleanup().toposort()
         _without_static_control_flow(graph, source)
+    if write_out_recurrent(graph, source):  # its cells' plain ops get their shapes from inference
+        _folded(graph)
     if expand_attention(graph):  # its plain ops get their shapes from inference
         graph.cleanup().toposort()
         infer_shapes(graph)

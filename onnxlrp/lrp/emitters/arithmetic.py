@@ -8,7 +8,8 @@ Rules of the arithmetic family:
   pairs   on a Mul of two ReLU'd projections: the product rule of `norm`, and the relevance of pairs of the
           projected features as the output relevance_pairs (lrp/pairs.py).
 Every rule: a Mul or Div by a constant passes; a Div by a computed tensor treats it as a constant; a Sigmoid gate
-gives all to its signal; any other product of two computed tensors gives each factor half (AttnLRP's uniform rule).
+gives all to its signal (signal-take-all, Arras et al. 2017; a constant signal keeps it); any other product of two
+computed tensors gives each factor half (AttnLRP's uniform rule).
 A broadcast operand gets the sum over the axes it was broadcast along. Written-out constructs (a softmax, an
 activation x * f(x), a dense layer's bias) reach the walk as canonical nodes (canonical/patterns.py).
 """
@@ -20,6 +21,7 @@ from typing import Sequence
 import onnx_graphsurgeon as gs
 
 from ...canonical.patterns import GATES, is_activation
+from ...ir.graph import constant
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
@@ -83,19 +85,32 @@ class Sum(Elementwise):
 
 class Scaling(Elementwise):
     """Mul or Div by a constant (Div by a computed tensor: the denominator is a constant to the walk, as the sigma
-    of a norm is): R passes to the computed operand."""
+    of a norm is): R passes to the computed operand, except to a Sigmoid gate of a constant signal, which keeps it
+    (signal-take-all: a recurrent cell's gate times its constant initial state or bias)."""
 
     def passes(self, rule: Rule) -> bool:
         return True
 
     def shares(self, rule: Rule) -> list[float]:
         numerator = float(computed(self.node.inputs[0]))
-        return [numerator, 0.0] if self.node.op == "Div" else super().shares(rule)
+        if self.node.op == "Div":
+            return [numerator, 0.0]
+        return [0.0 if t is not None and is_gate(t) else share for t, share in zip(self.inputs, super().shares(rule))]
+
+
+def is_gate(tensor: Tensor) -> bool:
+    """Whether a tensor is a Sigmoid gate's output, or its complement 1 - gate (a GRU's h = (1 - z) n + z h)."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Sub":
+        one = constant(producer.inputs[0])
+        return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and is_gate(producer.inputs[1])
+    return producer is not None and producer.op in GATES
 
 
 class Gated(Elementwise):
-    """signal * gate of two computed tensors: a Sigmoid gate gives all to its signal, and under a rule that detaches
-    gates (stop) so does an activation's output; otherwise each factor gets half (AttnLRP's uniform rule)."""
+    """signal * gate of two computed tensors: a Sigmoid gate (or 1 - one) gives all to its signal, and under a rule
+    that detaches gates (stop) so does an activation's output; otherwise each factor gets half (AttnLRP's uniform
+    rule)."""
 
     def passes(self, rule: Rule) -> bool:
         return True
@@ -103,8 +118,7 @@ class Gated(Elementwise):
     def shares(self, rule: Rule) -> list[float]:
         a, b = self.node.inputs
         for signal, gate in ((a, b), (b, a)):
-            producer, other = (t.inputs[0].op if t.inputs else None for t in (gate, signal))
-            if (producer in GATES and other not in GATES) or \
+            if (is_gate(gate) and not is_gate(signal)) or \
                     (rule.detaches and is_activation(gate, computed) and not is_activation(signal, computed)):
                 return [1.0 if t is signal else 0.0 for t in self.node.inputs]
         return [0.5, 0.5]

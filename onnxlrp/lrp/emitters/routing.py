@@ -134,10 +134,12 @@ WHOLE = 2**31 - 1  # a Slice bound at least this large reaches past any batch si
 @routes("slice", ("Slice",), zeros="routed")
 def slice_(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
-    shape = _static_dims(node.inputs[0], "Slice")
+    shape = node.inputs[0].shape
     starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
+    if shape is None or any(not isinstance(shape[axis % len(shape)], int) for axis in axes if axis % len(shape)):
+        raise Unsupported("Slice needs static sizes along the axes it slices")
     rank = len(shape)
     if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
         if any(axis % rank == 0 for axis in axes):
@@ -151,7 +153,7 @@ def slice_(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[
     pads = [0] * (2 * rank)
     for start, end, axis in zip(starts, ends, axes):
         axis %= rank
-        if axis == 0:
+        if axis == 0 and not isinstance(shape[0], int):  # of known size it is any axis (a recurrent layer's Y_h)
             if (start == 0 or start <= -WHOLE) and end >= WHOLE:
                 continue  # keeps the whole batch, whatever its size
             raise Unsupported("Slice along the batch axis is not supported")
