@@ -102,7 +102,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
             raise LrpError(f"{source}: --layer-relevance needs a model with a batch axis (its classifier output "
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
-    twinned = quantized.needs_twin(model) or has_recurrent(model)  # built on a twin beside its own nodes
+    twinned = _twinned(model)
     built = _built(model, composite, explain, output, source, layer_relevance)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
@@ -127,7 +127,7 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
     refuse_not_explained(model, source)
     # A quantized model's twin, or written-out recurrent layers: the model's own nodes keep computing the outputs.
-    original = model if quantized.needs_twin(model) or has_recurrent(model) else None
+    original = model if _twinned(model) else None
     graph = canonicalize(model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     choice = runtime_choice(graph)
@@ -163,6 +163,11 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
     Recorded(composite.name, explain, explained.head.output.name, named(explained.logits.name),
              explained.head.kind, explained.architecture).store(built)
     return built
+
+
+def _twinned(model: onnx.ModelProto) -> bool:
+    """Whether the model is explained on a twin beside its own nodes (quantized, half precision, recurrent)."""
+    return quantized.needs_twin(model) or has_recurrent(model)
 
 
 def _same(name: str) -> str:

@@ -25,9 +25,9 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
 
     A quantized or half-precision model becomes its float twin (quantized.py), constants become initializers and
     constant subgraphs are folded, control flow of constant condition or a known number of steps is written out as
-    plain nodes (control.py), recurrent layers over their time steps (recurrent.py), Attention in plain ops, Identity/Dropout disappear, Gemm loses
-    alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant becomes one Gemm, and pads are
-    explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
+    plain nodes (control.py), recurrent layers over their time steps (recurrent.py), Attention in plain ops,
+    Identity/Dropout disappear, Gemm loses alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant
+    becomes one Gemm, and pads are explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
     can rely on static non-batch dimensions.
     """
     model = dequantized_twin(model, source) or model
