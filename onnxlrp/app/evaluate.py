@@ -126,6 +126,7 @@ class Settings:
 class Scores:
     """One method's mean curves and areas over the dataset."""
     method: str
+    start: float  # mean score of the unperturbed inputs
     flipping: np.ndarray  # mean score after each pixel-flipping step
     drops: np.ndarray  # mean drop after each region
     flipping_auc: float
@@ -155,30 +156,34 @@ def score(method: str, predict: Predict, x: np.ndarray, classes: np.ndarray, rel
     before = _scores(predict, x, classes)
     flipping = pixel_flipping(predict, x, classes, relevance, step, settings.fill)
     drops = region_perturbation(predict, x, classes, relevance, settings.patch_size, settings.regions, settings.fill)
-    return Scores(method, flipping.mean(axis=0), drops.mean(axis=0), float(auc(flipping).mean()),
+    return Scores(method, float(before.mean()), flipping.mean(axis=0), drops.mean(axis=0), float(auc(flipping).mean()),
                   float(aopc(before[:, None] - flipping).mean()), float(auc(drops).mean()),
                   float(aopc(drops).mean()))
 
 
-def evaluate(model: str | Path, x: np.ndarray, composites: Sequence[str], settings: Settings = Settings(),
+def explainers(model: str | Path, composites: Sequence[str]) -> dict[str, Explainer]:
+    """The model built with every composite, and with `zero` (uniform LRP-0) for gradient x input."""
+    if not composites:
+        raise LrpError("--composite: name at least one composite")
+    return {name: Explainer(model, composite=name) for name in dict.fromkeys([*composites, "zero"])}
+
+
+def evaluate(built: dict[str, Explainer], x: np.ndarray, composites: Sequence[str], settings: Settings = Settings(),
              target: int | None = None) -> list[Scores]:
     """Every composite's relevance of the batch `x` (for `target`, or each sample's predicted class), gradient x
     input and a random order, scored by pixel flipping and region perturbation. Gradient x input is the relevance
     of uniform LRP-0 (composite `zero`), which equals it on networks of ReLU, max-pooling and linear layers."""
-    if not composites:
-        raise LrpError("--composite: name at least one composite")
     if settings.fill not in FILLS:
         raise LrpError(f"--fill {settings.fill}: not one of {', '.join(FILLS)}")
-    explainers = {name: Explainer(model, composite=name) for name in dict.fromkeys([*composites, "zero"])}
-    first = explainers[composites[0]]
+    first = built[composites[0]]
     x = first.check_input(x, "data")
     if len(x) == 0:
         raise LrpError("data: no samples")
     predict = predictor(first, settings.softmax, settings.batch_size)
     classes = first.check_target(-1 if target is None else target, len(x))
     classes = np.where(classes < 0, predict(x).argmax(axis=1), classes)
-    relevance = {name: explainers[name].explain(x, classes)[1] for name in composites}
-    relevance[GRADIENT] = explainers["zero"].explain(x, classes)[1]
+    relevance = {name: built[name].explain(x, classes)[1] for name in composites}
+    relevance[GRADIENT] = built["zero"].explain(x, classes)[1]
     relevance[RANDOM] = np.random.default_rng(settings.seed).random(x.shape)
     return [score(name, predict, x, classes, r, settings) for name, r in relevance.items()]
 
@@ -208,9 +213,9 @@ def plot(results: Sequence[Scores], title: str) -> bytes:
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
-        style = {"color": "black", "linewidth": 2.5} if r.method == RANDOM else {}
-        left.plot(np.linspace(0, 1, len(r.flipping) + 1)[1:], r.flipping, label=r.method, **style)
-        right.plot(np.arange(1, len(r.drops) + 1), r.drops, label=f"{r.method} ({r.region_aopc:.2f})", **style)
+        style = {RANDOM: {"color": "black", "linewidth": 2.5}, GRADIENT: {"linestyle": "--"}}.get(r.method, {})
+        left.plot(np.linspace(0, 1, len(r.flipping) + 1), [r.start, *r.flipping], **style)
+        right.plot(np.arange(len(r.drops) + 1), [0, *r.drops], label=f"{r.method} ({r.region_aopc:.2f})", **style)
     left.set(xlabel="share of features flipped", ylabel="explained score", title="pixel flipping")
     right.set(xlabel="regions perturbed", ylabel="drop of the explained score",
               title="region perturbation (AOPC in the legend)")
