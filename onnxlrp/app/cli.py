@@ -167,8 +167,8 @@ def spray_command(out: str, report: str, classes: str | None, clusters: str, gri
 @click.option("--target", type=int, help="Class to explain for every input (default: each one's predicted class).")
 @click.option("--features-in-step", type=click.IntRange(min=1),
               help="Pixel flipping: input features set per step (default: a 16th of them).")
-@click.option("--patch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Region perturbation: side of the square regions.")
+@click.option("--patch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Region perturbation: side of the square regions (Quantus's default).")
 @click.option("--regions", type=click.IntRange(min=1), default=100, show_default=True,
               help="Region perturbation: how many regions are perturbed, most relevant first.")
 @click.option("--fill", type=click.Choice(("black", "white", "mean", "zero")), default="black", show_default=True,

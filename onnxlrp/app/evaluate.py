@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
-from ..api import Explainer, in_batches
+from ..api import Explainer, in_batches, open_session
 from ..errors import LrpError
 from .extras import png, pyplot, write_files
 
@@ -114,7 +115,7 @@ def aopc(drops: np.ndarray) -> np.ndarray:
 class Settings:
     """How the inputs are perturbed and what is followed: the classifier's logit or its softmax."""
     features_in_step: int | None = None  # None: a 16th of the features
-    patch_size: int = 4
+    patch_size: int = 8
     regions: int = 100
     fill: str = "black"
     softmax: bool = False
@@ -135,13 +136,27 @@ class Scores:
     region_aopc: float
 
 
+def forward(explainer: Explainer) -> Callable[[np.ndarray], np.ndarray]:
+    """The built model's forward pass alone, up to the explained scores: ONNX Runtime runs every node of a graph,
+    so the whole built model would compute the relevance on every perturbed batch too (3x the time)."""
+    graph = gs.import_onnx(explainer.model)
+    scores = graph.tensors()[explainer.explained_name]
+    scores.dtype = scores.dtype or np.float32
+    graph.outputs = [scores]
+    graph.cleanup(remove_unused_graph_inputs=True)
+    pruned = gs.export_onnx(graph)
+    pruned.ir_version = explainer.model.ir_version
+    session = open_session(pruned)
+    return lambda x: in_batches(lambda feeds: session.run([scores.name], feeds), {explainer.input_name: x},
+                                explainer.batch)[0]
+
+
 def predictor(explainer: Explainer, softmax: bool, batch_size: int) -> Predict:
     """The explained scores of a built model's forward pass (its logits, or their softmax), run in batches."""
+    run = forward(explainer)
+
     def predict(x: np.ndarray) -> np.ndarray:
-        parts = [in_batches(lambda feeds: explainer.session.run([explainer.explained_name], feeds),
-                            {explainer.input_name: x[k:k + batch_size]}, explainer.batch)[0]
-                 for k in range(0, len(x), batch_size)]
-        logits = np.concatenate(parts).astype(np.float64)
+        logits = np.concatenate([run(x[k:k + batch_size]) for k in range(0, len(x), batch_size)]).astype(np.float64)
         if not softmax:
             return logits
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
