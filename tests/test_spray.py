@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import os
 import re
 import sys
 
@@ -125,7 +126,16 @@ def test_spray_errors_are_one_line(tmp_path, arguments, fragments):
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "r.csv").exists()
 
 
-def test_a_missing_extra_names_the_install_command(monkeypatch):
+def test_a_missing_extra_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn.neighbors", None)
     with pytest.raises(LrpError, match=r"sklearn is not installed: .*pip install 'onnxlrp\[dataset\]'"):
         sp.spray(np.random.default_rng(0).random((6, 8, 8)), np.zeros(6))
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "matplotlib.py").write_text("raise ImportError('hidden')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    for command in (["spray", tmp_path / "none.npz", "-o", tmp_path / "r.html"],
+                    ["evaluate", CLEVER_HANS / "model.onnx", tmp_path / "none.npy", "-o", tmp_path / "out"]):
+        assert_one_line_error(onnxlrp(*command, env=env),
+                              "matplotlib is not installed: this command needs the dataset extra "
+                              "(pip install 'onnxlrp[dataset]')")

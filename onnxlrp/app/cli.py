@@ -148,7 +148,8 @@ def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: in
 def spray_command(out: str, report: str, classes: str | None, clusters: str, grid: int, neighbors: int) -> None:
     """Spectral relevance analysis (SpRAy) of the explanations in OUT (an .npz with `relevance` and `explained`,
     or a folder of explain's STEM.npy files): clusters of similar heatmaps per class, as an HTML report."""
-    from . import spray
+    from . import extras, spray
+    extras.check()
     arrays = spray.load(out)
     chosen = None if classes is None else _whole_numbers("--classes", classes)
     result = spray.spray(arrays["relevance"], arrays["explained"], arrays.get("ids"), arrays.get("inputs"),
@@ -181,7 +182,8 @@ def evaluate_command(model: str, data: tuple[str, ...], outdir: str, composites:
                      softmax: bool, seed: int, **preprocess: str | None) -> None:
     """Faithfulness of MODEL's explanations of DATA (images, folders of them, .npy arrays, read as `explain` reads
     them): pixel flipping and region perturbation per composite, against gradient x input and a random order."""
-    from . import evaluate as evaluation
+    from . import evaluate as evaluation, extras
+    extras.check()
     chosen = list(composites) or ["epsilon_plus_flat"]
     explainers = evaluation.explainers(model, chosen)
     x = explaining.read_inputs(explainers[chosen[0]].input, data, parse_options(**preprocess))

@@ -226,7 +226,9 @@ def lines(results: Sequence[Scores]) -> list[str]:
 def plot(results: Sequence[Scores], title: str) -> bytes:
     """The mean pixel-flipping curves and region-perturbation drops, one line per method, as PNG bytes."""
     plt = pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis in (left, right):
+        axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for r in results:
         style = {RANDOM: {"color": "black", "linewidth": 2.5}, GRADIENT: {"linestyle": "--"}}.get(r.method, {})
         left.plot(np.linspace(0, 1, len(r.flipping) + 1), [r.start, *r.flipping], **style)
@@ -234,7 +236,7 @@ def plot(results: Sequence[Scores], title: str) -> bytes:
     left.set(xlabel="share of features flipped", ylabel="explained score", title="pixel flipping")
     right.set(xlabel="regions perturbed", ylabel="drop of the explained score",
               title="region perturbation (AOPC in the legend)")
-    right.legend(fontsize=7, loc="best")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.suptitle(title)
     return png(figure)
 

@@ -23,6 +23,12 @@ def require(module: str) -> ModuleType:
                        f"({INSTALL})") from None
 
 
+def check() -> None:
+    """Stop before any work when the extra is missing."""
+    for module in ("sklearn", "matplotlib"):
+        require(module)
+
+
 def pyplot() -> ModuleType:
     """matplotlib's pyplot on the Agg backend (files only, no window)."""
     matplotlib = require("matplotlib")

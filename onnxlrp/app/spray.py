@@ -92,9 +92,10 @@ def affinity(features: np.ndarray, neighbors: int):
 
 
 def spectrum(graph, count: int) -> np.ndarray:
-    """The `count` smallest eigenvalues of the graph's normalised Laplacian, ascending."""
-    from scipy.sparse.csgraph import laplacian
-    return np.sort(np.linalg.eigvalsh(laplacian(graph.toarray(), normed=True)))[:count]
+    """The `count` smallest eigenvalues of the graph's normalised Laplacian, ascending (dense: classes of up to a
+    few thousand samples)."""
+    laplacian = require("scipy.sparse.csgraph").laplacian(graph.toarray(), normed=True)
+    return np.sort(np.linalg.eigvalsh(laplacian))[:count]
 
 
 def eigengap(eigenvalues: np.ndarray, largest: int) -> int:
