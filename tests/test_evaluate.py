@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import onnx
@@ -10,6 +11,7 @@ from onnx import numpy_helper
 
 from onnxlrp import Explainer
 from onnxlrp.app import evaluate as ev
+from onnxlrp.errors import LrpError
 
 from conftest import FIXTURES, assert_one_line_error, onnxlrp_cli as onnxlrp
 
@@ -98,14 +100,24 @@ def test_evaluate_command_writes_the_table_and_the_plot(tmp_path):
 
 
 @pytest.mark.parametrize("arguments, fragments", [
-    (["--features-in-step", "7"], ["--features-in-step 7: must divide the 256 input features"]),
-    (["--patch-size", "17"], ["--patch-size 17: must be between 1 and the image size [16, 16]"]),
     (["--fill", "gray"], ["'gray' is not one of"]),
     (["--target", "12"], ["class 12 is out of range (the model has 10 classes"]),
-    (["--composite", "nope"], ["unknown composite 'nope'"]),
 ])
 def test_evaluate_errors_are_one_line(tmp_path, arguments, fragments):
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 16, 16), np.float32))
     result = onnxlrp("evaluate", MLP, tmp_path / "x.npy", "-o", tmp_path / "out", *arguments)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_sizes_that_do_not_fit():
+    x, y = REFERENCE["x"], REFERENCE["y"]
+    predict = float64_mlp(False)
+    with pytest.raises(LrpError, match=re.escape("--features-in-step 7: must divide the 256 input features")):
+        ev.pixel_flipping(predict, x, y, x, 7)
+    with pytest.raises(LrpError, match=re.escape("--patch-size 17: must be between 1 and the image size [16, 16]")):
+        ev.region_perturbation(predict, x, y, x, 17)
+    with pytest.raises(LrpError, match=re.escape("inputs of shape [8, 256] are not images [N, C, H, W]")):
+        ev.region_perturbation(predict, x.reshape(8, -1), y, x.reshape(8, -1), 4)
+    with pytest.raises(LrpError, match="unknown composite 'nope'"):
+        ev.explainers(MLP, ["nope"])

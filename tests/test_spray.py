@@ -112,18 +112,28 @@ def test_spray_command_on_an_npz_and_on_explain_output(explained, tmp_path):
 @pytest.mark.parametrize("arguments, fragments", [
     (["missing.npz"], ["missing.npz: no such file or folder"]),
     (["bad.npz"], ["bad.npz: has no array named explained"]),
-    (["good.npz", "--classes", "3"], ["--classes: no sample was explained for class 3"]),
     (["good.npz", "--classes", "seven"], ["--classes seven: not comma-separated whole numbers"]),
-    (["good.npz", "--clusters", "many"], ["--clusters many: 'auto' or a whole number"]),
-    (["good.npz", "--clusters", "9"], ["--clusters 9: class 7 has 6 samples"]),
-    (["good.npz", "--grid", "0"], ["--grid 0: must be at least 1"]),
 ])
-def test_spray_errors_are_one_line(tmp_path, arguments, fragments):
+def test_spray_command_errors_are_one_line(tmp_path, arguments, fragments):
     np.savez(tmp_path / "bad.npz", relevance=np.zeros((3, 4)))
-    np.savez(tmp_path / "good.npz", relevance=np.random.default_rng(0).random((6, 1, 8, 8)), explained=np.full(6, 7))
+    np.savez(tmp_path / "good.npz", relevance=np.zeros((6, 1, 8, 8)), explained=np.full(6, 7))
     result = onnxlrp("spray", *arguments, "-o", tmp_path / "r.html", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"classes": [3]}, "--classes: no sample was explained for class 3"),
+    ({"clusters": "many"}, "--clusters many: 'auto' or a whole number of at least 1"),
+    ({"clusters": "9"}, "--clusters 9: class 7 has 6 samples"),
+    ({"grid": 0}, "--grid 0: must be at least 1"),
+    ({"explained": np.full(3, 7)}, "6 heatmaps but 3 explained classes"),
+    ({"explained": np.arange(6)}, "no explained class has the 4 samples SpRAy needs"),
+])
+def test_spray_refuses_what_it_cannot_analyse(options, message):
+    arguments = {"relevance": np.random.default_rng(0).random((6, 1, 8, 8)), "explained": np.full(6, 7), **options}
+    with pytest.raises(LrpError, match=re.escape(message)):
+        sp.spray(**arguments)
 
 
 def test_a_missing_extra_names_the_install_command(monkeypatch, tmp_path):
