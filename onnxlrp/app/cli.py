@@ -152,8 +152,9 @@ def spray_command(out: str, report: str, classes: str | None, clusters: str, gri
     extras.check()
     arrays = spray.load(out)
     chosen = None if classes is None else _whole_numbers("--classes", classes)
-    result = spray.spray(arrays["relevance"], arrays["explained"], arrays.get("ids"), arrays.get("inputs"),
-                         chosen, clusters, grid, neighbors)
+    ids = arrays.get("id", arrays.get("ids"))
+    result = spray.spray(arrays["relevance"], arrays["explained"], ids, arrays.get("inputs"), chosen, clusters, grid,
+                         neighbors)
     for line in spray.write_report(result, report):
         click.echo(printable(line))
 

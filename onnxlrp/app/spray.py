@@ -262,7 +262,7 @@ def write_report(result: SprayResult, path: str | Path) -> list[str]:
 
 
 def load(source: str | Path) -> dict[str, np.ndarray]:
-    """What `spray` reads: an .npz with `relevance` and `explained` (and optionally `ids`, `inputs`), or a folder
+    """What `spray` reads: an .npz with `relevance` and `explained` (optionally `id` or `ids`, `inputs`), or a folder
     of `explain`'s STEM.npy relevance files (which do not record the explained class: one group, explained -1).
     The one place that reads explain's output, to become `onnxlrp.app.dataset.read_shards` for Parquet shards."""
     path = Path(source)
@@ -288,4 +288,4 @@ def load(source: str | Path) -> dict[str, np.ndarray]:
                        f"({str(error).splitlines()[0]})") from None
     if len({m.shape for m in maps}) > 1:
         raise LrpError(f"{path}: the relevance files have different shapes")
-    return {"relevance": np.stack(maps), "explained": np.full(len(maps), -1), "ids": np.array([f.stem for f in files])}
+    return {"relevance": np.stack(maps), "explained": np.full(len(maps), -1), "id": np.array([f.stem for f in files])}
