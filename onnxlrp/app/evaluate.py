@@ -114,7 +114,7 @@ def aopc(drops: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Settings:
     """How the inputs are perturbed and what is followed: the classifier's logit or its softmax."""
-    features_in_step: int | None = None  # None: a 16th of the features
+    features_in_step: int | None = None  # None: a 16th of the features (the largest divisor up to that)
     patch_size: int = 8
     regions: int = 100
     fill: str = "black"
@@ -167,7 +167,8 @@ def predictor(explainer: Explainer, softmax: bool, batch_size: int) -> Predict:
 def score(method: str, predict: Predict, x: np.ndarray, classes: np.ndarray, relevance: np.ndarray,
           settings: Settings) -> Scores:
     """Both perturbations of one method's relevance, averaged over the samples."""
-    step = settings.features_in_step or max(1, x[0].size // 16)
+    features = x[0].size
+    step = settings.features_in_step or max(d for d in range(1, max(1, features // 16) + 1) if features % d == 0)
     before = _scores(predict, x, classes)
     flipping = pixel_flipping(predict, x, classes, relevance, step, settings.fill)
     drops = region_perturbation(predict, x, classes, relevance, settings.patch_size, settings.regions, settings.fill)
