@@ -163,6 +163,75 @@ def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: st
         click.echo(line, color=colored)
 
 
+@cli.command("spray")
+@click.argument("out", type=click.Path())
+@click.option("-o", "--output", "report", required=True, type=click.Path(),
+              help="The HTML report to write; the CSV of sample -> cluster goes beside it (REPORT's name, .csv).")
+@click.option("--classes", help="Explained classes to analyse, comma-separated (default: every class with at least "
+                                "4 samples).")
+@click.option("--clusters", default="auto", show_default=True,
+              help="'auto' (the largest eigengap) or the number of clusters.")
+@click.option("--grid", type=int, default=8, show_default=True, help="Heatmaps are sum-pooled to GRID x GRID cells.")
+@click.option("--neighbors", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Neighbours per sample in the affinity graph.")
+def spray_command(out: str, report: str, classes: str | None, clusters: str, grid: int, neighbors: int) -> None:
+    """Spectral relevance analysis (SpRAy) of the explanations in OUT (an .npz with `relevance` and `explained`,
+    or a folder of explain's STEM.npy files): clusters of similar heatmaps per class, as an HTML report."""
+    from . import extras, spray
+    extras.check()
+    arrays = spray.load(out)
+    chosen = None if classes is None else _whole_numbers("--classes", classes)
+    ids = arrays.get("id", arrays.get("ids"))
+    result = spray.spray(arrays["relevance"], arrays["explained"], ids, arrays.get("inputs"), chosen, clusters, grid,
+                         neighbors)
+    for line in spray.write_report(result, report):
+        click.echo(printable(line))
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for faithfulness.csv and faithfulness.png; created if missing.")
+@click.option("--composite", "composites", multiple=True,
+              help="A composite to score (repeatable; default epsilon_plus_flat). MODEL must be a plain model.")
+@click.option("--target", type=int, help="Class to explain for every input (default: each one's predicted class).")
+@click.option("--features-in-step", type=click.IntRange(min=1),
+              help="Pixel flipping: input features set per step (default: a 16th of them).")
+@click.option("--patch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Region perturbation: side of the square regions (Quantus's default).")
+@click.option("--regions", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Region perturbation: how many regions are perturbed, most relevant first.")
+@click.option("--fill", type=click.Choice(("black", "white", "mean", "zero")), default="black", show_default=True,
+              help="What removed features become: the sample's minimum, maximum, mean (as Quantus), or 0.")
+@click.option("--softmax", is_flag=True, help="Follow the softmax of the explained class, not its logit.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random order.")
+@preprocessing_options
+def evaluate_command(model: str, data: tuple[str, ...], outdir: str, composites: tuple[str, ...],
+                     target: int | None, features_in_step: int | None, patch_size: int, regions: int, fill: str,
+                     softmax: bool, seed: int, **preprocess: str | None) -> None:
+    """Faithfulness of MODEL's explanations of DATA (images, folders of them, .npy arrays, read as `explain` reads
+    them): pixel flipping and region perturbation per composite, against gradient x input and a random order."""
+    from . import evaluate as evaluation, extras
+    extras.check()
+    chosen = list(composites) or ["epsilon_plus_flat"]
+    explainers = evaluation.explainers(model, chosen)
+    x = explaining.read_inputs(explainers[chosen[0]].input, data, parse_options(**preprocess))
+    settings = evaluation.Settings(features_in_step, patch_size, regions, fill, softmax, seed)
+    results = evaluation.evaluate(explainers, x, chosen, settings, target)
+    title = f"{Path(model).name}: {len(x)} samples, fill {fill}, {'softmax' if softmax else 'logit'}"
+    for line in evaluation.write(results, outdir, title):
+        click.echo(printable(line))
+
+
+def _whole_numbers(option: str, text: str) -> list[int]:
+    """Comma-separated whole numbers, or one line naming the option."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LrpError(f"{option} {text}: not comma-separated whole numbers") from None
+
+
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--composite", default="epsilon_plus_flat", show_default=True,

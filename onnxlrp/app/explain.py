@@ -207,6 +207,13 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
     return lines
 
 
+def read_inputs(model_input: ModelInput, inputs: Sequence[str], options: Options = Options()) -> np.ndarray:
+    """Every input (images, folders of them, .npy arrays) read for `model_input` as `explain` reads them, as one
+    batch."""
+    items = samples(collect(inputs), model_input, preprocessing(model_input, options))
+    return np.concatenate([sample.read()[0] for sample in items])
+
+
 def _keep_inputs(files: Sequence[Path], items: Sequence[Sample], outdir: Path) -> None:
     """Refuse an OUTDIR where a result would replace one of the inputs (a heatmap over its own picture)."""
     sources = {path.resolve() for path in files}
