@@ -56,13 +56,16 @@ def is_built(model: onnx.ModelProto) -> bool:
     return any(value.name == RELEVANCE for value in model.graph.output)
 
 
-def open_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
+def open_session(model: onnx.ModelProto, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session that logs only errors (no warning about the `target` default) on the chosen
-    device; CUDA is requested only for device="cuda" and must really load."""
+    device, with `threads` intra-op threads (None: ONNX Runtime's default, one per core); CUDA is requested only
+    for device="cuda" and must really load."""
     if device not in DEVICES:
         raise LrpError(f"device must be one of {', '.join(DEVICES)} (got '{device}')")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if device == "cpu":
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -190,7 +193,7 @@ class Explainer:
 
     def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",
                  composite: str | Path | Composite | None = None, explain: str | None = None,
-                 **rule_params: float | tuple[float, ...]):
+                 threads: int | None = None, **rule_params: float | tuple[float, ...]):
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else load(path_or_model)
         source = "model" if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
         if not is_built(model):
@@ -203,7 +206,7 @@ class Explainer:
         self.recorded = Recorded.of(model)  # what it explains (all None for models built before it was stored)
         produced = {o.name for o in model.graph.output} | {t for node in model.graph.node for t in node.output}
         extra = [n for n in (self.recorded.output, self.recorded.logits) if n is not None and n in produced]
-        self.session = open_session(with_outputs(model, extra, source), device)
+        self.session = open_session(with_outputs(model, extra, source), device, threads)
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:
             raise LrpError(f"{source}: Explainer takes models with one input (this one has "

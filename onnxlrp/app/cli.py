@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import click
 
@@ -20,6 +20,9 @@ from ..pipeline import build
 from . import explain as explaining, inspect as inspection
 from .heatmaps import CMAPS
 from .inputs import NORMALIZE, RESIZE, parse_options
+
+FORMATS = ("files", "parquet")
+ENGINES = ("local", "ray")
 
 
 # How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
@@ -112,7 +115,8 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input; created if missing.")
+              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input, or for the Parquet shards; "
+                   "created if missing.")
 @click.option("--target", type=int, help="Class to explain for every input (default: each one's predicted class).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
@@ -123,15 +127,76 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
               help="Class names, one per line (default: from the model's metadata, if any).")
 @click.option("--composite", help="Rules to build MODEL with, when it is a plain model (not built yet).")
+@click.option("--format", "output_format", type=click.Choice(FORMATS),
+              help="files: STEM.npy and STEM.png per input; parquet: a dataset of Parquet shards (the default "
+                   "with --engine ray or Parquet inputs).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where the shards are explained: in this process, or by Ray Data workers.")
+@click.option("--address", help="Ray: the address of a running cluster (default: a local Ray for the run).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Ray: how many workers (actors), each with its own ONNX Runtime session [default: 1].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+              help="Ray: CPUs each worker takes (and its ONNX Runtime threads) [default: 1].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0),
+              help="Ray: GPUs each worker takes; above 0 the workers run on ONNX Runtime's CUDA provider "
+                   "[default: 0].")
+@click.option("--shard-size", type=click.IntRange(min=1),
+              help="Parquet: samples per shard (the unit of work and of resuming) [default: 256].")
+@click.option("--pool", type=click.IntRange(min=1),
+              help="Parquet: store the relevance summed over POOL x POOL pixel blocks [default: 1].")
+@click.option("--heatmaps", is_flag=True, help="Parquet: also write OUT/heatmaps/ID.png per sample.")
+@click.option("--column", help="Parquet inputs: the column of pictures or arrays (default: the only such column).")
+@click.option("--label-column", help="Parquet inputs: the column of labels (default: `label`, if present).")
 def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: int | None, batch_size: int,
                     device: str, cmap: str, overlay: bool, labels_file: str | None, composite: str | None,
-                    **preprocess: str | None) -> None:
-    """Explain each INPUT (images, folders of them, .npy arrays) with MODEL; write relevance and heatmaps."""
-    lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
-                                      cmap=cmap, overlay=overlay, options=parse_options(**preprocess),
-                                      labels_file=labels_file, composite=composite)
-    for line in lines:
-        click.echo(line)
+                    output_format: str | None, engine: str, address: str | None, workers: int | None,
+                    cpus_per_worker: float | None, gpus_per_worker: float | None, shard_size: int | None,
+                    pool: int | None, heatmaps: bool,
+                    column: str | None, label_column: str | None, **preprocess: str | None) -> None:
+    """Explain each INPUT (images, folders of them, .npy arrays, Parquet files) with MODEL; write relevance and
+    heatmaps per input, or Parquet shards of a whole dataset."""
+    options = parse_options(**preprocess)
+    output_format = output_format or _default_format(engine, inputs)
+    ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                   "--gpus-per-worker": gpus_per_worker}
+    dataset_options = {"--engine ray": engine == "ray" or None, **ray_options, "--shard-size": shard_size,
+                       "--pool": pool, "--heatmaps": heatmaps or None, "--column": column,
+                       "--label-column": label_column}
+    if output_format == "files":
+        _refuse(dataset_options, "--format parquet")
+        lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size,
+                                          device=device, cmap=cmap, overlay=overlay, options=options,
+                                          labels_file=labels_file, composite=composite)
+        for line in lines:
+            click.echo(line)
+        return
+    _refuse({"--overlay": overlay or None, "--labels": labels_file}, "--format files")
+    if engine != "ray":
+        _refuse(ray_options, "--engine ray")
+    from . import dataset
+    chosen = dataset.local_engine
+    if engine == "ray":
+        from .engine import ray_engine
+        chosen = ray_engine(address, workers or 1, gpus_per_worker or 0.0, cpus_per_worker or 1.0)
+    summary = dataset.explain_dataset(model, inputs, outdir, chosen, target=target, batch_size=batch_size,
+                                      device=device, cmap=cmap, heatmaps=heatmaps, options=options,
+                                      composite=composite, columns=dataset.Columns(column, label_column),
+                                      shard_size=shard_size or 256, pooling=pool or 1)
+    click.echo(printable(summary.line(outdir)))
+
+
+def _default_format(engine: str, inputs: Sequence[str]) -> str:
+    """Parquet shards with Ray, and for Parquet inputs (a .parquet file, or a folder with .parquet files in it)."""
+    parquet = any(Path(i).suffix.lower() == ".parquet" or Path(i).is_dir() and any(Path(i).glob("*.parquet"))
+                  for i in inputs)
+    return "parquet" if engine == "ray" or parquet else "files"
+
+
+def _refuse(given: dict[str, object], where: str) -> None:
+    """One line for the first option given (not None) that applies only `where`."""
+    for name, value in given.items():
+        if value is not None:
+            raise LrpError(f"{name} applies to {where} only")
 
 
 @cli.command("inspect")
