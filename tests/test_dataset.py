@@ -3,6 +3,8 @@ shards that equal the per-file results, the same relevance from Ray on a two-nod
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -97,8 +99,8 @@ class Stop(Exception):
 def test_a_stopped_run_started_again_computes_only_the_missing_shards(data, tmp_path):
     out = tmp_path / "out"
 
-    def stopping(job, shards):
-        for k, (number, rows) in enumerate(local_engine(job, shards)):
+    def stopping(job, shards, explainer):
+        for k, (number, rows) in enumerate(local_engine(job, shards, explainer)):
             if k == 2:
                 raise Stop
             yield number, rows
@@ -109,9 +111,9 @@ def test_a_stopped_run_started_again_computes_only_the_missing_shards(data, tmp_
     assert sorted(written) == ["shard-00000.parquet", "shard-00001.parquet"]
     seen: list[int] = []
 
-    def counting(job, shards):
+    def counting(job, shards, explainer):
         seen.extend(shards)
-        yield from local_engine(job, shards)
+        yield from local_engine(job, shards, explainer)
 
     summary = explain_dataset(str(BUILT), inputs(data), str(out), counting, shard_size=16, progress=False)
     assert seen == [2, 3, 4] and (summary.computed, summary.skipped, summary.samples) == (3, 2, 80)
@@ -190,14 +192,41 @@ def cluster():
     nodes.shutdown()
 
 
-def test_ray_on_two_nodes_gives_the_in_process_relevance(cluster, data, tmp_path):
+def _workers(cluster) -> list[int]:
+    """The process ids of the Ray Data actors running on the cluster's nodes (children of its raylets)."""
+    raylets = {process.pid for node in cluster.list_all_nodes() for kind, process in node.live_processes()
+               if kind == "raylet"}
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent in raylets and command.startswith(b"ray::MapWorker"):
+            found.append(int(entry.name))
+    return found
+
+
+def test_ray_on_two_nodes_gives_the_in_process_relevance_and_survives_a_killed_worker(cluster, data, tmp_path):
     from onnxlrp.app.engine import ray_engine
     local = tmp_path / "local"
     explain_dataset(str(BUILT), inputs(data), str(local), shard_size=10, progress=False)
     remote = tmp_path / "ray"
-    summary = explain_dataset(str(BUILT), inputs(data), str(remote), ray_engine(cluster.address, workers=2),
-                              shard_size=10, heatmaps=True, progress=False)
-    assert (summary.samples, summary.computed, summary.failures) == (80, 8, 0)
+    engine = ray_engine(cluster.address, workers=2)
+    killed = []
+
+    def killing(job, shards, explainer):
+        """After the first shard, a worker is killed (SIGKILL): Ray starts another and redoes its batch."""
+        for number, rows in engine(job, shards, explainer):
+            if not killed:
+                killed.extend(_workers(cluster)[:1])
+                os.kill(killed[0], signal.SIGKILL)
+            yield number, rows
+
+    summary = explain_dataset(str(BUILT), inputs(data), str(remote), killing, shard_size=10, heatmaps=True,
+                              progress=False)
+    assert len(killed) == 1 and (summary.samples, summary.computed, summary.failures) == (80, 8, 0)
     expected, found = read_shards(local), read_shards(remote)
     assert list(found["id"]) == list(expected["id"])
     for name in ("label", "predicted", "explained"):

@@ -352,13 +352,14 @@ def _png(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# An engine explains the shards it is given and yields (shard number, its rows), in any order.
-Engine = Callable[[Job, dict[int, list[Item]]], Iterator[tuple[int, dict[str, np.ndarray]]]]
+# An engine explains the shards it is given and yields (shard number, its rows), in any order; it may use the
+# driver's Explainer (the job's model, device and threads) or make its own from the job.
+Engine = Callable[[Job, dict[int, list[Item]], Explainer], Iterator[tuple[int, dict[str, np.ndarray]]]]
 
 
-def local_engine(job: Job, shards: dict[int, list[Item]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Explain the shards one after another in this process."""
-    explainer = job.explainer()
+def local_engine(job: Job, shards: dict[int, list[Item]],
+                 explainer: Explainer) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Explain the shards one after another in this process, with the driver's Explainer."""
     for number, items in shards.items():
         yield number, explain_shard(explainer, job, items)
 
@@ -387,7 +388,7 @@ def explain_dataset(model: str, data: Sequence[str], outdir: str, engine: Engine
     DATA are checked before any work, shards already written by a run with the same arguments are kept, and a line
     per shard written goes to stderr (`progress`)."""
     _arrow()
-    explainer = Explainer(model, composite=composite)
+    explainer = Explainer(model, device=device, composite=composite, threads=threads)
     if target is not None and not 0 <= target < explainer.classes:
         raise LrpError(f"--target {target}: out of range (the model has {explainer.classes} classes, "
                        f"0 to {explainer.classes - 1})")
@@ -406,7 +407,7 @@ def explain_dataset(model: str, data: Sequence[str], outdir: str, engine: Engine
     pending = {k: items for k, items in shards.items() if not shard_path(out, k).is_file()}
     totals, values = [], []
     done = len(found.items) - sum(len(items) for items in pending.values())
-    for number, rows in (engine(job, pending) if pending else ()):
+    for number, rows in (engine(job, pending, explainer) if pending else ()):
         _write_shard(out, number, rows, found.labelled, heatmaps)
         ok = rows["error"] == ""
         totals += list(rows["relevance_sum"][ok])

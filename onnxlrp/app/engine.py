@@ -42,7 +42,8 @@ def ray_engine(address: str | None = None, workers: int = 1, gpus_per_worker: fl
     ray = extra("ray", "--engine ray")
     extra("ray.data", "--engine ray")
 
-    def run(job: Job, shards: dict[int, list[Item]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def run(job: Job, shards: dict[int, list[Item]], _: object) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Every worker opens its own session from the job (the driver's Explainer stays unused)."""
         started = not ray.is_initialized()
         if started:
             _connect(ray, address)
