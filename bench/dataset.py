@@ -75,6 +75,15 @@ def measure(model: Path, data: list[Path], options: dict, engine, out: Path, thr
     return count, end - start, count / (end - start), steady
 
 
+def two_nodes():
+    """A simulated cluster: two Ray nodes of one CPU each on this machine."""
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits,alexnet")
@@ -82,39 +91,34 @@ def main() -> None:
     parser.add_argument("--modes", default="local,local1,ray1,ray2,cluster1,cluster2")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    labels = {"local": "in-process, ONNX Runtime's default threads", "local1": "in-process, 1 thread",
+              "ray1": "Ray (local), 1 worker of 1 CPU", "ray2": "Ray (local), 2 workers of 1 CPU",
+              "cluster1": "Ray, 2-node cluster, 1 worker", "cluster2": "Ray, 2-node cluster, 2 workers"}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        cluster = None
-        if any(m.startswith("cluster") for m in modes):
-            from ray.cluster_utils import Cluster
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-        engines = {"local": (local_engine, None, "in-process, ONNX Runtime's default threads"),
-                   "local1": (local_engine, 1, "in-process, 1 thread"),
-                   "ray1": (ray_engine(None, 1), None, "Ray (local), 1 worker of 1 CPU"),
-                   "ray2": (ray_engine(None, 2), None, "Ray (local), 2 workers of 1 CPU"),
-                   "cluster1": (ray_engine(cluster and cluster.address, 1), None, "Ray, 2-node cluster, 1 worker"),
-                   "cluster2": (ray_engine(cluster and cluster.address, 2), None, "Ray, 2-node cluster, 2 workers")}
-        try:
-            for name in args.models.split(","):
-                model, data, options = digits(folder) if name == "digits" else alexnet(folder, args.count)
-                reference = None
-                for mode in modes:
-                    engine, threads, label = engines[mode]
+        for name in args.models.split(","):
+            model, data, options = digits(folder) if name == "digits" else alexnet(folder, args.count)
+            reference = None
+            cluster = None
+            try:
+                for mode in modes:  # the cluster starts after the local Ray runs (which would join it)
+                    if mode.startswith("cluster") and cluster is None:
+                        cluster = two_nodes()
+                    engine = local_engine if mode.startswith("local") else \
+                        ray_engine(cluster.address if cluster else None, int(mode[-1]))
                     out = folder / f"{name}-{mode}"
-                    count, wall, rate, steady = measure(model, data, options, engine, out, threads,
-                                                          SHARDS[name])
+                    count, wall, rate, steady = measure(model, data, options, engine, out,
+                                                        1 if mode == "local1" else None, SHARDS[name])
                     relevance = read_shards(out)["relevance"]
                     reference = relevance if reference is None else reference
                     differs = float(np.abs(relevance - reference).max() / np.abs(reference).max())
-                    print(f"{name:8s} {label:45s} {count:4d} images  {wall:7.1f} s  {rate:7.1f} images/s  "
+                    print(f"{name:8s} {labels[mode]:45s} {count:4d} images  {wall:7.1f} s  {rate:7.1f} images/s  "
                           f"steady {steady:7.1f} images/s  (max |dR| / max |R| {differs:.1e})", flush=True)
-        finally:
-            if cluster is not None:
-                import ray
-                ray.shutdown()
-                cluster.shutdown()
+            finally:
+                if cluster is not None:
+                    import ray
+                    ray.shutdown()
+                    cluster.shutdown()
 
 
 if __name__ == "__main__":

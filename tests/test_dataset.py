@@ -73,6 +73,23 @@ def test_in_process_shards_equal_the_per_file_results(data, tmp_path):
     assert (shards["predicted"][50:] == shards["label"][50:]).mean() > 0.9
 
 
+def test_parquet_pictures_across_row_groups_equal_the_picture_files(data, tmp_path):
+    table = pa.table({"name": [p.stem for p in SAMPLES], "image": [p.read_bytes() for p in SAMPLES],
+                      "label": list(range(10))})
+    pq.write_table(table, tmp_path / "pictures.parquet", row_group_size=3)
+    result = onnxlrp_cli("explain", BUILT, tmp_path / "pictures.parquet", "-o", tmp_path / "out", "--shard-size", "4")
+    assert result.returncode == 0, result.stderr
+    found = read_shards(tmp_path / "out")
+    explain_dataset(str(BUILT), [str(data / "pngs")], str(tmp_path / "files"), progress=False)
+    expected = read_shards(tmp_path / "files")
+    assert list(found["id"]) == [f"{tmp_path / 'pictures.parquet'}[{k}]" for k in range(10)]
+    assert list(found["label"]) == list(range(10)) and "label" not in expected
+    np.testing.assert_array_equal(found["relevance"], expected["relevance"])
+    pq.write_table(table.set_column(2, "label", pa.array([p.stem for p in SAMPLES])), tmp_path / "named.parquet")
+    result = onnxlrp_cli("explain", BUILT, tmp_path / "named.parquet", "-o", tmp_path / "named")
+    assert_one_line_error(result, "named.parquet: the label column 'label' must hold class numbers")
+
+
 def test_heatmaps_and_pooled_relevance_keep_the_totals(data, tmp_path):
     full = tmp_path / "full"
     explain_dataset(str(BUILT), [str(data / "pngs")], str(full), progress=False)

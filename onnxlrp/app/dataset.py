@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..api import Explainer, ModelInput
 from ..errors import LrpError, LrpWarning
+from ..ir.files import first_line
 from ..ir.interrupts import temporary_files
 from .heatmaps import heatmap
 from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, is_array, preprocessing, read_array, read_image
@@ -139,7 +140,7 @@ def _plan_array(path: Path, model_input: ModelInput, found: Plan) -> None:
     try:
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
     except (OSError, ValueError) as error:
-        found.failures.append(Failure(str(path), str(path), f"not a readable .npy array ({_line(error)})"))
+        found.failures.append(Failure(str(path), str(path), f"not a readable .npy array ({first_line(error)})"))
         return
     sample = model_input.shape[1:]
     fits = lambda dims: len(dims) == len(sample) and all(  # noqa: E731
@@ -159,22 +160,23 @@ def _plan_parquet(path: Path, model_input: ModelInput, prep: Preprocessing | Non
     try:
         table_file = pq.ParquetFile(path)
         schema = table_file.schema_arrow
+        data, label = _data_column(path, schema, columns), _label_column(path, schema, columns)
+        labels = (table_file.read(columns=[label]).column(0).to_pylist() if label
+                  else [None] * table_file.metadata.num_rows)
+        first = table_file.read_row_group(0, columns=[data]).column(0)[0] if table_file.metadata.num_rows else None
+    except LrpError:
+        raise
     except Exception as error:  # pyarrow's errors have no common type
-        found.failures.append(Failure(str(path), str(path), f"not a readable Parquet file ({_line(error)})"))
+        found.failures.append(Failure(str(path), str(path), f"not a readable Parquet file ({first_line(error)})"))
         return
-    data, label = _data_column(path, schema, columns), _label_column(path, schema, columns)
-    labels = (table_file.read(columns=[label]).column(0).to_numpy(zero_copy_only=False)
-              if label else np.full(table_file.metadata.num_rows, -1))
-    if table_file.metadata.num_rows:
-        first = table_file.read_row_group(0, columns=[data]).column(0)[0]
-        if _is_binary(schema.field(data).type):
-            if prep is None:
-                raise LrpError(f"{path}: column '{data}' holds pictures, which the model input '{model_input.name}' "
-                               f"{model_input.shape_text} does not take")
-        else:
-            _as_sample(first, model_input, f"{path}: column '{data}'")
-    found.items += [Item(f"{path}[{i}]", str(path), i, -1 if value is None or value != value else int(value))
-                    for i, value in enumerate(labels)]
+    if first is not None and _is_binary(schema.field(data).type) and prep is None:
+        raise LrpError(f"{path}: column '{data}' holds pictures, which the model input '{model_input.name}' "
+                       f"{model_input.shape_text} does not take")
+    if first is not None and not _is_binary(schema.field(data).type):
+        _as_sample(first, model_input, f"{path}: column '{data}'")
+    if any(v is not None and not (isinstance(v, int) and v >= 0) for v in labels):
+        raise LrpError(f"{path}: the label column '{label}' must hold class numbers (0, 1, ...)")
+    found.items += [Item(f"{path}[{i}]", str(path), i, -1 if v is None else v) for i, v in enumerate(labels)]
 
 
 def _is_binary(kind: object) -> bool:
@@ -267,10 +269,12 @@ def read_items(items: Sequence[Item], model_input: ModelInput, job: Job) -> tupl
     """Each item as a batch of one model input, or None and the reason it could not be read."""
     inputs: list[np.ndarray | None] = []
     errors: list[str] = []
-    tables: dict[str, object] = {}
+    rows: dict[str, Rows] = {}
     for item in items:
         try:
-            inputs.append(_read(item, model_input, job, tables))
+            if item.path.lower().endswith(PARQUET_SUFFIX) and item.path not in rows:
+                rows[item.path] = Rows(item.path, [i.index for i in items if i.path == item.path], job.columns)
+            inputs.append(_read(item, model_input, job, rows))
             errors.append("")
         except LrpError as error:
             inputs.append(None)
@@ -278,35 +282,50 @@ def read_items(items: Sequence[Item], model_input: ModelInput, job: Job) -> tupl
     return inputs, errors
 
 
-def _read(item: Item, model_input: ModelInput, job: Job, tables: dict[str, object]) -> np.ndarray:
+class Rows:
+    """The rows of a Parquet file that a shard needs, read once: the row groups holding them, data column only."""
+
+    def __init__(self, path: str, indices: Sequence[int], columns: Columns):
+        _, pq = _arrow()
+        try:
+            table_file = pq.ParquetFile(path)
+            column = _data_column(Path(path), table_file.schema_arrow, columns)
+            starts = np.cumsum([0] + [table_file.metadata.row_group(g).num_rows
+                                      for g in range(table_file.num_row_groups)])
+            group_of = {i: int(np.searchsorted(starts, i, side="right")) - 1 for i in indices}
+            groups = sorted(set(group_of.values()))
+            self.values = table_file.read_row_groups(groups, columns=[column]).column(0)
+        except LrpError:
+            raise
+        except Exception as error:  # pyarrow's errors have no common type
+            raise LrpError(f"{path}: not a readable Parquet file ({first_line(error)})") from None
+        first = dict(zip(groups, np.cumsum([0] + [int(starts[g + 1] - starts[g]) for g in groups])))
+        self.position = {i: int(first[g]) + i - int(starts[g]) for i, g in group_of.items()}
+
+    def __getitem__(self, index: int) -> object:
+        return self.values[self.position[index]]
+
+
+def _read(item: Item, model_input: ModelInput, job: Job, rows: dict[str, Rows]) -> np.ndarray:
     path = Path(item.path)
     if path.suffix.lower() == PARQUET_SUFFIX:
-        return _read_row(item, model_input, job, tables)
+        return _read_row(item, model_input, job, rows[item.path])
     if is_array(path):
         return read_array(path, model_input, None if item.index < 0 else item.index)
     return read_image(path, model_input, job.prep)[0]
 
 
-def _read_row(item: Item, model_input: ModelInput, job: Job, tables: dict[str, object]) -> np.ndarray:
-    """One row of a Parquet file (each file of a shard is read once, its data column only)."""
-    _, pq = _arrow()
-    if item.path not in tables:
+def _read_row(item: Item, model_input: ModelInput, job: Job, rows: Rows) -> np.ndarray:
+    """One row of a Parquet file: encoded picture bytes (preprocessed as an image file) or an array."""
+    value = rows[item.index]
+    encoded = value.as_py() if _is_binary(value.type) else None
+    if encoded is not None:
         try:
-            table_file = pq.ParquetFile(item.path)
-            column = _data_column(Path(item.path), table_file.schema_arrow, job.columns)
-            tables[item.path] = table_file.read(columns=[column]).column(0)
-        except LrpError:
-            raise
-        except Exception as error:  # pyarrow's errors have no common type
-            raise LrpError(f"{item.path}: not a readable Parquet file ({_line(error)})") from None
-    value = tables[item.path][item.index]
-    if isinstance(value.as_py(), bytes):
-        try:
-            with Image.open(io.BytesIO(value.as_py())) as opened:
+            with Image.open(io.BytesIO(encoded)) as opened:
                 opened.load()
                 picture = job.prep.picture(opened)
         except (OSError, ValueError) as error:
-            raise LrpError(f"{item.id}: not a readable image ({_line(error)})") from None
+            raise LrpError(f"{item.id}: not a readable image ({first_line(error)})") from None
         return model_input.fit(job.prep.array(picture)[None], item.id)
     return _as_sample(value, model_input, item.id)
 
@@ -539,7 +558,7 @@ def read_shards(out_dir: str | Path) -> dict[str, np.ndarray]:
     try:
         table = pa.concat_tables([pq.read_table(p) for p in paths])
     except Exception as error:  # pyarrow's errors have no common type
-        raise LrpError(f"{out_dir}: cannot read the shards ({_line(error)})") from None
+        raise LrpError(f"{out_dir}: cannot read the shards ({first_line(error)})") from None
     columns: dict[str, np.ndarray] = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
@@ -550,7 +569,3 @@ def read_shards(out_dir: str | Path) -> dict[str, np.ndarray]:
         else:
             columns[name] = column.fill_null(-1).to_numpy(zero_copy_only=False)
     return columns
-
-
-def _line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

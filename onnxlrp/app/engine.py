@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import LrpError
+from ..ir.files import first_line
 from .dataset import Engine, Item, Job, explain_shard, extra
 
 
@@ -60,8 +61,8 @@ def _connect(ray: object, address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise LrpError(f"--address {address}: cannot connect to a Ray cluster ({str(error).splitlines()[0]})"
-                       if address else f"cannot start a local Ray ({str(error).splitlines()[0]})") from None
+        raise LrpError(f"--address {address}: cannot connect to a Ray cluster ({first_line(error)})"
+                       if address else f"cannot start a local Ray ({first_line(error)})") from None
 
 
 def _explain(ray: object, job: Job, shards: dict[int, list[Item]], workers: int, gpus: float,
@@ -86,7 +87,7 @@ def _explain(ray: object, job: Job, shards: dict[int, list[Item]], workers: int,
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=gpus or None)
     waiting = {number: len(items) for number, items in shards.items()}
     buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches(ray, dataset):
         for number in np.unique(batch["shard"]):
             chosen = batch["shard"] == number
             buffers[int(number)].append({name: values[chosen] for name, values in batch.items()})
@@ -96,3 +97,12 @@ def _explain(ray: object, job: Job, shards: dict[int, list[Item]], workers: int,
                 yield int(number), {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     if any(waiting.values()):
         raise LrpError(f"Ray returned incomplete shards {sorted(k for k, v in waiting.items() if v)}")
+
+
+def _batches(ray: object, dataset: object) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's blocks as they come back; a failure of Ray (not of a sample: those are rows) as one line."""
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as error:
+        cause = getattr(error, "__cause__", None) or error
+        raise LrpError(f"Ray: {type(cause).__name__}: {first_line(cause)}") from None
