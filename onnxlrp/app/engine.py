@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import LrpError
+from ..ir import interrupts
 from ..ir.files import first_line
 from .dataset import Engine, Item, Job, explain_shard, extra
 
@@ -45,14 +46,15 @@ def ray_engine(address: str | None = None, workers: int = 1, gpus_per_worker: fl
 
     def run(job: Job, shards: dict[int, list[Item]], _: object) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Every worker opens its own session from the job (the driver's Explainer stays unused)."""
-        started = not ray.is_initialized()
-        if started:
-            _connect(ray, address)
-        try:
+        if ray.is_initialized():  # a caller's own Ray (the tests', the benchmark's) stays as it is
             yield from _explain(ray, job, shards, workers, gpus_per_worker, cpus_per_worker)
+            return
+        _connect(ray, address)
+        try:
+            with interrupts.stopped_with(ray.shutdown):  # Ctrl-C: a local Ray's processes stop with the command
+                yield from _explain(ray, job, shards, workers, gpus_per_worker, cpus_per_worker)
         finally:
-            if started:
-                ray.shutdown()
+            ray.shutdown()
     return run
 
 
