@@ -253,3 +253,12 @@ def test_ray_on_two_nodes_gives_the_in_process_relevance_and_survives_a_killed_w
         error = np.linalg.norm(found["relevance"][k] - expected["relevance"][k])
         assert error <= 1e-6 * np.linalg.norm(expected["relevance"][k]), found["id"][k]
     assert len(list((remote / "heatmaps").iterdir())) == 80
+
+
+def test_more_workers_than_the_cluster_holds_is_one_line_before_any_work(cluster, data, tmp_path):
+    from onnxlrp.app.engine import ray_engine
+    with pytest.raises(LrpError, match=r"--workers 3: the Ray cluster has 2 CPU\(s\) and 0 GPU\(s\), fewer than 3 "
+                                       r"worker\(s\) of 1 CPU\(s\) and 0 GPU\(s\) each"):
+        explain_dataset(str(BUILT), inputs(data), str(tmp_path / "out"), ray_engine(cluster.address, workers=3),
+                        progress=False)
+    assert not list((tmp_path / "out").glob("shard-*"))
