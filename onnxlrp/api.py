@@ -189,6 +189,8 @@ class Explainer:
 
     >>> explainer = Explainer("model_lrp.onnx")
     >>> logits, relevance = explainer.explain(x)            # x: a batch shaped like the model input
+
+    `threads` sets ONNX Runtime's intra-op threads (None: its default, one per core).
     """
 
     def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",

@@ -152,9 +152,9 @@ def test_unreadable_files_are_failures_and_the_rest_is_explained(data, tmp_path)
     (folder / "broken.png").write_bytes(b"not a picture")
     (folder / "broken.npy").write_bytes(b"\x93NUMPY garbage")
     (folder / "truncated.png").write_bytes(SAMPLES[5].read_bytes()[:60])
-    result = onnxlrp_cli("explain", BUILT, folder, "-o", tmp_path / "out", "--format", "parquet")
+    result = onnxlrp_cli("explain", BUILT, folder, "-o", tmp_path / "out", "--format", "parquet", "--shard-size", "3")
     assert result.returncode == 0, result.stderr
-    assert "4 sample(s) explained in 1 shard(s)" in result.stdout and "3 failure(s)" in result.stdout
+    assert "4 sample(s) explained in 2 shard(s)" in result.stdout and "3 failure(s)" in result.stdout
     shards = read_shards(tmp_path / "out")
     assert list(shards["id"]) == [str(folder / p.name) for p in SAMPLES[:4]]
     with open(tmp_path / "out" / "failures.csv", newline="") as handle:
