@@ -37,8 +37,6 @@ FAILURES = "failures.csv"
 HEATMAPS = "heatmaps"
 SHARD_PREFIX = "shard-"
 INSTALL = "install onnxlrp[dataset] (pip install -e '.[dataset]')"
-# The columns of a shard, in order; `label` only when some sample has one.
-COLUMNS = ("id", "label", "predicted", "explained", "logit", "relevance_sum", "relevance")
 FAILURES_KEY = b"onnxlrp.failures"  # the shard's unreadable samples, in its Parquet schema metadata
 MANIFEST_VERSION = 1
 
@@ -223,7 +221,6 @@ class Job:
     class to explain, the batch size, the pooling of the stored relevance and the heatmap colormap (None: no
     heatmaps). Picklable: it travels to Ray's workers."""
     model: bytes
-    source: str
     prep: Preprocessing | None
     columns: Columns
     target: int | None = None
@@ -335,9 +332,13 @@ def _channel_axis(prep: Preprocessing | None) -> int:
 
 
 def pooled_shape(model_input: ModelInput, prep: Preprocessing | None, factor: int) -> tuple[int, ...]:
-    """The shape of one sample's stored relevance: the input's, its picture axes divided by `factor` (rounded up)."""
-    shape = tuple(d if isinstance(d, int) else (prep.size[0] if k == 1 else prep.size[1])
-                  for k, d in enumerate(model_input.shape))[1:]
+    """The shape of one sample's stored relevance: the input's (picture sizes from the preprocessing), its picture
+    axes divided by `factor` (rounded up)."""
+    picture = dict(zip(_picture_axes(prep), prep.size)) if prep is not None else {}
+    shape = tuple(d if isinstance(d, int) else picture.get(k) for k, d in enumerate(model_input.shape[1:]))
+    if None in shape:
+        raise LrpError(f"the model input '{model_input.name}' {model_input.shape_text} has sizes left open: the "
+                       "Parquet shards need one shape for every sample")
     if factor == 1:
         return shape
     axes = _picture_axes(prep)
@@ -416,9 +417,8 @@ def explain_dataset(model: str, data: Sequence[str], outdir: str, engine: Engine
     found = plan(collect_data(data, out), explainer.input, prep, columns)
     if not found.items:
         raise LrpError("no sample could be read: " + "; ".join(f"{f.file}: {f.reason}" for f in found.failures[:3]))
-    if pooling > 1:
-        _picture_axes(prep)
-    job = Job(explainer.model.SerializeToString(), model, prep, columns, target, batch_size, pooling,
+    pooled_shape(explainer.input, prep, pooling)  # fixed sizes, and pictures to pool
+    job = Job(explainer.model.SerializeToString(), prep, columns, target, batch_size, pooling,
               cmap if heatmaps else None, device, threads)
     shards = {k: found.items[start:start + shard_size]
               for k, start in enumerate(range(0, len(found.items), shard_size))}
