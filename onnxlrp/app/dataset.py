@@ -55,8 +55,9 @@ def _arrow() -> tuple[ModuleType, ModuleType]:
 
 @dataclass(frozen=True)
 class Item:
-    """One sample: its id, the file it is read from, and where in that file (-1: the whole file, else the row of
-    an .npy batch or of a Parquet file), its label (-1: none)."""
+    """One sample: its id (the file as given, and the row), the file it is read from (absolute: a worker's working
+    folder may be another), where in that file (-1: the whole file, else the row of an .npy batch or of a Parquet
+    file), its label (-1: none)."""
     id: str
     path: str
     index: int = -1
@@ -125,11 +126,11 @@ def plan(files: Sequence[Path], model_input: ModelInput, prep: Preprocessing | N
             raise LrpError(f"{path}: the model input '{model_input.name}' {model_input.shape_text} does not take "
                            "pictures (give preprocessed .npy arrays or a Parquet column of arrays)")
         else:
-            found.items.append(Item(str(path), str(path)))
+            found.items.append(Item(str(path), str(path.absolute())))
     seen: set[str] = set()
     for item in found.items:
         if item.id in seen:
-            raise LrpError(f"{item.path}: named twice among the inputs")
+            raise LrpError(f"{item.id}: named twice among the inputs")
         seen.add(item.id)
     return found
 
@@ -144,9 +145,9 @@ def _plan_array(path: Path, model_input: ModelInput, found: Plan) -> None:
     fits = lambda dims: len(dims) == len(sample) and all(  # noqa: E731
         not isinstance(d, int) or d == n for d, n in zip(sample, dims))
     if fits(shape):
-        found.items.append(Item(str(path), str(path)))
+        found.items.append(Item(str(path), str(path.absolute())))
     elif len(shape) == len(sample) + 1 and fits(shape[1:]):
-        found.items += [Item(f"{path}[{i}]", str(path), i) for i in range(shape[0])]
+        found.items += [Item(f"{path}[{i}]", str(path.absolute()), i) for i in range(shape[0])]
     else:
         raise LrpError(f"{path}: shape {list(shape)} is neither one sample nor a batch of the model input "
                        f"'{model_input.name}' {model_input.shape_text}")
@@ -174,7 +175,8 @@ def _plan_parquet(path: Path, model_input: ModelInput, prep: Preprocessing | Non
         _as_sample(first, model_input, f"{path}: column '{data}'")
     if any(v is not None and not (isinstance(v, int) and v >= 0) for v in labels):
         raise LrpError(f"{path}: the label column '{label}' must hold class numbers (0, 1, ...)")
-    found.items += [Item(f"{path}[{i}]", str(path), i, -1 if v is None else v) for i, v in enumerate(labels)]
+    found.items += [Item(f"{path}[{i}]", str(path.absolute()), i, -1 if v is None else v)
+                    for i, v in enumerate(labels)]
 
 
 def _is_binary(kind: object) -> bool:
