@@ -56,13 +56,16 @@ def is_built(model: onnx.ModelProto) -> bool:
     return any(value.name == RELEVANCE for value in model.graph.output)
 
 
-def open_session(model: onnx.ModelProto, device: str = "cpu") -> ort.InferenceSession:
+def open_session(model: onnx.ModelProto, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session that logs only errors (no warning about the `target` default) on the chosen
-    device; CUDA is requested only for device="cuda" and must really load."""
+    device, with `threads` intra-op threads (None: ONNX Runtime's default, one per core); CUDA is requested only
+    for device="cuda" and must really load."""
     if device not in DEVICES:
         raise LrpError(f"device must be one of {', '.join(DEVICES)} (got '{device}')")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if device == "cpu":
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -202,13 +205,13 @@ class BuiltModel:
     output [N, C] (`output`, holding what `shown` says: logits, or the probabilities of a softmax or sigmoid head)
     and the logits behind its head (`logits`, what is explained)."""
 
-    def __init__(self, model: onnx.ModelProto, source: str, device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, source: str, device: str = "cpu", threads: int | None = None):
         self.model = model
         self.source = source
         self.recorded = Recorded.of(model)  # what it explains (all None for models built before it was stored)
         produced = {o.name for o in model.graph.output} | {t for node in model.graph.node for t in node.output}
         extra = [n for n in (self.recorded.output, self.recorded.logits) if n is not None and n in produced]
-        self.session = open_session(with_outputs(model, extra, source), device)
+        self.session = open_session(with_outputs(model, extra, source), device, threads)
         outputs = [o for o in self.session.get_outputs() if o.name != RELEVANCE]
         chosen = self.recorded.output if self.recorded.output in extra else None
         scores = next((o for o in outputs if o.type in _NUMPY_TYPES and len(o.shape) == 2
@@ -237,13 +240,15 @@ class Explainer:
 
     >>> explainer = Explainer("model_lrp.onnx")
     >>> logits, relevance = explainer.explain(x)            # x: a batch shaped like the model input
+
+    `threads` sets ONNX Runtime's intra-op threads (None: its default, one per core).
     """
 
     def __init__(self, path_or_model: onnx.ModelProto | str | Path, device: str = "cpu",
                  composite: str | Path | Composite | None = None, explain: str | None = None,
-                 **rule_params: float | tuple[float, ...]):
+                 threads: int | None = None, **rule_params: float | tuple[float, ...]):
         model, source = built(path_or_model, composite, explain, **rule_params)
-        self.built = BuiltModel(model, source, device)
+        self.built = BuiltModel(model, source, device, threads)
         self.model, self.source, self.recorded, self.session = model, source, self.built.recorded, self.built.session
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:

@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import click
 
@@ -22,6 +22,9 @@ from .heatmaps import CMAPS
 from .inputs import NORMALIZE, RESIZE, parse_options
 from .text import COLORS, explain_texts
 
+FORMATS = ("files", "parquet")
+ENGINES = ("local", "ray")
+
 
 # How pictures become model inputs: the same options, parsed by inputs.parse_options, for `explain` and `check`.
 PREPROCESSING = (
@@ -36,6 +39,10 @@ PREPROCESSING = (
                  help="Pictures of another aspect ratio: cover and crop the centre, stretch, or fit and pad with "
                       "black."),
 )
+
+
+# What only pictures take: the preprocessing above, the colormap and the overlay (refused with --text).
+PICTURE_OPTIONS = ("size", "normalize", "mean", "std", "scale", "channels", "layout", "resize", "cmap", "overlay")
 
 
 def preprocessing_options(command: Callable) -> Callable:
@@ -115,8 +122,8 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input, or STEM.html and STEM.json per "
-                   "text; created if missing.")
+              help="Folder for STEM.npy (relevance) and STEM.png (heatmap) per input, STEM.html and STEM.json per "
+                   "text, or the Parquet shards; created if missing.")
 @click.option("--target", help="Class to explain for every input, by number or name (a token for a language model's "
                                "next token; default: each one's predicted class).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -136,31 +143,99 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
               help="The model's tokenizer.json (Hugging Face tokenizers), for --text and --text-file.")
 @click.option("--color", type=click.Choice(COLORS), default="auto", show_default=True,
               help="Colour the tokens of texts by relevance (auto: when stdout is a terminal).")
+@click.option("--format", "output_format", type=click.Choice(FORMATS),
+              help="files: STEM.npy and STEM.png per input; parquet: a dataset of Parquet shards (the default "
+                   "with --engine ray or Parquet inputs).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where the shards are explained: in this process, or by Ray Data workers.")
+@click.option("--address", help="Ray: the address of a running cluster (default: a local Ray for the run).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Ray: how many workers (actors), each with its own ONNX Runtime session [default: 1].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+              help="Ray: CPUs each worker takes (and its ONNX Runtime threads) [default: 1].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0),
+              help="Ray: GPUs each worker takes; above 0 the workers run on ONNX Runtime's CUDA provider "
+                   "[default: 0].")
+@click.option("--shard-size", type=click.IntRange(min=1),
+              help="Parquet: samples per shard (the unit of work and of resuming) [default: 256].")
+@click.option("--pool", type=click.IntRange(min=1),
+              help="Parquet: store the relevance summed over POOL x POOL pixel blocks [default: 1].")
+@click.option("--heatmaps", is_flag=True, help="Parquet: also write OUT/heatmaps/ID.png per sample.")
+@click.option("--column", help="Parquet inputs: the column of pictures or arrays (default: the only such column).")
+@click.option("--label-column", help="Parquet inputs: the column of labels (default: `label`, if present).")
 def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: str | None, batch_size: int,
                     device: str, cmap: str, overlay: bool, labels_file: str | None, composite: str | None,
                     texts: tuple[str, ...], text_files: tuple[str, ...], tokenizer: str | None, color: str,
+                    output_format: str | None, engine: str, address: str | None, workers: int | None,
+                    cpus_per_worker: float | None, gpus_per_worker: float | None, shard_size: int | None,
+                    pool: int | None, heatmaps: bool, column: str | None, label_column: str | None,
                     **preprocess: str | None) -> None:
-    """Explain each INPUT (images, folders of them, .npy arrays), or texts, with MODEL; write relevance and
-    heatmaps (pages for texts)."""
-    colored = None  # click strips escape sequences when stdout is no terminal; --color always keeps them
+    """Explain each INPUT (images, folders of them, .npy arrays, Parquet files), or texts, with MODEL; write
+    relevance and heatmaps per input (pages for texts), or Parquet shards of a whole dataset."""
+    options = parse_options(**preprocess)
+    output_format = output_format or _default_format(engine, inputs)
+    ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                   "--gpus-per-worker": gpus_per_worker}
+    dataset_options = {"--engine ray": engine == "ray" or None, **ray_options, "--shard-size": shard_size,
+                       "--pool": pool, "--heatmaps": heatmaps or None, "--column": column,
+                       "--label-column": label_column}
     if texts or text_files:
+        _refuse({"--format parquet": output_format == "parquet" or None, **dataset_options}, "INPUT files")
+        _refuse(_pictures(), "pictures")
         if inputs:
             raise LrpError("give INPUT files or --text/--text-file, not both")
         if tokenizer is None:
             raise LrpError("--text and --text-file need --tokenizer (the model's tokenizer.json)")
         colored = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-        lines = explain_texts(model, tokenizer, texts, text_files, outdir, target=target, batch_size=batch_size,
-                              device=device, labels_file=labels_file, composite=composite, color=colored)
-    elif not inputs:
+        for line in explain_texts(model, tokenizer, texts, text_files, outdir, target=target, batch_size=batch_size,
+                                  device=device, labels_file=labels_file, composite=composite, color=colored):
+            click.echo(line, color=colored)
+        return
+    if not inputs:
         raise LrpError("nothing to explain: give INPUT files, --text or --text-file")
-    elif tokenizer is not None:
+    if tokenizer is not None:
         raise LrpError("--tokenizer is for --text and --text-file, not INPUT files")
-    else:
-        lines = explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size, device=device,
-                                          cmap=cmap, overlay=overlay, options=parse_options(**preprocess),
-                                          labels_file=labels_file, composite=composite)
-    for line in lines:
-        click.echo(line, color=colored)
+    if output_format == "files":
+        _refuse(dataset_options, "--format parquet")
+        for line in explaining.explain_inputs(model, inputs, outdir, target=target, batch_size=batch_size,
+                                              device=device, cmap=cmap, overlay=overlay, options=options,
+                                              labels_file=labels_file, composite=composite):
+            click.echo(line)
+        return
+    _refuse({"--overlay": overlay or None, "--labels": labels_file}, "--format files")
+    if engine != "ray":
+        _refuse(ray_options, "--engine ray")
+    from . import dataset
+    chosen = dataset.local_engine
+    if engine == "ray":
+        from .engine import ray_engine
+        chosen = ray_engine(address, workers or 1, gpus_per_worker or 0.0, cpus_per_worker or 1.0)
+    summary = dataset.explain_dataset(model, inputs, outdir, chosen, target=target, batch_size=batch_size,
+                                      device=device, cmap=cmap, heatmaps=heatmaps, options=options,
+                                      composite=composite, columns=dataset.Columns(column, label_column),
+                                      shard_size=shard_size or 256, pooling=pool or 1)
+    click.echo(printable(summary.line(outdir)))
+
+
+def _pictures() -> dict[str, object]:
+    """The picture options given on the command line (colormap, overlay, preprocessing), which texts do not take."""
+    context = click.get_current_context()
+    return {parameter.opts[0]: True for parameter in context.command.params if parameter.name in PICTURE_OPTIONS
+            and context.get_parameter_source(parameter.name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def _default_format(engine: str, inputs: Sequence[str]) -> str:
+    """Parquet shards with Ray, and for Parquet inputs (a .parquet file, or a folder with .parquet files in it)."""
+    parquet = any(Path(i).suffix.lower() == ".parquet" or Path(i).is_dir() and any(Path(i).glob("*.parquet"))
+                  for i in inputs)
+    return "parquet" if engine == "ray" or parquet else "files"
+
+
+def _refuse(given: dict[str, object], where: str) -> None:
+    """One line for the first option given (not None) that applies only `where`."""
+    for name, value in given.items():
+        if value is not None:
+            raise LrpError(f"{name} applies to {where} only")
 
 
 @cli.command("spray")

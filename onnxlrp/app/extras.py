@@ -1,5 +1,5 @@
-"""What `spray` and `evaluate` share: the optional `dataset` extra (scikit-learn, matplotlib), atomic writes of
-their reports, and matplotlib figures as PNG bytes."""
+"""What the dataset commands share: the optional `dataset` extra (Ray, pyarrow, scikit-learn, matplotlib), atomic
+writes of reports, and matplotlib figures as PNG bytes."""
 from __future__ import annotations
 
 import importlib
@@ -14,13 +14,12 @@ from ..ir.interrupts import temporary_files, uninterrupted
 INSTALL = "pip install 'onnxlrp[dataset]'"
 
 
-def require(module: str) -> ModuleType:
-    """Import a module of the `dataset` extra, or one line naming the install command."""
+def require(module: str, why: str = "this command") -> ModuleType:
+    """Import a module of the `dataset` extra, or one line naming what needs it and the install command."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise LrpError(f"{module.split('.')[0]} is not installed: this command needs the dataset extra "
-                       f"({INSTALL})") from None
+        raise LrpError(f"{module.split('.')[0]} is not installed: {why} needs the dataset extra ({INSTALL})") from None
 
 
 def check() -> None:

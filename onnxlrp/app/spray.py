@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LrpError
+from .dataset import PARQUET_SUFFIX, SHARD_PREFIX, read_shards
 from .extras import png, pyplot, require, write_files
 
 MAX_CLUSTERS = 10
@@ -262,10 +263,12 @@ def write_report(result: SprayResult, path: str | Path) -> list[str]:
 
 
 def load(source: str | Path) -> dict[str, np.ndarray]:
-    """What `spray` reads: an .npz with `relevance` and `explained` (optionally `id` or `ids`, `inputs`), or a folder
-    of `explain`'s STEM.npy relevance files (which do not record the explained class: one group, explained -1).
-    The one place that reads explain's output, to become `onnxlrp.app.dataset.read_shards` for Parquet shards."""
+    """What `spray` reads: the Parquet shards of `explain --format parquet` (dataset.read_shards), an .npz with
+    `relevance` and `explained` (optionally `id` or `ids`, `inputs`), or a folder of `explain`'s STEM.npy relevance
+    files (which do not record the explained class: one group, explained -1)."""
     path = Path(source)
+    if path.is_dir() and any(path.glob(f"{SHARD_PREFIX}*{PARQUET_SUFFIX}")):
+        return read_shards(path)
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as data:

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM at any moment: remove the temporary files being written, print one line, exit.
+"""Ctrl-C and SIGTERM at any moment: stop what the run started, remove the temporary files being written, print one
+line, exit.
 
 Only `os` and `signal` are imported here, so that the command installs the handlers before its heavy imports.
 """
@@ -9,10 +10,11 @@ import secrets
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _temporary: set[str] = set()
+_cleanups: list[Callable[[], object]] = []
 
 
 def install() -> None:
@@ -22,6 +24,11 @@ def install() -> None:
 
 
 def _on_signal(number: int, frame: object) -> None:
+    for cleanup in reversed(_cleanups):
+        try:
+            cleanup()
+        except Exception:  # exiting anyway: a cleanup that fails must not keep the files or the exit back
+            pass
     for path in list(_temporary):
         try:
             os.unlink(path)
@@ -50,6 +57,16 @@ def temporary_files(folder: Path, count: int) -> Iterator[list[Path]]:
             except OSError:
                 pass
             _temporary.discard(str(path))
+
+
+@contextmanager
+def stopped_with(cleanup: Callable[[], object]) -> Iterator[None]:
+    """Run `cleanup` (stopping the processes a run started, say) if a signal ends the command inside the block."""
+    _cleanups.append(cleanup)
+    try:
+        yield
+    finally:
+        _cleanups.remove(cleanup)
 
 
 @contextmanager
