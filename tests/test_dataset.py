@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES, assert_one_line_error, onnxlrp_cli
-from onnxlrp.app import dataset
+from onnxlrp.app import dataset, spray
 from onnxlrp.app.dataset import explain_dataset, local_engine, read_shards
 from onnxlrp.app.heatmaps import heatmap
 from onnxlrp.errors import LrpError
@@ -68,6 +68,7 @@ def test_in_process_shards_equal_the_per_file_results(data, tmp_path):
         assert f"logit {shards['logit'][k]:.6g}, relevance sum {shards['relevance_sum'][k]:.6g}" in line
     np.testing.assert_allclose(shards["relevance_sum"], shards["relevance"].sum(axis=(1, 2, 3), dtype=np.float64),
                                rtol=1e-12)
+    np.testing.assert_array_equal(spray.load(tmp_path / "shards")["relevance"], shards["relevance"])  # spray reads it
     # labels: none for the pictures and the array, the Parquet column's for its rows
     assert list(shards["label"]) == [-1] * 50 + list(TEST["classes"][40:70])
     assert (shards["predicted"][50:] == shards["label"][50:]).mean() > 0.9

@@ -135,6 +135,10 @@ ERRORS = {
     "unknown class name": (lambda t, m: [m, "--text", SHORT, "--tokenizer", TOKENIZER, "--target", "happy"],
                            ["--target happy", "neither a class number nor a class name"]),
     "empty text": (lambda t, m: [m, "--text", SHORT, "--text", " ", "--tokenizer", TOKENIZER], ["--text 2", "empty"]),
+    "picture options": (lambda t, m: [m, "--text", SHORT, "--tokenizer", TOKENIZER, "--cmap", "gray"],
+                        ["--cmap applies to pictures only"]),
+    "shard options": (lambda t, m: [m, "--text", SHORT, "--tokenizer", TOKENIZER, "--format", "parquet"],
+                      ["--format parquet applies to INPUT files only"]),
     "no pad token": (lambda t, m: [m, "--text", SHORT, "--text", LONG, "--tokenizer", t / "unpadded.json"],
                      ["unpadded.json", "no padding settings nor a pad token", "--batch-size 1"]),
 }
