@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -249,6 +251,7 @@ class Explainer:
                  threads: int | None = None, **rule_params: float | tuple[float, ...]):
         model, source = built(path_or_model, composite, explain, **rule_params)
         self.built = BuiltModel(model, source, device, threads)
+        self.rate = Rate()  # of the last stream
         self.model, self.source, self.recorded, self.session = model, source, self.built.recorded, self.built.session
         inputs = [i for i in self.session.get_inputs() if i.name != TARGET]
         if len(inputs) != 1:
@@ -299,8 +302,38 @@ class Explainer:
             self._noted = True
         return self.built.run({self.input_name: x}, chosen, self.batch)
 
+    def stream(self, batches: Iterable[np.ndarray], target: int | np.ndarray | None = None
+               ) -> Iterator[Explanation]:
+        """`explanation` of each batch that `batches` yields, in order. The next batch is read (decoded,
+        preprocessed: whatever the iterable does) in a second thread while ONNX Runtime explains this one, which
+        releases the interpreter lock while it runs. `rate` holds the samples explained and the seconds taken."""
+        self.rate = Rate()
+        started = time.perf_counter()
+        source = iter(batches)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxlrp-reader") as reader:
+            ahead = reader.submit(next, source, None)
+            while (x := ahead.result()) is not None:
+                ahead = reader.submit(next, source, None)
+                explanation = self.explanation(x, target)
+                self.rate = Rate(self.rate.samples + len(x), time.perf_counter() - started)
+                yield explanation
+
     def label(self, index: int) -> str | None:
         return self.labels[index] if self.labels else None
+
+
+@dataclass(frozen=True)
+class Rate:
+    """How many samples a stream explained, in how many seconds (from its start to its last explanation)."""
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self, what: str = "input(s)") -> str:
+        return f"explained {self.samples} {what} in {self.seconds:.3g} s ({self.per_second:.3g} per second)"
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}

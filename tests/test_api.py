@@ -1,6 +1,8 @@
 """The Python API: onnxlrp.build from a path with rule parameters, Explainer, heatmap colours."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -54,6 +56,25 @@ def test_explainer_on_built_and_plain_models_agree_with_onnx_runtime():
     np.testing.assert_array_equal(chosen, wanted)
     _, three = built.explain(x, 3)
     np.testing.assert_array_equal(three, run(built.model, {"input": x, "target": np.full(10, 3)})[1])
+
+
+def test_stream_reads_the_next_batch_while_this_one_is_explained():
+    x = pictures()
+    built = onnxlrp.Explainer(DIGITS / "digits_epsilon_plus_flat.onnx")
+    second_asked = threading.Event()
+
+    def batches():
+        yield x[:4]
+        second_asked.set()
+        yield x[4:]
+
+    found = []
+    for explanation in built.stream(batches(), 3):
+        if not found:  # a reader that waited for this loop would not have asked for the second batch yet
+            assert second_asked.wait(timeout=10)
+        found.append(explanation.relevance)
+    np.testing.assert_array_equal(np.concatenate(found), built.explain(x, 3)[1])
+    assert built.rate.samples == len(x) and built.rate.seconds > 0
 
 
 def test_explainer_composite_for_plain_models():

@@ -1,6 +1,8 @@
 """`onnxlrp explain` end to end on the committed digits example: files written, values read back, errors."""
 from __future__ import annotations
 
+import re
+
 import os
 import subprocess
 from pathlib import Path
@@ -77,6 +79,7 @@ def test_npy_inputs_match_the_built_model_run_directly(tmp_path):
                          "--target", 3, "--batch-size", 2, "--cmap", "coldnhot")
     assert result.returncode == 0, result.stderr
     assert "explaining" in result.stderr  # two batches: a progress bar on stderr, not on stdout
+    assert re.search(r"^explained 4 input\(s\) in [0-9.e+-]+ s \([0-9.e+-]+ per second\)$", result.stderr, re.M)
     assert sorted(p.name for p in out.glob("*.npy")) == ["batch-0.npy", "batch-1.npy", "batch-2.npy", "single.npy"]
     target = np.full(4, 3, dtype=np.int64)
     logits, expected = run(built_model(), {"input": np.concatenate([x[:3], x[7:8]]), "target": target})

@@ -81,13 +81,19 @@ class Result:
 
 def run(explainer: Explainer, items: Sequence[Sample], target: int | None, batch_size: int,
         progress: Callable[[Iterator], Iterator] = lambda it: it) -> Iterator[Result]:
-    """Explain the samples batch by batch (the target class for all, or each one's predicted class)."""
-    for group in progress(batches(items, batch_size)):
-        read = [sample.read() for sample in group]
-        x = np.concatenate([inputs for inputs, _ in read])
-        found = explainer.explanation(x, target)
-        for k, (sample, (_, picture)) in enumerate(zip(group, read)):
-            yield Result(sample, x[k], picture, found.output[k], int(found.classes[k]), float(found.values[k]),
+    """Explain the samples batch by batch (the target class for all, or each one's predicted class), reading the
+    next batch while this one runs (Explainer.stream)."""
+    groups = list(batches(items, batch_size))
+    read: list[list[tuple[np.ndarray, Image.Image | None]]] = []
+
+    def inputs() -> Iterator[np.ndarray]:
+        for group in groups:
+            read.append([sample.read() for sample in group])
+            yield np.concatenate([x for x, _ in read[-1]])
+
+    for group, found in progress(zip(groups, explainer.stream(inputs(), target))):
+        for k, (sample, (x, picture)) in enumerate(zip(group, read.pop(0))):
+            yield Result(sample, x[0], picture, found.output[k], int(found.classes[k]), float(found.values[k]),
                          found.relevance[k])
 
 
@@ -201,6 +207,8 @@ def explain_inputs(model: str, inputs: Sequence[str], outdir: str, *, target: in
         staging.commit()
     finally:
         staging.discard()
+    if count > 1:
+        click.echo(explainer.rate.line(), err=True)
     inflation = explainer.recorded.inflation(totals, values)
     if inflation is not None:
         warnings.warn(f"{model}: {inflation}", LrpWarning)
