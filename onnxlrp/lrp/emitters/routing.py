@@ -58,6 +58,12 @@ def activation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> l
     return _first_only(relevance[0], node)
 
 
+@routes("negation", ("Neg",), zeros="routed")
+def negation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """-x is a linear layer of weight -1 (a rotary embedding's half turn): under LRP-0 relevance passes."""
+    return _first_only(relevance[0], node)
+
+
 @routes("quantize", QDQ)
 def quantize(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Quantizing and dequantizing changes values by rounding only: relevance passes. (Quantized models are explained
@@ -134,10 +140,12 @@ WHOLE = 2**31 - 1  # a Slice bound at least this large reaches past any batch si
 @routes("slice", ("Slice",), zeros="routed")
 def slice_(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
-    shape = _static_dims(node.inputs[0], "Slice")
     starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
+    shape = node.inputs[0].shape
+    if shape is None or any(not isinstance(shape[a % len(shape)], int) for a in axes if a % len(shape)):
+        raise Unsupported("Slice needs static sizes along the axes it slices")
     rank = len(shape)
     if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
         if any(axis % rank == 0 for axis in axes):
@@ -279,4 +287,4 @@ def where(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[T
     return [None] + [unbroadcast(ops, r, t, node.outputs[0]) if computed(t) else None for r, t in zip(chosen, (a, b))]
 
 
-FAMILIES = (activation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)
+FAMILIES = (activation, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)

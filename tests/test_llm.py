@@ -1,0 +1,168 @@
+"""Decoder language models (issue 19): tiny Llama, Qwen2 (grouped-query heads), Gemma 3 (tied embeddings, q/k
+norms) and GPT-2 with random weights, exported by torch's TorchScript exporter with the logits [N, T, V] as output
+and a dynamic batch and sequence length, explained at a position against LXT 2.1 in float64
+(fixtures/make_llms.py)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import onnxlrp
+from conftest import FIXTURES, relative_error, run
+
+LLM = FIXTURES / "llm"
+REFERENCES = dict(np.load(LLM / "references.npz"))
+FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
+COMPOSITES = ("attnlrp", "cp_lrp")
+PADDINGS = ("none", "right", "left")
+
+
+@lru_cache(maxsize=None)
+def source(family: str) -> onnx.ModelProto:
+    return onnx.load(LLM / f"{family}_op17.onnx")
+
+
+@lru_cache(maxsize=None)
+def built(family: str, composite: str) -> onnx.ModelProto:
+    return onnxlrp.build(source(family), composite)
+
+
+def feeds(padding: str) -> dict[str, np.ndarray]:
+    return {name: REFERENCES[f"{padding}_{name}"] for name in ("input_ids", "attention_mask")}
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_with_lxt(family, composite):
+    """The next token after each prompt (position -1, its arg-max logit), per token and embedding feature, for
+    prompts unpadded, right padded and left padded; padded tokens get exactly 0; the logits are the original's."""
+    expected = REFERENCES[f"{family}_{composite}"]
+    for padding, wanted in zip(PADDINGS, expected):
+        logits, token, embedding = run(built(family, composite), feeds(padding),
+                                       ["logits", "relevance", "relevance_embedding"])
+        mask = feeds(padding)["attention_mask"]
+        assert embedding.shape == wanted.shape and token.shape == mask.shape
+        assert relative_error(embedding, wanted) < 1e-4, padding
+        np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-6)
+        assert np.all(token[mask == 0] == 0) and np.all(embedding[mask == 0] == 0)
+        assert np.all(token[mask == 1] != 0)
+        np.testing.assert_array_equal(unoptimized(built(family, composite), feeds(padding)),
+                                      unoptimized(source(family), feeds(padding)))
+        assert relative_error(logits, run(source(family), feeds(padding))[0]) < 1e-6
+
+
+def unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The logits as the graph computes them: ONNX Runtime's fusions differ once the relevance graph reads the
+    model's intermediate tensors (GPT-2's differ by 3e-6 under cp_lrp), so outputs are compared bit for bit
+    without them."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options).run(["logits"], feeds)[0]
+
+
+def _lookup_model(norm: list[onnx.NodeProto], opset: int, extra_inputs: tuple = (), domains: tuple = ()
+                  ) -> onnx.ModelProto:
+    """ids [N, T] -> embedding (table 11 x 8) -> `norm` (from 'x' to 'y') -> a dense layer to 5 logits per position."""
+    rng = np.random.default_rng(0)
+    weights = [helper.make_tensor(name, TensorProto.FLOAT, values.shape, values.ravel()) for name, values in (
+        ("table", rng.standard_normal((11, 8)).astype(np.float32)),
+        ("scale", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)),
+        ("dense", rng.standard_normal((8, 5)).astype(np.float32)))]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"]), *norm,
+             helper.make_node("MatMul", ["y", "dense"], ["logits"])]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", 6]),
+                                            *extra_inputs],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6, 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                     *(helper.make_opsetid(d, 1) for d in domains)])
+    model.ir_version = 10
+    return model
+
+
+WRITTEN_OUT = [helper.make_node("Pow", ["x", "two"], ["square"]),
+               helper.make_node("ReduceMean", ["square"], ["variance"], axes=[-1]),
+               helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+               helper.make_node("Sqrt", ["shifted"], ["sigma"]),
+               helper.make_node("Div", ["x", "sigma"], ["normed"]),
+               helper.make_node("Mul", ["normed", "scale"], ["y"])]
+CONSTANTS = [helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(value, np.float32)))
+             for name, value in (("two", 2.0), ("eps", 1e-5))]
+
+
+@pytest.mark.parametrize("op,opset,domain", [("SimplifiedLayerNormalization", 17, ""),
+                                             ("RMSNormalization", 23, "")])
+def test_rms_norm_ops_as_written_out(op, opset, domain):
+    """ONNX Runtime's SimplifiedLayerNormalization and opset 23's RMSNormalization give the relevance of the same
+    norm written out (sigma a constant): here every token's relevance, as no bias absorbs any, sums to the logit."""
+    ids = np.array([[1, 4, 2, 9, 3, 7], [5, 5, 0, 10, 8, 6]])
+    fused = _lookup_model([helper.make_node(op, ["x", "scale"], ["y"], axis=-1, epsilon=1e-5, domain=domain)], opset)
+    plain = _lookup_model(CONSTANTS + WRITTEN_OUT, 17)
+    (logits, relevance), (plain_logits, expected) = (
+        run(onnxlrp.build(model, "attnlrp"), {"input_ids": ids}, ["logits", "relevance"]) for model in (fused, plain))
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert relative_error(relevance, expected) < 1e-6
+    assert relevance.shape == ids.shape and np.abs(relevance[:, :-1]).sum() == 0  # causal-free: only the last
+    np.testing.assert_allclose(relevance.sum(1), logits[:, -1].max(1), rtol=1e-5)
+
+
+def _two_lookups(rows: tuple[int, int]) -> onnx.ModelProto:
+    """Two integer inputs, each looked up in a table of its own (`rows` rows), summed, then a dense layer."""
+    rng = np.random.default_rng(1)
+    weights = [helper.make_tensor(name, TensorProto.FLOAT, values.shape, values.ravel()) for name, values in (
+        ("words", rng.standard_normal((rows[0], 4)).astype(np.float32)),
+        ("places", rng.standard_normal((rows[1], 4)).astype(np.float32)),
+        ("dense", rng.standard_normal((4, 3)).astype(np.float32)))]
+    nodes = [helper.make_node("Gather", ["words", "input_ids"], ["w"]),
+             helper.make_node("Reshape", ["other_ids", "shape"], ["flat"]),
+             helper.make_node("Gather", ["places", "flat"], ["p"]),
+             helper.make_node("Add", ["w", "p"], ["x"]),
+             helper.make_node("MatMul", ["x", "dense"], ["logits"])]
+    weights.append(helper.make_tensor("shape", TensorProto.INT64, [2], [0, -1]))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["N", 5]) for name in ("input_ids", "other_ids")]
+    graph = helper.make_graph(nodes, "two", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                   ["N", 5, 3])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_two_lookups_of_one_size_are_not_guessed():
+    """Two inputs looked up in tables of one size: one line asking for --explain-input; named, each is explained
+    (the one reshaped before its lookup too), and the relevance of the two sums to the logit."""
+    with pytest.raises(onnxlrp.LrpError, match=r"inputs 'input_ids' and 'other_ids' are both looked up in embedding "
+                                               r"tables of 7 rows: name the one to explain with --explain-input NAME"):
+        onnxlrp.build(_two_lookups((7, 7)), "attnlrp")
+    feeds = {"input_ids": np.array([[1, 2, 3, 4, 5]]), "other_ids": np.array([[0, 1, 2, 3, 6]])}
+    parts = [run(onnxlrp.build(_two_lookups((7, 7)), "attnlrp", explain_input=name), feeds, ["logits", "relevance"])
+             for name in feeds]
+    logit = parts[0][0][0, -1].max()
+    assert parts[0][1].shape == parts[1][1].shape == (1, 5)
+    np.testing.assert_allclose(parts[0][1].sum() + parts[1][1].sum(), logit, rtol=1e-5)
+    # A larger table is the one explained, without asking (BERT's token ids beside its position ids).
+    larger, named = (run(onnxlrp.build(_two_lookups((9, 7)), "attnlrp", explain_input=name), feeds, ["relevance"])[0]
+                     for name in (None, "input_ids"))
+    np.testing.assert_array_equal(larger, named)
+    with pytest.raises(onnxlrp.LrpError, match="--explain-input: no model input named 'ids'"):
+        onnxlrp.build(_two_lookups((7, 7)), "attnlrp", explain_input="ids")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_position_and_open_length(family):
+    """`position` (fed at run time; counted from the start when >= 0) explains that position: the same relevance
+    as the prompt cut after it explained at its end (the models are causal), 0 after it; and a built model takes
+    prompts of any length (the fixtures' sequence length is open)."""
+    model = built(family, "attnlrp")
+    full = feeds("none")
+    at_three = run(model, {**full, "position": np.array(3)}, ["relevance_embedding"])[0]
+    cut = {name: values[:, :4] for name, values in full.items()}
+    alone = run(model, cut, ["relevance_embedding"])[0]
+    np.testing.assert_array_equal(unoptimized(model, cut), unoptimized(source(family), cut))
+    assert relative_error(at_three[:, :4], alone) < 1e-5
+    assert np.all(at_three[:, 4:] == 0)
+    from_end = run(model, {**full, "position": np.array(-5)}, ["relevance_embedding"])[0]
+    np.testing.assert_array_equal(from_end, at_three)
