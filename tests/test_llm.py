@@ -65,8 +65,7 @@ def unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndar
     return ort.InferenceSession(model.SerializeToString(), options).run(["logits"], feeds)[0]
 
 
-def _lookup_model(norm: list[onnx.NodeProto], opset: int, extra_inputs: tuple = (), domains: tuple = ()
-                  ) -> onnx.ModelProto:
+def _lookup_model(norm: list[onnx.NodeProto], opset: int, domains: tuple = ()) -> onnx.ModelProto:
     """ids [N, T] -> embedding (table 11 x 8) -> `norm` (from 'x' to 'y') -> a dense layer to 5 logits per position."""
     rng = np.random.default_rng(0)
     weights = [helper.make_tensor(name, TensorProto.FLOAT, values.shape, values.ravel()) for name, values in (
@@ -75,8 +74,7 @@ def _lookup_model(norm: list[onnx.NodeProto], opset: int, extra_inputs: tuple = 
         ("dense", rng.standard_normal((8, 5)).astype(np.float32)))]
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"]), *norm,
              helper.make_node("MatMul", ["y", "dense"], ["logits"])]
-    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", 6]),
-                                            *extra_inputs],
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", 6])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6, 5])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                      *(helper.make_opsetid(d, 1) for d in domains)])
@@ -94,18 +92,22 @@ CONSTANTS = [helper.make_node("Constant", [], [name], value=onnx.numpy_helper.fr
              for name, value in (("two", 2.0), ("eps", 1e-5))]
 
 
-@pytest.mark.parametrize("op,opset,domain", [("SimplifiedLayerNormalization", 17, ""),
-                                             ("RMSNormalization", 23, "")])
-def test_rms_norm_ops_as_written_out(op, opset, domain):
-    """ONNX Runtime's SimplifiedLayerNormalization and opset 23's RMSNormalization give the relevance of the same
-    norm written out (sigma a constant): here every token's relevance, as no bias absorbs any, sums to the logit."""
+@pytest.mark.parametrize("op,inputs,opset,domain", [
+    ("SimplifiedLayerNormalization", ["x", "scale"], 17, ""), ("RMSNormalization", ["x", "scale"], 23, ""),
+    ("SkipSimplifiedLayerNormalization", ["x", "x", "scale"], 17, "com.microsoft")])
+def test_rms_norm_ops_as_written_out(op, inputs, opset, domain):
+    """ONNX Runtime's SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization (of x + x here, which the
+    norm maps where it maps x) and opset 23's RMSNormalization give the relevance of the same norm written out
+    (sigma a constant): the last token's relevance, as no bias absorbs any, sums to the logit."""
     ids = np.array([[1, 4, 2, 9, 3, 7], [5, 5, 0, 10, 8, 6]])
-    fused = _lookup_model([helper.make_node(op, ["x", "scale"], ["y"], axis=-1, epsilon=1e-5, domain=domain)], opset)
+    attrs = {} if domain else {"axis": -1}
+    fused = _lookup_model([helper.make_node(op, inputs, ["y"], epsilon=1e-5, domain=domain, **attrs)], opset,
+                          domains=(domain,) if domain else ())
     plain = _lookup_model(CONSTANTS + WRITTEN_OUT, 17)
     (logits, relevance), (plain_logits, expected) = (
         run(onnxlrp.build(model, "attnlrp"), {"input_ids": ids}, ["logits", "relevance"]) for model in (fused, plain))
-    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-6)
-    assert relative_error(relevance, expected) < 1e-6
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    assert relative_error(relevance, expected) < 1e-5  # the skip form's eps meets 4 mean(x^2), not mean(x^2)
     assert relevance.shape == ids.shape and np.abs(relevance[:, :-1]).sum() == 0  # causal-free: only the last
     np.testing.assert_allclose(relevance.sum(1), logits[:, -1].max(1), rtol=1e-5)
 
@@ -166,3 +168,74 @@ def test_position_and_open_length(family):
     assert np.all(at_three[:, 4:] == 0)
     from_end = run(model, {**full, "position": np.array(-5)}, ["relevance_embedding"])[0]
     np.testing.assert_array_equal(from_end, at_three)
+
+
+def test_kv_cache_inputs_are_never_explained():
+    """Llama exported with a KV cache as optimum does (past_key_values.* inputs, present.* outputs): the tokens
+    are explained, not the cache; fed a past of length 0 it gives the relevance of the model without a cache;
+    with a past the outputs are the original's, and position -1 is still the prompt's last token."""
+    with_past = onnx.load(LLM / "llama_past_op17.onnx")
+    model = onnxlrp.build(with_past, "attnlrp")
+    names = [value.name for value in with_past.graph.output]
+    empty = {f"past_key_values.{i}.{kind}": np.zeros((2, 2, 0, 8), np.float32) for i in range(2)
+             for kind in ("key", "value")}
+    for padding in PADDINGS:
+        relevance = run(model, {**feeds(padding), **empty}, ["relevance_embedding"])[0]
+        expected = run(built("llama", "attnlrp"), feeds(padding), ["relevance_embedding"])[0]
+        assert relative_error(relevance, expected) < 1e-6
+    past = {name: np.random.default_rng(2).standard_normal(values.shape[:2] + (3, 8)).astype(np.float32)
+            for name, values in empty.items()}
+    mask = np.concatenate([np.ones((2, 3), np.int64), feeds("right")["attention_mask"]], axis=1)
+    cached = {**feeds("right"), "attention_mask": mask, **past}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    original, explained = (ort.InferenceSession(m.SerializeToString(), options).run(names, cached)
+                           for m in (with_past, model))
+    for a, b in zip(original, explained):
+        np.testing.assert_array_equal(a, b)
+    at_end, at_four = (run(model, {**cached, "position": np.array(p)}, ["relevance"])[0] for p in (-1, 4))
+    np.testing.assert_array_equal(at_end[1], at_four[1])  # the second prompt is 5 tokens long
+    assert np.all(at_end[1, 5:] == 0) and np.all(at_end[1, :5] != 0)
+
+
+def _rotary_model(domain: str, interleaved: int, rotated: int) -> onnx.ModelProto:
+    """x [N, 6, 16] (2 heads of 8) -> RotaryEmbedding at position ids -> a dense layer to 5 logits per position."""
+    rng = np.random.default_rng(3)
+    angles = np.arange(16)[:, None] * rng.uniform(0.1, 1.0, (rotated or 8) // 2)[None]
+    weights = [helper.make_tensor(name, TensorProto.FLOAT, values.shape, values.ravel()) for name, values in (
+        ("cos_cache", np.cos(angles).astype(np.float32)), ("sin_cache", np.sin(angles).astype(np.float32)),
+        ("dense", rng.standard_normal((16, 5)).astype(np.float32)))]
+    order = ["x", "position_ids", "cos_cache", "sin_cache"] if domain else \
+        ["x", "cos_cache", "sin_cache", "position_ids"]
+    nodes = [helper.make_node("RotaryEmbedding", order, ["y"], domain=domain, num_heads=2, interleaved=interleaved,
+                              rotary_embedding_dim=rotated),
+             helper.make_node("MatMul", ["y", "dense"], ["logits"])]
+    graph = helper.make_graph(nodes, "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 16]),
+                                                helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                                              ["N", 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6, 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23 if not domain else 17),
+                                                     *([helper.make_opsetid(domain, 1)] if domain else [])])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("domain,interleaved,rotated", [("", 0, 0), ("", 1, 4), ("com.microsoft", 0, 0),
+                                                        ("com.microsoft", 1, 0)])
+def test_rotary_embedding_ops(domain, interleaved, rotated):
+    """RotaryEmbedding (opset 23, com.microsoft) is linear in x with the cos and sin tables constants: its logits
+    are ORT's, and LRP-0 through it is x times the gradient of the explained logit, read here from the model run
+    on every basis vector of x."""
+    model = _rotary_model(domain, interleaved, rotated)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    positions = np.array([np.arange(6), np.arange(3, 9)])
+    logits, relevance = run(onnxlrp.build(model, "attnlrp"), {"x": x, "position_ids": positions},
+                            ["logits", "relevance"])
+    np.testing.assert_allclose(logits, run(model, {"x": x, "position_ids": positions})[0], rtol=1e-5, atol=1e-5)
+    basis = np.eye(6 * 16, dtype=np.float32).reshape(-1, 6, 16)
+    for sample in range(2):
+        target = logits[sample, -1].argmax()
+        gradient = run(model, {"x": basis, "position_ids": np.repeat(positions[sample:sample + 1], len(basis), 0)}
+                       )[0][:, -1, target].reshape(6, 16)
+        np.testing.assert_allclose(relevance[sample], x[sample] * gradient, rtol=1e-4, atol=1e-6)

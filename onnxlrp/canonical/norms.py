@@ -13,9 +13,8 @@ from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
 
 
-def _rms(ops: Ops, x: Tensor, scale: Tensor, axis: int, epsilon: float) -> Tensor:
-    """x / sqrt(mean over the axes from `axis` on of x^2 + eps) * scale."""
-    axes = list(range(axis, len(x.shape)))
+def _rms(ops: Ops, x: Tensor, scale: Tensor, axes: list[int], epsilon: float) -> Tensor:
+    """x / sqrt(mean over `axes` of x^2 + eps) * scale."""
     variance = ops.reduce_mean(ops("Pow", x, ops.scalar(2.0)), axes)
     sigma = ops("Sqrt", ops("Add", variance, ops.scalar(epsilon)))
     return ops("Mul", ops("Div", x, sigma), scale)
@@ -23,8 +22,9 @@ def _rms(ops: Ops, x: Tensor, scale: Tensor, axis: int, epsilon: float) -> Tenso
 
 def _simplified(ops: Ops, node: gs.Node) -> list[Tensor | None]:
     """SimplifiedLayerNormalization(X, scale): output Y (its inv_std_var output is left out)."""
-    x = node.inputs[0]
-    return [_rms(ops, x, node.inputs[1], node.attrs.get("axis", -1) % len(x.shape), node.attrs.get("epsilon", 1e-5))]
+    rank = len(node.inputs[0].shape)
+    axes = list(range(node.attrs.get("axis", -1) % rank, rank))
+    return [_rms(ops, node.inputs[0], node.inputs[1], axes, node.attrs.get("epsilon", 1e-5))]
 
 
 def _skip_simplified(ops: Ops, node: gs.Node) -> list[Tensor | None]:
@@ -34,7 +34,7 @@ def _skip_simplified(ops: Ops, node: gs.Node) -> list[Tensor | None]:
     total = ops("Add", x, skip)
     if len(node.inputs) > 3 and node.inputs[3].name:
         total = ops("Add", total, node.inputs[3])
-    y = _rms(ops, total, gamma, len(x.shape) - 1, node.attrs.get("epsilon", 1e-5))
+    y = _rms(ops, total, gamma, [len(x.shape) - 1], node.attrs.get("epsilon", 1e-5))
     return [y, None, None, total]
 
 

@@ -14,6 +14,7 @@ from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
 from .control import write_out
 from .norms import expand_norms
+from .rotary import expand_rotary
 from .quantized import dequantized_twin
 
 MIN_OPSET = 11
@@ -45,7 +46,7 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
         graph.fold_constants(error_ok=True, flatten_subgraphs=False)
         graph.cleanup().toposort()
         _without_static_control_flow(graph, source)
-    if expand_norms(graph) | expand_attention(graph):  # their plain ops get their shapes from inference
+    if expand_norms(graph) | expand_rotary(graph) | expand_attention(graph):  # their plain ops get their shapes from inference
         graph.cleanup().toposort()
         infer_shapes(graph)
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):

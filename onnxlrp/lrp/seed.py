@@ -138,8 +138,9 @@ def start_at_position(ctx: Context, logits: gs.Variable, target: Tensor, positio
                       explain: str, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """The seed of a sequence of logits [N, T, V] (a language model's): the target's logit (or a one-hot) at one
     position per sample, 0 elsewhere. A position >= 0 is an index; a negative one counts back from the end of each
-    sample's tokens, which is the last position where the attention `mask` [N, T] is 1 (without a mask, T - 1):
-    -1 is the next token after the prompt, left or right padded."""
+    sample's tokens, which is the last position where the attention `mask` is 1 (without a mask, T - 1): -1 is
+    the next token after the prompt, left or right padded. The mask may be longer than T (it covers a KV cache
+    too): its positions are counted from its end."""
     if explain not in ("logit", "onehot"):
         raise LrpError(f"--explain {explain} explains a classifier output [N, C]; a sequence of logits [N, T, V] "
                        f"takes --explain logit or onehot")
@@ -149,9 +150,13 @@ def start_at_position(ctx: Context, logits: gs.Variable, target: Tensor, positio
     steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))  # [T]
     if mask is None:
         last = ops("Sub", length, ops.scalar(1, np.int64))
-    else:  # the largest index t with mask 1
-        filled = ops("Mul", ops("Cast", mask, to=onnx.TensorProto.INT64), ops("Add", steps, ops.scalar(1, np.int64)))
-        last = ops("Sub", ops.reduce_max(filled, [1], keepdims=False), ops.scalar(1, np.int64))
+    else:  # T - (M - m) for the largest index m with mask 1 of a mask of length M
+        masked = ops("Gather", ops("Shape", mask), ops.scalar(1, np.int64), axis=0)
+        marks = ops("Range", ops.scalar(1, np.int64), ops("Add", masked, ops.scalar(1, np.int64)),
+                    ops.scalar(1, np.int64))
+        filled = ops("Mul", ops("Cast", mask, to=onnx.TensorProto.INT64), marks)  # m + 1 where the mask is 1
+        last = ops("Sub", ops("Add", length, ops.reduce_max(filled, [1], keepdims=False)),
+                   ops("Add", masked, ops.scalar(1, np.int64)))
     counted = ops("Add", ops("Add", last, ops.scalar(1, np.int64)), position)
     at = ops("Where", ops("Less", position, ops.scalar(0, np.int64)), counted, position)
     chosen = ops("Cast", ops("Equal", ops.unsqueeze(steps, [0]), ops.unsqueeze(at, [-1])),
