@@ -13,47 +13,48 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxlrp
-from conftest import FIXTURES, relative_error, run
+from conftest import FIXTURES, assert_one_line_error, onnxlrp_cli, relative_error, run
 
 LLM = FIXTURES / "llm"
 REFERENCES = dict(np.load(LLM / "references.npz"))
 FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
 COMPOSITES = ("attnlrp", "cp_lrp")
 PADDINGS = ("none", "right", "left")
+EXPORTS = ("op17", "dynamo")  # torch's TorchScript exporter at opset 17, its dynamo exporter (opset 20)
 
 
 @lru_cache(maxsize=None)
-def source(family: str) -> onnx.ModelProto:
-    return onnx.load(LLM / f"{family}_op17.onnx")
+def source(family: str, export: str = "op17") -> onnx.ModelProto:
+    return onnx.load(LLM / f"{family}_{export}.onnx")
 
 
 @lru_cache(maxsize=None)
-def built(family: str, composite: str) -> onnx.ModelProto:
-    return onnxlrp.build(source(family), composite)
+def built(family: str, composite: str, export: str = "op17") -> onnx.ModelProto:
+    return onnxlrp.build(source(family, export), composite)
 
 
 def feeds(padding: str) -> dict[str, np.ndarray]:
     return {name: REFERENCES[f"{padding}_{name}"] for name in ("input_ids", "attention_mask")}
 
 
+@pytest.mark.parametrize("export", EXPORTS)
 @pytest.mark.parametrize("composite", COMPOSITES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parity_with_lxt(family, composite):
+def test_parity_with_lxt(family, composite, export):
     """The next token after each prompt (position -1, its arg-max logit), per token and embedding feature, for
     prompts unpadded, right padded and left padded; padded tokens get exactly 0; the logits are the original's."""
     expected = REFERENCES[f"{family}_{composite}"]
+    model, original = built(family, composite, export), source(family, export)
     for padding, wanted in zip(PADDINGS, expected):
-        logits, token, embedding = run(built(family, composite), feeds(padding),
-                                       ["logits", "relevance", "relevance_embedding"])
+        logits, token, embedding = run(model, feeds(padding), ["logits", "relevance", "relevance_embedding"])
         mask = feeds(padding)["attention_mask"]
         assert embedding.shape == wanted.shape and token.shape == mask.shape
         assert relative_error(embedding, wanted) < 1e-4, padding
         np.testing.assert_allclose(token, embedding.sum(-1), rtol=1e-5, atol=1e-6)
         assert np.all(token[mask == 0] == 0) and np.all(embedding[mask == 0] == 0)
         assert np.all(token[mask == 1] != 0)
-        np.testing.assert_array_equal(unoptimized(built(family, composite), feeds(padding)),
-                                      unoptimized(source(family), feeds(padding)))
-        assert relative_error(logits, run(source(family), feeds(padding))[0]) < 1e-6
+        np.testing.assert_array_equal(unoptimized(model, feeds(padding)), unoptimized(original, feeds(padding)))
+        assert relative_error(logits, run(original, feeds(padding))[0]) < 1e-6
 
 
 def unoptimized(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -239,3 +240,77 @@ def test_rotary_embedding_ops(domain, interleaved, rotated):
         gradient = run(model, {"x": basis, "position_ids": np.repeat(positions[sample:sample + 1], len(basis), 0)}
                        )[0][:, -1, target].reshape(6, 16)
         np.testing.assert_allclose(relevance[sample], x[sample] * gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_command_line_fixed_length_and_position(tmp_path):
+    """`onnxlrp build --input-shape` (a fixed length) and `--position 3` (the built model's default): the relevance
+    of the open-length build fed position 3; two lookups of one size are one line on the command line."""
+    out = tmp_path / "llama_lrp.onnx"
+    done = onnxlrp_cli("build", LLM / "llama_op17.onnx", "-o", out, "--composite", "attnlrp", "--position", "3",
+                       "--input-shape", "input_ids:N,8", "--input-shape", "attention_mask:N,8")
+    assert done.returncode == 0, done.stderr
+    fixed = run(onnx.load(out), feeds("left"), ["relevance"])[0]
+    expected = run(built("llama", "attnlrp"), {**feeds("left"), "position": np.array(3)}, ["relevance"])[0]
+    assert relative_error(fixed, expected) < 1e-6 and np.all(fixed[:, 4:] == 0)
+    onnx.save(_two_lookups((7, 7)), tmp_path / "two.onnx")
+    assert_one_line_error(onnxlrp_cli("build", tmp_path / "two.onnx", "-o", tmp_path / "two_lrp.onnx"),
+                          "both looked up", "--explain-input NAME")
+    assert onnxlrp_cli("build", tmp_path / "two.onnx", "-o", tmp_path / "two_lrp.onnx", "--explain-input",
+                       "other_ids").returncode == 0
+
+
+def _attention_model(op: str, rotary: int = 0) -> onnx.ModelProto:
+    """x [N, 6, 16] -> query (4 heads of 16), key and value (2 heads) projections -> ONNX Runtime's
+    GroupQueryAttention (seqlens_k and total_sequence_length from the attention mask, as the GenAI builder writes
+    them) or ONNX's Attention (opset 23, is_causal) -> a dense layer to 5 logits per position."""
+    rng = np.random.default_rng(5)
+    angles = np.arange(16)[:, None] * rng.uniform(0.1, 1.0, 8)[None]
+    arrays = {"wq": rng.standard_normal((16, 64)), "wk": rng.standard_normal((16, 32)),
+              "wv": rng.standard_normal((16, 32)), "wo": rng.standard_normal((64, 5)), "cos_cache": np.cos(angles),
+              "sin_cache": np.sin(angles)}
+    weights = [onnx.numpy_helper.from_array(values.astype(np.float32), name) for name, values in arrays.items()]
+    weights += [onnx.numpy_helper.from_array(np.array(v, np.int64), name) for name, v in (("one", 1), ("axis", [1]))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{name}"], [name]) for name in "qkv"]
+    if op == "GroupQueryAttention":
+        nodes += [helper.make_node("ReduceSum", ["attention_mask", "axis"], ["lengths"], keepdims=0),
+                  helper.make_node("Sub", ["lengths", "one"], ["last"]),
+                  helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+                  helper.make_node("Shape", ["attention_mask"], ["shape"]),
+                  helper.make_node("Gather", ["shape", "one"], ["total"]),
+                  helper.make_node("Cast", ["total"], ["total_sequence_length"], to=TensorProto.INT32),
+                  helper.make_node(op, ["q", "k", "v", "", "", "seqlens_k", "total_sequence_length", "cos_cache",
+                                        "sin_cache"], ["y"], domain="com.microsoft", num_heads=4, kv_num_heads=2,
+                                   do_rotary=rotary)]
+    else:
+        nodes.append(helper.make_node(op, ["q", "k", "v"], ["y"], is_causal=1, q_num_heads=4, kv_num_heads=2))
+    nodes.append(helper.make_node("MatMul", ["y", "wo"], ["logits"]))
+    grouped = op == "GroupQueryAttention"
+    graph = helper.make_graph(nodes, "attention", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 16]),
+        *([helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 6])] if grouped else [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6, 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17 if grouped else 23),
+                                                     *([helper.make_opsetid("com.microsoft", 1)] if grouped else [])])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("rotary", (0, 1))
+def test_group_query_attention(rotary):
+    """GroupQueryAttention written out: ONNX Runtime's logits (prompts unpadded and right padded); under cp_lrp,
+    which has nothing to absorb relevance here, the relevance sums to the logit and stays on the prompt; without
+    rotary, attnlrp gives what it gives ONNX's Attention op of the same heads (tested against LXT)."""
+    model = _attention_model("GroupQueryAttention", rotary)
+    x = np.random.default_rng(6).standard_normal((2, 6, 16)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
+    feeds = {"x": x, "attention_mask": mask}
+    logits, relevance = run(onnxlrp.build(model, "cp_lrp"), feeds, ["logits", "relevance"])
+    np.testing.assert_allclose(logits, run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+    explained = [logits[0, 5].max(), logits[1, 3].max()]
+    np.testing.assert_allclose(relevance.sum((1, 2)), explained, rtol=1e-4)
+    assert np.all(relevance[1, 4:] == 0) and np.all(relevance[1, :4] != 0)
+    if not rotary:
+        grouped = run(onnxlrp.build(model, "attnlrp"), {"x": x, "attention_mask": np.ones_like(mask)},
+                      ["relevance"])[0]
+        plain = run(onnxlrp.build(_attention_model("Attention"), "attnlrp"), {"x": x}, ["relevance"])[0]
+        assert relative_error(grouped, plain) < 1e-5

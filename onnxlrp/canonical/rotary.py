@@ -46,15 +46,28 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     rotated = node.attrs.get("rotary_embedding_dim", 0) or size
     if not isinstance(size, int) or not isinstance(rotated, int) or rotated % 2:
         raise LrpError(f"{where}: needs a static head size (and num_heads for an input of rank 3)")
+    if positions is not None and positions.shape is not None and len(positions.shape) == 1:  # an offset
+        length = ops("Gather", ops("Shape", x), ops.scalar(1 if len(x.shape) == 3 else 2, np.int64), axis=0)
+        steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
+        positions = ops.unsqueeze(ops("Add", steps, positions), [0])
+    turned = rotate(ops, split, size, cos, sin, positions, rotated, node.attrs.get("interleaved", 0))
+    y = ops("Transpose", turned, perm=[0, 2, 1, 3]) if len(x.shape) == 4 else \
+        ops("Reshape", turned, ops("Shape", x))
+    output = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    replace(y.inputs[0].outputs, [output])
+
+
+def rotate(ops: Ops, x: Tensor, size: int, cos: Tensor, sin: Tensor, positions: Tensor | None, rotated: int,
+           interleaved: int) -> Tensor:
+    """x [N, S, heads, size] with its first `rotated` features turned by the angles of the tables (read at
+    `positions` [N or 1, S], or [N, S, rotated / 2] already): the definition of RotaryEmbedding in plain ops."""
     if positions is not None:
-        if positions.shape is not None and len(positions.shape) == 1:  # an offset (com.microsoft)
-            length = ops("Gather", ops("Shape", x), ops.scalar(1 if len(x.shape) == 3 else 2, np.int64), axis=0)
-            steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
-            positions = ops.unsqueeze(ops("Add", steps, positions), [0])
         cos, sin = (ops("Gather", table, positions, axis=0) for table in (cos, sin))
     cos, sin = (ops.unsqueeze(table, [2]) for table in (cos, sin))  # [N, S, 1, rotated / 2]
-    half, interleaved = rotated // 2, node.attrs.get("interleaved", 0)
-    first, second = (_features(ops, split, start, half, interleaved) for start in (0, 1))
+    half = rotated // 2
+    first, second = (_features(ops, x, start, half, interleaved) for start in (0, 1))
     real = ops("Sub", ops("Mul", cos, first), ops("Mul", sin, second))
     imaginary = ops("Add", ops("Mul", sin, first), ops("Mul", cos, second))
     if interleaved:
@@ -63,13 +76,8 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     else:
         turned = ops("Concat", real, imaginary, axis=3)
     if rotated < size:
-        turned = ops("Concat", turned, ops.slice(split, [rotated], [size], [3]), axis=3)
-    y = ops("Transpose", turned, perm=[0, 2, 1, 3]) if len(x.shape) == 4 else \
-        ops("Reshape", turned, ops("Shape", x))
-    output = node.outputs[0]
-    node.outputs.clear()
-    node.inputs.clear()
-    replace(y.inputs[0].outputs, [output])
+        turned = ops("Concat", turned, ops.slice(x, [rotated], [size], [3]), axis=3)
+    return turned
 
 
 def _features(ops: Ops, x: Tensor, which: int, half: int, interleaved: int) -> Tensor:
