@@ -314,3 +314,43 @@ def test_group_query_attention(rotary):
                       ["relevance"])[0]
         plain = run(onnxlrp.build(_attention_model("Attention"), "attnlrp"), {"x": x}, ["relevance"])[0]
         assert relative_error(grouped, plain) < 1e-5
+
+
+def _quantized_table_model(table: onnx.NodeProto, weights: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """ids [N, 5] -> `table` (to 'x' [N, 5, 32]) -> a dense layer to 3 logits per position."""
+    dense = np.random.default_rng(8).standard_normal((32, 3)).astype(np.float32)
+    graph = helper.make_graph([table, helper.make_node("MatMul", ["x", "dense"], ["logits"])], "quantized",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5, 3])],
+                              [*weights, onnx.numpy_helper.from_array(dense, "dense")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("zero_points", (False, True))
+def test_gather_block_quantized_embedding(zero_points):
+    """A 4-bit embedding table (com.microsoft GatherBlockQuantized, packed in uint8, blocks of 16) is explained
+    on its float twin: the relevance of the same model with the table that ONNX Runtime's kernel dequantizes;
+    the logits are the quantized model's own."""
+    rng = np.random.default_rng(9)
+    weights = [onnx.numpy_helper.from_array(rng.integers(0, 256, (10, 16), dtype=np.uint8), "table"),  # 10 x 32
+               onnx.numpy_helper.from_array(rng.uniform(0.05, 0.2, (10, 2)).astype(np.float32), "scales")]
+    if zero_points:
+        weights.append(onnx.numpy_helper.from_array(rng.integers(0, 256, (10, 1), dtype=np.uint8), "zero_points"))
+    lookup = helper.make_node("GatherBlockQuantized", ["table", "input_ids", "scales"] + ["zero_points"] * zero_points,
+                              ["x"], domain="com.microsoft", bits=4, block_size=16, gather_axis=0, quantize_axis=1)
+    quantized = _quantized_table_model(lookup, weights)
+    ids = np.array([[1, 4, 2, 9, 3], [0, 5, 5, 8, 7]])
+    reading = onnx.ModelProto.FromString(quantized.SerializeToString())
+    reading.graph.output.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
+    table = run(reading, {"input_ids": np.arange(10)[:, None].repeat(5, 1)}, ["x"])[0][:, 0]
+    plain = _quantized_table_model(helper.make_node("Gather", ["float_table", "input_ids"], ["x"]),
+                                   [onnx.numpy_helper.from_array(table, "float_table")])
+    (logits, relevance), (plain_logits, expected) = (
+        run(onnxlrp.build(model, "attnlrp"), {"input_ids": ids}, ["logits", "relevance_embedding"])
+        for model in (quantized, plain))
+    np.testing.assert_array_equal(logits, run(quantized, {"input_ids": ids})[0])
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-6, atol=1e-6)
+    assert relative_error(relevance, expected) < 1e-6 and np.abs(expected[:, -1]).sum() > 0
