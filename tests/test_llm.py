@@ -271,7 +271,11 @@ def _attention_model(op: str, rotary: int = 0) -> onnx.ModelProto:
     weights = [onnx.numpy_helper.from_array(values.astype(np.float32), name) for name, values in arrays.items()]
     weights += [onnx.numpy_helper.from_array(np.array(v, np.int64), name) for name, v in (("one", 1), ("axis", [1]))]
     nodes = [helper.make_node("MatMul", ["x", f"w{name}"], [name]) for name in "qkv"]
-    if op == "GroupQueryAttention":
+    if op == "MultiHeadAttention":  # 4 heads of 16 for the keys and values too
+        nodes[1:] = [helper.make_node("MatMul", ["x", "wq"], [name]) for name in "kv"]
+        nodes.append(helper.make_node(op, ["q", "k", "v", "", "attention_mask"], ["y"], domain="com.microsoft",
+                                      num_heads=4, unidirectional=1))
+    elif op == "GroupQueryAttention":
         nodes += [helper.make_node("ReduceSum", ["attention_mask", "axis"], ["lengths"], keepdims=0),
                   helper.make_node("Sub", ["lengths", "one"], ["last"]),
                   helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
@@ -284,10 +288,11 @@ def _attention_model(op: str, rotary: int = 0) -> onnx.ModelProto:
     else:
         nodes.append(helper.make_node(op, ["q", "k", "v"], ["y"], is_causal=1, q_num_heads=4, kv_num_heads=2))
     nodes.append(helper.make_node("MatMul", ["y", "wo"], ["logits"]))
-    grouped = op == "GroupQueryAttention"
+    grouped = op != "Attention"
+    mask = TensorProto.INT32 if op == "MultiHeadAttention" else TensorProto.INT64
     graph = helper.make_graph(nodes, "attention", [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 16]),
-        *([helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 6])] if grouped else [])],
+        *([helper.make_tensor_value_info("attention_mask", mask, ["N", 6])] if grouped else [])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6, 5])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17 if grouped else 23),
                                                      *([helper.make_opsetid("com.microsoft", 1)] if grouped else [])])
@@ -354,3 +359,26 @@ def test_gather_block_quantized_embedding(zero_points):
     np.testing.assert_array_equal(logits, run(quantized, {"input_ids": ids})[0])
     np.testing.assert_allclose(logits, plain_logits, rtol=1e-6, atol=1e-6)
     assert relative_error(relevance, expected) < 1e-6 and np.abs(expected[:, -1]).sum() > 0
+
+
+def test_multihead_attention():
+    """MultiHeadAttention (com.microsoft, unidirectional, a key padding mask) written out: ONNX Runtime's logits;
+    under attnlrp, what ONNX's Attention op of the same heads gives (is_causal; the mask all ones here)."""
+    model = _attention_model("MultiHeadAttention")
+    x = np.random.default_rng(7).standard_normal((2, 6, 16)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.int32)
+    logits = run(onnxlrp.build(model, "attnlrp"), {"x": x, "attention_mask": mask}, ["logits"])[0]
+    np.testing.assert_allclose(logits, run(model, {"x": x, "attention_mask": mask})[0], rtol=1e-4, atol=1e-4)
+    heads = _attention_model("Attention")
+    for tensor in heads.graph.initializer:  # the same key and value projections as the query's
+        if tensor.name in ("wk", "wv"):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(next(
+                t for t in heads.graph.initializer if t.name == "wq")), tensor.name))
+    for node in heads.graph.node:
+        if node.op_type == "Attention":
+            node.attribute.remove(next(a for a in node.attribute if a.name == "kv_num_heads"))
+            node.attribute.append(helper.make_attribute("kv_num_heads", 4))
+    relevance = run(onnxlrp.build(model, "attnlrp"), {"x": x, "attention_mask": np.ones_like(mask)},
+                    ["relevance"])[0]
+    expected = run(onnxlrp.build(heads, "attnlrp"), {"x": x}, ["relevance"])[0]
+    assert relative_error(relevance, expected) < 1e-5

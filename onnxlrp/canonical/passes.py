@@ -13,6 +13,7 @@ from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
 from .grouped import expand_grouped_attention
+from .multihead import expand_multihead_attention
 from .control import write_out
 from .norms import expand_norms
 from .rotary import expand_rotary
@@ -48,7 +49,8 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
         graph.cleanup().toposort()
         _without_static_control_flow(graph, source)
     # Ops written out in plain ops, which get their shapes from inference.
-    if any([expand_norms(graph), expand_rotary(graph), expand_grouped_attention(graph), expand_attention(graph)]):
+    if any([expand_norms(graph), expand_rotary(graph), expand_grouped_attention(graph),
+            expand_multihead_attention(graph), expand_attention(graph)]):
         graph.cleanup().toposort()
         infer_shapes(graph)
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
