@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.ops import Ops, Tensor
-from .attention import repeat_heads, split_heads
+from .attention import repeat_heads
 from .rotary import rotate
 
 # Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
