@@ -382,3 +382,16 @@ def test_multihead_attention():
                     ["relevance"])[0]
     expected = run(onnxlrp.build(heads, "attnlrp"), {"x": x}, ["relevance"])[0]
     assert relative_error(relevance, expected) < 1e-5
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("family", ("mistral", "phi3"))
+def test_families_without_a_reference(family, composite):
+    """Mistral (a sliding window) and Phi3 (fused query-key-value and gate-up projections, split) build; their
+    logits are the original's, and the relevance is finite, non-zero on the prompt's tokens and 0 on padding."""
+    model, original = onnxlrp.build(source(family), composite), source(family)
+    for padding in PADDINGS:
+        mask = feeds(padding)["attention_mask"]
+        token = run(model, feeds(padding), ["relevance"])[0]
+        np.testing.assert_array_equal(unoptimized(model, feeds(padding)), unoptimized(original, feeds(padding)))
+        assert np.all(np.isfinite(token)) and np.all(token[mask == 1] != 0) and np.all(token[mask == 0] == 0)
