@@ -400,3 +400,25 @@ def test_families_without_a_reference(family, composite):
         token = run(model, feeds(padding), ["relevance"])[0]
         np.testing.assert_array_equal(unoptimized(model, feeds(padding)), unoptimized(original, feeds(padding)))
         assert np.all(np.isfinite(token)) and np.all(token[mask == 1] != 0) and np.all(token[mask == 0] == 0)
+
+
+def test_genai_builder_form():
+    """Llama as ONNX Runtime GenAI's model builder writes it (SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization, GroupQueryAttention with do_rotary, past_key_values.* inputs; heads of 16,
+    as its kernels need), from the weights of a torch Llama: the relevance of LXT on that Llama, for prompts
+    unpadded and right padded (GroupQueryAttention's padding) fed an empty past; the fused ops are written out in
+    plain ops, so the logits and presents are ONNX Runtime's to float32 rounding."""
+    model = onnx.load(LLM / "llama_genai.onnx")
+    empty = {f"past_key_values.{i}.{kind}": np.zeros((2, 2, 0, 16), np.float32) for i in range(2)
+             for kind in ("key", "value")}
+    names = [value.name for value in model.graph.output]
+    for composite in COMPOSITES:
+        explained = onnxlrp.build(model, composite)
+        for padding, wanted in zip(PADDINGS[:2], REFERENCES[f"llama_genai_{composite}"]):
+            outputs = run(explained, {**feeds(padding), **empty}, names + ["relevance_embedding"])
+            assert relative_error(outputs[-1], wanted) < 1e-4
+            tokens = feeds(padding)["attention_mask"] == 1
+            original = run(model, {**feeds(padding), **empty})
+            assert relative_error(outputs[0][tokens], original[0][tokens]) < 1e-5
+            for ours, theirs in zip(outputs[1:-1], original[1:]):
+                assert relative_error(ours[:, :, :5], theirs[:, :, :5]) < 1e-5  # the keys of both prompts' tokens

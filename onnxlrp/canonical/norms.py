@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
+from ..ir.graph import features_known
 from ..ir.ops import Ops, Tensor
 
 
@@ -46,9 +47,10 @@ NORMS: dict[str, Callable[[Ops, gs.Node], list[Tensor | None]]] = {
 }
 
 
-def expand_norms(graph: gs.Graph) -> bool:
-    """Write every RMS norm op out in plain ops. Returns whether there was one."""
-    nodes = [n for n in graph.nodes if n.op in NORMS]
+def expand_norms(graph: gs.Graph, strict: bool = True) -> bool:
+    """Write every RMS norm op out in plain ops (`strict`: else only those whose input's type, rank and
+    last dimension are known). Returns whether there was one."""
+    nodes = [n for n in graph.nodes if n.op in NORMS and (strict or features_known(n.inputs[0]))]
     for node in nodes:
         where = f"node '{node.name}' ({node.op})"
         if node.inputs[0].shape is None or node.inputs[0].dtype is None:

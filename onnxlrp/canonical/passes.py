@@ -48,15 +48,27 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
         graph.fold_constants(error_ok=True, flatten_subgraphs=False)
         graph.cleanup().toposort()
         _without_static_control_flow(graph, source)
-    # Ops written out in plain ops, which get their shapes from inference.
-    if any([expand_norms(graph), expand_rotary(graph), expand_grouped_attention(graph),
-            expand_multihead_attention(graph), expand_attention(graph)]):
-        graph.cleanup().toposort()
-        infer_shapes(graph)
+    _written_out(graph)
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+# Fused ops that are written out in plain ops (whose shapes inference then gives).
+WRITTEN_OUT = (expand_norms, expand_rotary, expand_grouped_attention, expand_multihead_attention)
+
+
+def _written_out(graph: gs.Graph) -> None:
+    """Write fused ops out in rounds, shapes inferred after each: inference knows nothing of an ONNX Runtime op's
+    outputs, so the ops after one (a GenAI model's next norm and attention) get their shapes once it is written
+    out. What is left when no round makes progress is written out or refused with one line."""
+    while any([expand(graph, strict=False) for expand in WRITTEN_OUT]):  # a list: every kind in each round
+        graph.cleanup().toposort()
+        infer_shapes(graph)
+    if any([expand(graph) for expand in WRITTEN_OUT]) | expand_attention(graph):
+        graph.cleanup().toposort()
+        infer_shapes(graph)
 
 
 def _converted(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
