@@ -259,7 +259,7 @@ def test_command_line_fixed_length_and_position(tmp_path):
                        "other_ids").returncode == 0
 
 
-def _attention_model(op: str, rotary: int = 0, window: int = -1) -> onnx.ModelProto:
+def _attention_model(op: str, rotary: int = 0, window: int = -1, softcap: float = 0.0) -> onnx.ModelProto:
     """x [N, 6, 16] -> query (4 heads of 16), key and value (2 heads) projections -> ONNX Runtime's
     GroupQueryAttention (seqlens_k and total_sequence_length from the attention mask, as the GenAI builder writes
     them) or ONNX's Attention (opset 23, is_causal) -> a dense layer to 5 logits per position."""
@@ -284,7 +284,7 @@ def _attention_model(op: str, rotary: int = 0, window: int = -1) -> onnx.ModelPr
                   helper.make_node("Cast", ["total"], ["total_sequence_length"], to=TensorProto.INT32),
                   helper.make_node(op, ["q", "k", "v", "", "", "seqlens_k", "total_sequence_length", "cos_cache",
                                         "sin_cache"], ["y"], domain="com.microsoft", num_heads=4, kv_num_heads=2,
-                                   do_rotary=rotary, local_window_size=window)]
+                                   do_rotary=rotary, local_window_size=window, softcap=softcap)]
     else:
         nodes.append(helper.make_node(op, ["q", "k", "v"], ["y"], is_causal=1, q_num_heads=4, kv_num_heads=2))
     nodes.append(helper.make_node("MatMul", ["y", "wo"], ["logits"]))
@@ -300,13 +300,14 @@ def _attention_model(op: str, rotary: int = 0, window: int = -1) -> onnx.ModelPr
     return model
 
 
-@pytest.mark.parametrize("rotary,window", [(0, -1), (1, -1), (1, 3)])
-def test_group_query_attention(rotary, window):
+@pytest.mark.parametrize("rotary,window,softcap", [(0, -1, 0.0), (1, -1, 0.0), (1, 3, 0.0), (1, -1, 5.0)])
+def test_group_query_attention(rotary, window, softcap):
     """GroupQueryAttention written out: ONNX Runtime's logits (prompts unpadded and right padded, a sliding window
-    of 3 keys); under cp_lrp, which has nothing to absorb relevance here, the relevance sums to the logit and
-    stays on the prompt (within the window); without rotary, attnlrp gives what it gives ONNX's Attention op of
-    the same heads (tested against LXT)."""
-    model = _attention_model("GroupQueryAttention", rotary, window)
+    of 3 keys, Gemma 2's soft-capping of the scores at 5); under cp_lrp, which has nothing to absorb relevance
+    here, the relevance sums to the logit and stays on the prompt (within the window); without rotary, attnlrp
+    gives what it gives ONNX's Attention op of the same heads (tested against LXT), and with soft-capping
+    (its Tanh passes relevance) a finite relevance on every token."""
+    model = _attention_model("GroupQueryAttention", rotary, window, softcap)
     x = np.random.default_rng(6).standard_normal((2, 6, 16)).astype(np.float32)
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
     feeds = {"x": x, "attention_mask": mask}
@@ -319,6 +320,9 @@ def test_group_query_attention(rotary, window):
         read = np.arange(6) > last - window if window > 0 else np.arange(6) >= 0
         reached = read & (np.arange(6) <= last)
         assert np.all(relevance[sample, reached] != 0) and np.all(relevance[sample, ~reached] == 0)
+    if softcap:
+        capped = run(onnxlrp.build(model, "attnlrp"), feeds, ["relevance"])[0]
+        assert np.all(np.isfinite(capped)) and np.all(capped[0] != 0)
     if not rotary:
         grouped = run(onnxlrp.build(model, "attnlrp"), {"x": x, "attention_mask": np.ones_like(mask)},
                       ["relevance"])[0]

@@ -1,7 +1,7 @@
 """ONNX Runtime's GroupQueryAttention (com.microsoft), what its GenAI model builder writes for every attention
 layer, written out in plain ops as attention.py does for ONNX's Attention: heads split, the rotary embedding
 (do_rotary), the KV cache concatenated before the new keys and values (the present outputs), key and value heads
-repeated, Q K^T times the scale, the causal and padding mask (and a sliding window), Softmax, P V."""
+repeated, Q K^T times the scale (soft-capped), the causal and padding mask (and a sliding window), Softmax, P V."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +37,8 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     query, key, value, past_key, past_value, seqlens = (_input(node, i) for i in range(6))
     cos, sin = _input(node, 7), _input(node, 8)
     refused = [name for index, name in REFUSED_INPUTS.items() if _input(node, index) is not None]
-    if node.attrs.get("softcap", 0.0) or node.attrs.get("smooth_softmax", 0) or refused:
-        raise LrpError(f"{where}: {', '.join(refused) or 'softcap or smooth_softmax'} is not supported")
+    if node.attrs.get("smooth_softmax", 0) or refused:
+        raise LrpError(f"{where}: {', '.join(refused) or 'smooth_softmax'} is not supported")
     heads, kv_heads = node.attrs["num_heads"], node.attrs["kv_num_heads"]
     hidden = query.shape[2] if query.shape is not None and len(query.shape) == 3 else None
     packed = key is None
@@ -68,6 +68,9 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
+    cap = node.attrs.get("softcap", 0.0)
+    if cap:  # Gemma 2's soft-capping: cap tanh(scores / cap), before the mask (Tanh passes relevance)
+        scores = ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap))
     probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)
     y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
