@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known
+from ..ir.graph import features_known, optional_input
 from ..ir.ops import Ops, Tensor
 from .attention import repeat_heads
 from .rotary import rotate
@@ -28,15 +28,12 @@ def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
     return bool(nodes)
 
 
-def _input(node: gs.Node, index: int) -> gs.Tensor | None:
-    return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
-
 
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (GroupQueryAttention)"
-    query, key, value, past_key, past_value, seqlens = (_input(node, i) for i in range(6))
-    cos, sin = _input(node, 7), _input(node, 8)
-    refused = [name for index, name in REFUSED_INPUTS.items() if _input(node, index) is not None]
+    query, key, value, past_key, past_value, seqlens = (optional_input(node, i) for i in range(6))
+    cos, sin = optional_input(node, 7), optional_input(node, 8)
+    refused = [name for index, name in REFUSED_INPUTS.items() if optional_input(node, index) is not None]
     if node.attrs.get("smooth_softmax", 0) or refused:
         raise LrpError(f"{where}: {', '.join(refused) or 'smooth_softmax'} is not supported")
     heads, kv_heads = node.attrs["num_heads"], node.attrs["kv_num_heads"]

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known
+from ..ir.graph import features_known, optional_input
 from ..ir.ops import Ops, Tensor
 from .attention import split_heads
 
@@ -27,14 +27,12 @@ def expand_multihead_attention(graph: gs.Graph, strict: bool = True) -> bool:
     return bool(nodes)
 
 
-def _input(node: gs.Node, index: int) -> gs.Tensor | None:
-    return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
-
 
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (MultiHeadAttention)"
-    query, key, value, bias, padding, attention_bias, past_key, past_value = (_input(node, i) for i in range(8))
-    refused = [name for index, name in REFUSED_INPUTS.items() if _input(node, index) is not None]
+    query, key, value, bias, padding, attention_bias, past_key, past_value = (
+        optional_input(node, i) for i in range(8))
+    refused = [name for index, name in REFUSED_INPUTS.items() if optional_input(node, index) is not None]
     if len(node.outputs) > 3 and (node.outputs[3].outputs or node.outputs[3] in graph.outputs):
         refused.append("output qk")
     shapes = [t.shape for t in (query, key, value) if t is not None]

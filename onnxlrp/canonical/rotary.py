@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known, replace
+from ..ir.graph import features_known, optional_input, replace
 from ..ir.ops import Ops, Tensor
 
 # Where each form keeps its inputs: (input, cos_cache, sin_cache, position_ids) by index.
@@ -24,14 +24,11 @@ def expand_rotary(graph: gs.Graph, strict: bool = True) -> bool:
     return bool(nodes)
 
 
-def _optional(node: gs.Node, index: int) -> gs.Tensor | None:
-    return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
-
 
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (RotaryEmbedding)"
     domain = node.domain if node.domain in INPUTS else ""
-    x, cos, sin, positions = (_optional(node, i) for i in INPUTS[domain])
+    x, cos, sin, positions = (optional_input(node, i) for i in INPUTS[domain])
     if node.attrs.get("is_packed_batching", 0) or node.attrs.get("scale", 1.0) != 1.0:
         raise LrpError(f"{where}: packed batches and a scale other than 1 are not supported")
     if x.shape is None or len(x.shape) not in (3, 4) or x.dtype is None:
