@@ -26,6 +26,7 @@ from .families import Family
 from .rules import Rule
 
 NO_RELEVANCE = ("Shape", "Size", STOP_GRADIENT)  # outputs of a shape, or of a value the walk takes as constant
+PAST = "past"  # inputs whose names start so hold a KV cache (optimum's past_key_values.*): never explained
 # The names of the tensors on a data path from the explained input, while a walk runs (None: every Variable).
 _DATA_PATH: ContextVar[Collection[str] | None] = ContextVar("data_path", default=None)
 
@@ -80,10 +81,6 @@ def explained_input(graph: gs.Graph, source: str, name: str | None = None
     return embedding, ids
 
 
-# Inputs whose names start so hold a KV cache (optimum's past_key_values.*): never the explained input.
-PAST = "past"
-
-
 def _named_input(graph: gs.Graph, source: str, name: str) -> tuple[gs.Variable, gs.Variable | None]:
     """The input the user named with --explain-input (for token ids, the output of its largest lookup)."""
     tensor = next((t for t in graph.inputs if t.name == name), None)
@@ -105,7 +102,7 @@ def _lookups(inputs: Collection[gs.Variable]) -> list[tuple[int, gs.Variable, gs
     at an input's values, reached through ops that only place them."""
     found = []
     for tensor in inputs:
-        for indices in placed(tensor):
+        for indices in _placed(tensor):
             for node in indices.outputs:
                 table = constant(node.inputs[0]) if node.op == "Gather" else None
                 if table is not None and node.inputs[1] is indices and node.attrs.get("axis", 0) == 0 and \
@@ -114,12 +111,12 @@ def _lookups(inputs: Collection[gs.Variable]) -> list[tuple[int, gs.Variable, gs
     return found
 
 
-def placed(tensor: gs.Tensor, depth: int = 4) -> list[gs.Tensor]:
+def _placed(tensor: gs.Tensor, depth: int = 4) -> list[gs.Tensor]:
     """The tensor and those computed from it by ops that only place its values (Reshape, Squeeze, Cast ...)."""
     found = [tensor]
     for node in tensor.outputs if depth else []:
         if node.op in PLACING and node.inputs[0] is tensor:
-            found.extend(placed(node.outputs[0], depth - 1))
+            found.extend(_placed(node.outputs[0], depth - 1))
     return found
 
 

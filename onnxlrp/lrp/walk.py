@@ -132,7 +132,6 @@ class Explained:
     layers: list[LayerRelevance]
     architecture: str
     ids: gs.Variable | None = None  # the token ids that `x` (an embedding lookup) is read at, for text models
-    position: gs.Variable | None = None  # the position explained in a sequence of logits [N, T, V]
 
     @property
     def logits(self) -> gs.Variable:
@@ -182,7 +181,7 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.extend([target] if position is None else [target, position])
     graph.outputs.append(result)
-    return Explained(x, head, target, walk.layers[::-1], architecture, ids, position)
+    return Explained(x, head, target, walk.layers[::-1], architecture, ids)
 
 
 def classifier(graph: gs.Graph, output: str | None, source: str, hidden: Mapping[str, gs.Tensor] = {}) -> Head:
@@ -210,10 +209,10 @@ def architecture_of(graph: gs.Graph, head: Head) -> str:
 
 
 def reached(graph: gs.Graph, composite: Composite, output: str | None = None, source: str = "model",
-            hidden: Mapping[str, gs.Tensor] = {}, explain_input: str | None = None) -> tuple[set[int], Head]:
+            hidden: Mapping[str, gs.Tensor] = {}) -> tuple[set[int], Head]:
     """The ids of the nodes that relevance reaches from the explained logits (those the walk gives a rule; the
     others, such as shapes and a norm's sigma, are constants to it), and the head skipped above them."""
-    x, _ = explained_input(graph, source, explain_input)
+    x, _ = explained_input(graph, source)
     head = classifier(graph, output, source, hidden)
     rule = composite.assign(graph)
     names, found = {head.logits.name}, set()
