@@ -426,3 +426,18 @@ def test_genai_builder_form():
             assert relative_error(outputs[0][tokens], original[0][tokens]) < 1e-5
             for ours, theirs in zip(outputs[1:-1], original[1:]):
                 assert relative_error(ours[:, :, :5], theirs[:, :, :5]) < 1e-5  # the keys of both prompts' tokens
+
+
+def test_opset23_ops():
+    """Llama with torch's default attention exported by dynamo at opset 23: ONNX's Attention, RMSNormalization and
+    RotaryEmbedding ops, written out in plain ops, match LXT; the built model's logits are those of the TorchScript
+    export at the tokens (ONNX Runtime 1.31 refuses the export's own RotaryEmbedding nodes)."""
+    model = onnx.load(LLM / "llama_opset23.onnx")
+    assert {"Attention", "RMSNormalization", "RotaryEmbedding"} <= {node.op_type for node in model.graph.node}
+    for composite in COMPOSITES:
+        explained = onnxlrp.build(model, composite)
+        for padding, wanted in zip(PADDINGS, REFERENCES[f"llama_{composite}"]):
+            logits, relevance = run(explained, feeds(padding), ["logits", "relevance_embedding"])
+            assert relative_error(relevance, wanted) < 1e-4
+            tokens = feeds(padding)["attention_mask"] == 1
+            assert relative_error(logits[tokens], run(source("llama"), feeds(padding))[0][tokens]) < 1e-6
