@@ -30,7 +30,7 @@ from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
-from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET, Recorded
+from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, POSITION, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
 # If nodes chosen at run time that a build explains (each doubles the built model).
@@ -76,7 +76,8 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
-          target_default: bool = True, dtype: str = "float32") -> onnx.ModelProto:
+          target_default: bool = True, dtype: str = "float32", position: int = -1,
+          explain_input: str | None = None) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -85,7 +86,10 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     (canonical/batch.py). `target` defaults to -1 (the predicted class) through an initializer; without
     `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
     (OpenVINO, TensorRT). `dtype="float16"` computes in half precision (only the relevance, for a model explained on
-    its float twin). The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
+    its float twin). A model whose classifier output is a sequence of logits [N, T, V] (a language model's) gets
+    the input `position` too, the position explained (default `position`: -1, the last token of each sample; see
+    lrp/seed.py). `explain_input` names the model input to explain where the build would not guess (token ids
+    looked up twice). The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
     LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
@@ -103,7 +107,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
     twinned = _twinned(model)
-    built = _built(model, composite, explain, output, source, layer_relevance)
+    built = _built(model, composite, explain, output, source, layer_relevance, explain_input)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
@@ -113,6 +117,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
         dims = next(v for v in built.graph.input if v.name == TARGET).type.tensor_type.shape.dim
         batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 1  # fits a static batch
         built.graph.initializer.append(onnx.numpy_helper.from_array(np.full(batch, -1, dtype=np.int64), TARGET))
+        if any(value.name == POSITION for value in built.graph.input):
+            built.graph.initializer.append(onnx.numpy_helper.from_array(np.array(position, np.int64), POSITION))
     built.ir_version = ir_version_for(built, source_ir)
     if dtype == "float16":
         built = to_float16(built, quantized.TWIN if twinned else "")
@@ -122,7 +128,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
 
 
 def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: str | None, source: str,
-           layer_relevance: bool, choices: int = 0) -> onnx.ModelProto:
+           layer_relevance: bool, explain_input: str | None, choices: int = 0) -> onnx.ModelProto:
     """The model with `target` (no default yet) and `relevance`. An If whose condition depends on an input is
     explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
     refuse_not_explained(model, source)
@@ -139,15 +145,15 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
             raise LrpError(f"{source}: node '{choice.name}' (If) chooses its branch at run time, which is explained "
                            + ("without --layer-relevance" if layer_relevance else
                               f"for at most {MAX_CHOICES} such If nodes (each one doubles the built model)"))
-        branches = [_built(with_branch(graph, choice, taken), composite, explain, output, source, False, choices + 1)
-                    for taken in (True, False)]
+        branches = [_built(with_branch(graph, choice, taken), composite, explain, output, source, False,
+                           explain_input, choices + 1) for taken in (True, False)]
         joined = either(condition(graph, choice), *branches)
         onnx.helper.set_model_props(joined, {**{p.key: p.value for p in branches[0].metadata_props},
                                              **{p.key: p.value for p in joined.metadata_props}})
         return joined
     prepared = _prepared(graph, source)
     graph = prepared.graph
-    explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden())
+    explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden(), explain_input)
     layers = expose(graph, explained.layers) if layer_relevance else None
     prepared.collapsed.restore()
     separate_weight_views(graph)

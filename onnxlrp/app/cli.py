@@ -77,7 +77,13 @@ def cli() -> None:
                                              "(times gamma) of a one-class SVM's outlier score (NEON).")
 @click.option("--explain", type=click.Choice(EXPLAIN), default="logit", show_default=True,
               help="What is explained: the target's logit, its log-odds, or a one-hot seed.")
-@click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output).")
+@click.option("--classifier-output", help="Name of the model output to explain (default: first [N, C] output, "
+                                           "else first [N, T, C]: a language model's logits).")
+@click.option("--position", type=int, default=-1, show_default=True,
+              help="For logits [N, T, V]: the position explained by default (the input `position` of the built "
+                   "model); negative counts back from each sample's last token (-1: the next token after it).")
+@click.option("--explain-input", help="Name of the model input to explain (default: found; token ids are explained "
+                                      "at their embedding lookup).")
 @click.option("--layer-relevance", is_flag=True,
               help="Add an output `relevance/<node>` with the relevance at the input of every linear layer.")
 @click.option("--input-shape", multiple=True,
@@ -88,9 +94,9 @@ def cli() -> None:
 @click.option("--target-default/--no-target-default", default=True, show_default=True,
               help="Whether `target` may be left out (then -1: the predicted class). Without a default it is a "
                    "required input, for runtimes that take inputs with defaults for constants (OpenVINO, TensorRT).")
-def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
-                  layer_relevance: bool, input_shape: tuple[str, ...], dtype: str, target_default: bool,
-                  **rule_params) -> None:
+def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None, position: int,
+                  explain_input: str | None, layer_relevance: bool, input_shape: tuple[str, ...], dtype: str,
+                  target_default: bool, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -100,7 +106,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
                   layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default,
-                  dtype=dtype)
+                  dtype=dtype, position=position, explain_input=explain_input)
     save_atomic(built, out)
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 

@@ -61,8 +61,8 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
     if not all(isinstance(n, int) and n > 0 for n in list(heads) + sizes) or heads[0] % heads[1]:
         raise LrpError(f"{where}: needs static head counts and head sizes (query heads a multiple of key heads)")
     if split:
-        q, k, v = (_split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
-    k, v = (_repeat_heads(ops, t, heads, size) for t, size in ((k, sizes[1]), (v, sizes[2])))
+        q, k, v = (split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
+    k, v = (repeat_heads(ops, t, heads, size) for t, size in ((k, sizes[1]), (v, sizes[2])))
     scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
     bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), lengths, where)
@@ -87,12 +87,12 @@ def _head_size(tensor: gs.Tensor, heads: int | None) -> int | None:
     return last // heads if heads is not None else last
 
 
-def _split_heads(ops: Ops, tensor: Tensor, heads: int) -> Tensor:
+def split_heads(ops: Ops, tensor: Tensor, heads: int) -> Tensor:
     """[N, S, heads * size] -> [N, heads, S, size]."""
     return ops("Transpose", ops("Reshape", tensor, ops.ints([0, 0, heads, -1])), perm=[0, 2, 1, 3])
 
 
-def _repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) -> Tensor:
+def repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) -> Tensor:
     """Grouped-query attention: each of the key/value heads repeated in place ([h0, h0, h1, h1, ...]) until there
     are as many as query heads (`heads`: query and key/value head counts)."""
     if heads[0] == heads[1]:

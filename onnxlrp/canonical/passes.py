@@ -12,7 +12,11 @@ from ..ir.graph import constant, is_bias, opset_of, replace, static
 from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
 from .attention import expand_attention
+from .grouped import expand_grouped_attention
+from .multihead import expand_multihead_attention
 from .control import write_out
+from .norms import expand_norms
+from .rotary import expand_rotary
 from .quantized import dequantized_twin
 from .recurrent import write_out_recurrent
 
@@ -47,13 +51,27 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
         _without_static_control_flow(graph, source)
     if write_out_recurrent(graph, source):  # its cells' plain ops get their shapes from inference
         _folded(graph)
-    if expand_attention(graph):  # its plain ops get their shapes from inference
-        graph.cleanup().toposort()
-        infer_shapes(graph)
+    _written_out(graph)
     for rewrite in (remove_identities, canonical_gemm, fuse_matmul_add, explicit_pads):
         rewrite(graph)  # each keeps the shapes it touches: no inference pass after them
     graph.cleanup().toposort()
     return graph
+
+
+# Fused ops that are written out in plain ops (whose shapes inference then gives).
+WRITTEN_OUT = (expand_norms, expand_rotary, expand_grouped_attention, expand_multihead_attention)
+
+
+def _written_out(graph: gs.Graph) -> None:
+    """Write fused ops out in rounds, shapes inferred after each: inference knows nothing of an ONNX Runtime op's
+    outputs, so the ops after one (a GenAI model's next norm and attention) get their shapes once it is written
+    out. What is left when no round makes progress is written out or refused with one line."""
+    while any([expand(graph, strict=False) for expand in WRITTEN_OUT]):  # a list: every kind in each round
+        graph.cleanup().toposort()
+        infer_shapes(graph)
+    if any([expand(graph) for expand in WRITTEN_OUT]) | expand_attention(graph):
+        graph.cleanup().toposort()
+        infer_shapes(graph)
 
 
 def _converted(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:

@@ -47,10 +47,13 @@ class Match:
 
 @dataclass(frozen=True)
 class Pattern:
-    """A construct that ends in a node of type `anchor`; `match` returns it, or None."""
+    """A construct that ends in a node of type `anchor`; `match` returns it, or None. `outermost`: anchors are tried
+    from the graph's end, so that a construct is matched whole before a part of it that matches too (GELU's
+    tanh form x * (1 + tanh(c (x + 0.044715 x * x * x))) holds x * (x * x), itself of the form x * f(x))."""
     name: str
     anchor: str
     match: Callable[[gs.Node], Match | None]
+    outermost: bool = False
 
 
 def _producer(tensor: gs.Tensor | None, *ops: str) -> gs.Node | None:
@@ -313,7 +316,7 @@ PATTERNS = (
     Pattern("log-softmax written out", "Sub", log_softmax),
     Pattern("sigma of a norm", "Sqrt", sigma_of_a_norm),
     Pattern("dense layer with its bias", "MatMul", dense_bias),
-    Pattern("activation written out", "Mul", activation),
+    Pattern("activation written out", "Mul", activation, outermost=True),
     Pattern("one-hot encoding", "OneHot", one_hot),
     Pattern("one-hot encoding", "Equal", one_hot),
 )
@@ -356,7 +359,8 @@ def collapse(graph: gs.Graph, patterns: Sequence[Pattern] = PATTERNS) -> Collaps
     collapsed = Collapsed(graph)
     outputs = {id(t) for t in graph.outputs}
     for pattern in patterns:
-        for node in [n for n in graph.nodes if n.op == pattern.anchor and n.domain != CANONICAL]:
+        anchors = [n for n in graph.nodes if n.op == pattern.anchor and n.domain != CANONICAL]
+        for node in anchors[::-1] if pattern.outermost else anchors:
             if not node.outputs:
                 continue  # covered by an earlier match
             match = pattern.match(node)

@@ -352,6 +352,28 @@ def matmul_nbits(twin: Twin, node: onnx.NodeProto) -> None:
         twin.emit("Add", [product, bias], [node.output[0]], f"{node_label(node)}/bias")
 
 
+def gather_block_quantized(twin: Twin, node: onnx.NodeProto) -> None:
+    """com.microsoft GatherBlockQuantized (a 4- or 8-bit embedding table, the GenAI builder's): a Gather from the
+    table its blocks hold, dequantized (uint8 data; 4-bit values packed low bits first, zero point 2^(bits-1) by
+    default; int4 and uint4 data as ONNX's types, zero point 0)."""
+    bits, block_size = _attribute(node, "bits", 4), _attribute(node, "block_size", 128)
+    data, scales, zero_points = (twin.value(_input(node, i)) for i in (0, 2, 3))
+    if data is None or scales is None or (_input(node, 3) and zero_points is None):
+        raise twin.refuse(node, "has a computed table, scales or zero points")
+    axis = _attribute(node, "quantize_axis", 1) % data.ndim
+    if data.ndim != 2 or axis != 1 or _attribute(node, "gather_axis", 0) != 0:
+        raise twin.refuse(node, "is supported for a table of rank 2, gathered along axis 0, quantized along axis 1")
+    packed = data.dtype == np.uint8 and bits < 8
+    values = _unpacked(data, bits) if packed else data
+    if zero_points is None:
+        zero_points = np.full(scales.shape, 2 ** (bits - 1) if data.dtype == np.uint8 else 0, np.int64)
+    elif packed:
+        zero_points = _unpacked(zero_points, bits)[:, :scales.shape[1]]
+    table = dequantize(values, scales, zero_points, axis=1, block_size=block_size)
+    twin.emit("Gather", [twin.constant(f"{node.input[0]}/dequantized", table), node.input[1]], [node.output[0]],
+              node, axis=0)
+
+
 def _unpacked(packed: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned `bits`-bit values packed low bits first into the bytes of the last axis."""
     shifts = np.arange(0, 8, bits, dtype=np.uint8)
@@ -382,6 +404,7 @@ REWRITES: dict[str, Rewrite] = {
     "QLinearLeakyRelu": Integer("LeakyRelu", _single, output=(3, 4)),
     "QLinearSoftmax": Integer("Softmax", _single, output=(3, 4), dropped=("opset",), refused=_softmax_axis),
     "MatMulNBits": matmul_nbits,
+    "GatherBlockQuantized": gather_block_quantized,
 }
 
 

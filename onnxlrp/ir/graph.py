@@ -21,6 +21,17 @@ def static(shape, start: int = 1) -> bool:
     return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape[start:])
 
 
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """A node's input at `index`, None where it is left out (absent or named "")."""
+    return node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else None
+
+
+def features_known(tensor: gs.Tensor) -> bool:
+    """Whether a tensor's type, rank and last dimension are known (what fused ops need to be written out)."""
+    return tensor.dtype is not None and tensor.shape is not None and len(tensor.shape) > 0 and \
+        isinstance(tensor.shape[-1], int)
+
+
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (or None for a computed one)."""
     return tensor.values if isinstance(tensor, gs.Constant) else None

@@ -63,14 +63,19 @@ class Ops:
         return self("ReduceSum", x, axes=list(axes), keepdims=int(keepdims))
 
     def reduce_mean(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
-        if self.opset >= 18:
-            return self("ReduceMean", x, self.ints(axes), keepdims=int(keepdims))
-        return self("ReduceMean", x, axes=list(axes), keepdims=int(keepdims))
+        return self._reduce("ReduceMean", x, axes, keepdims)
 
     def reduce_min(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
+        return self._reduce("ReduceMin", x, axes, keepdims)
+
+    def reduce_max(self, x: Tensor, axes: Sequence[int], keepdims: bool = True) -> gs.Variable:
+        return self._reduce("ReduceMax", x, axes, keepdims)
+
+    def _reduce(self, op: str, x: Tensor, axes: Sequence[int], keepdims: bool) -> gs.Variable:
+        """A reduction whose axes became an input at opset 18."""
         if self.opset >= 18:
-            return self("ReduceMin", x, self.ints(axes), keepdims=int(keepdims))
-        return self("ReduceMin", x, axes=list(axes), keepdims=int(keepdims))
+            return self(op, x, self.ints(axes), keepdims=int(keepdims))
+        return self(op, x, axes=list(axes), keepdims=int(keepdims))
 
     def unsqueeze(self, x: Tensor, axes: Sequence[int]) -> gs.Variable:
         if self.opset >= 13:

@@ -19,13 +19,14 @@ from typing import Callable, Collection, Iterator, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..canonical.patterns import STOP_GRADIENT, encoded_input
+from ..canonical.patterns import PLACING, STOP_GRADIENT, encoded_input
 from ..errors import LrpError
 from ..ir.graph import constant, floating
 from .families import Family
 from .rules import Rule
 
 NO_RELEVANCE = ("Shape", "Size", STOP_GRADIENT)  # outputs of a shape, or of a value the walk takes as constant
+PAST = "past"  # inputs whose names start so hold a KV cache (optimum's past_key_values.*): never explained
 # The names of the tensors on a data path from the explained input, while a walk runs (None: every Variable).
 _DATA_PATH: ContextVar[Collection[str] | None] = ContextVar("data_path", default=None)
 
@@ -47,28 +48,76 @@ def computed(tensor: gs.Tensor | None) -> bool:
     return isinstance(tensor, gs.Variable) and (names is None or tensor.name in names)
 
 
-def explained_input(graph: gs.Graph, source: str) -> tuple[gs.Variable, gs.Variable | None]:
-    """The tensor whose relevance is returned (the first float input that is not 0-d), and the integer model input it
-    looks up (None for a float input).
+def explained_input(graph: gs.Graph, source: str, name: str | None = None
+                    ) -> tuple[gs.Variable, gs.Variable | None]:
+    """The tensor whose relevance is returned, and the integer model input it looks up (None for a float input):
+    the input named `name`, else the first float input that is not 0-d nor a KV cache (`past_*`: a prompt is
+    explained without history), else an integer input that the graph one-hot encodes or looks up.
 
-    Token ids cannot carry relevance: the output of the Gather that reads them from a float embedding table is
-    explained instead (the one with the largest table when several integer inputs are looked up).
+    Token ids cannot carry relevance: the output of the Gather that reads them (through ops that only place them:
+    Reshape, Squeeze, Cast ...) from a float embedding table is explained instead, the one with the largest table
+    when several integer inputs are looked up; two inputs looked up in tables of one size are refused, for the user
+    to name one with --explain-input.
     """
-    for tensor in graph.inputs:
+    if name is not None:
+        return _named_input(graph, source, name)
+    inputs = [t for t in graph.inputs if not t.name.startswith(PAST)]
+    for tensor in inputs:
         if floating(tensor) and tensor.shape != []:  # a 0-d input is a setting (a sample rate), not the data
             return tensor, None
-    for tensor in graph.inputs:
+    for tensor in inputs:
         if encoded_input(graph, tensor):
             return tensor, None
-    lookups = [(constant(node.inputs[0]).shape[0], node.outputs[0], tensor) for tensor in graph.inputs
-               for node in tensor.outputs
-               if node.op == "Gather" and node.inputs[1] is tensor and node.attrs.get("axis", 0) == 0
-               and constant(node.inputs[0]) is not None and np.issubdtype(constant(node.inputs[0]).dtype, np.floating)]
+    lookups = sorted(_lookups(inputs), key=lambda lookup: -lookup[0])
     if not lookups:
         raise LrpError(f"{source}: the model has no floating-point input to explain, nor an integer input that it "
                        f"one-hot encodes or looks up in a floating-point embedding table")
+    rivals = [ids.name for rows, _, ids in lookups if rows == lookups[0][0]]
+    if len(set(rivals)) > 1:
+        raise LrpError(f"{source}: inputs {' and '.join(repr(n) for n in dict.fromkeys(rivals))} are both looked up "
+                       f"in embedding tables of {lookups[0][0]} rows: name the one to explain with --explain-input "
+                       f"NAME")
+    _, embedding, ids = lookups[0]
+    return embedding, ids
+
+
+def _named_input(graph: gs.Graph, source: str, name: str) -> tuple[gs.Variable, gs.Variable | None]:
+    """The input the user named with --explain-input (for token ids, the output of its largest lookup)."""
+    tensor = next((t for t in graph.inputs if t.name == name), None)
+    if tensor is None:
+        raise LrpError(f"{source}: --explain-input: no model input named '{name}' (inputs: "
+                       f"{', '.join(t.name for t in graph.inputs)})")
+    if floating(tensor) or encoded_input(graph, tensor):
+        return tensor, None
+    lookups = _lookups([tensor])
+    if not lookups:
+        raise LrpError(f"{source}: --explain-input '{name}' is an integer input that the model neither one-hot "
+                       f"encodes nor looks up in a floating-point embedding table")
     _, embedding, ids = max(lookups, key=lambda lookup: lookup[0])
     return embedding, ids
+
+
+def _lookups(inputs: Collection[gs.Variable]) -> list[tuple[int, gs.Variable, gs.Variable]]:
+    """(rows of the table, the lookup's output, the integer input) for each Gather from a constant float table
+    at an input's values, reached through ops that only place them."""
+    found = []
+    for tensor in inputs:
+        for indices in _placed(tensor):
+            for node in indices.outputs:
+                table = constant(node.inputs[0]) if node.op == "Gather" else None
+                if table is not None and node.inputs[1] is indices and node.attrs.get("axis", 0) == 0 and \
+                        np.issubdtype(table.dtype, np.floating):
+                    found.append((table.shape[0], node.outputs[0], tensor))
+    return found
+
+
+def _placed(tensor: gs.Tensor, depth: int = 4) -> list[gs.Tensor]:
+    """The tensor and those computed from it by ops that only place its values (Reshape, Squeeze, Cast ...)."""
+    found = [tensor]
+    for node in tensor.outputs if depth else []:
+        if node.op in PLACING and node.inputs[0] is tensor:
+            found.extend(_placed(node.outputs[0], depth - 1))
+    return found
 
 
 def data_path(graph: gs.Graph, explained: gs.Variable, stopped: Callable[[gs.Node], bool]) -> set[str]:

@@ -24,6 +24,8 @@ LOGODDS_RULES = ("epsilon", "zero")
 # The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 RELEVANCE_PAIRS = "relevance_pairs"  # of a product under the rule `pairs` (lrp/pairs.py)
+# A language model's logits [N, T, V] are explained at one position: the input `position` (a default at build time).
+POSITION = "position"
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`
 EXPLAINED_KEY = "onnxlrp.explained"  # the metadata key of `Explained`
 # What the relevance is compared with, by seed: the value the walk starts from sums to it.
@@ -131,6 +133,39 @@ def start(ctx: Context, logits: gs.Variable, target: Tensor, classes: int, expla
     if explain == "logit":
         return logits, ops("Mul", hot, logits)
     return _logodds(ctx, logits, hot)
+
+
+def start_at_position(ctx: Context, logits: gs.Variable, target: Tensor, position: Tensor, classes: int,
+                      explain: str, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The seed of a sequence of logits [N, T, V] (a language model's): the target's logit (or a one-hot) at one
+    position per sample, 0 elsewhere. A position >= 0 is an index; a negative one counts back from the end of each
+    sample's tokens, which is the last position where the attention `mask` is 1 (without a mask, T - 1): -1 is
+    the next token after the prompt, left or right padded. The mask may be longer than T (it covers a KV cache
+    too): its positions are counted from its end."""
+    if explain not in ("logit", "onehot"):
+        raise LrpError(f"--explain {explain} explains a classifier output [N, C]; a sequence of logits [N, T, V] "
+                       f"takes --explain logit or onehot")
+    ops = ctx.ops
+    ops.scope = "lrp/top"
+    length = ops("Gather", ops("Shape", logits), ops.scalar(1, np.int64), axis=0)
+    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))  # [T]
+    if mask is None:
+        last = ops("Sub", length, ops.scalar(1, np.int64))
+    else:  # T - (M - m) for the largest index m with mask 1 of a mask of length M
+        masked = ops("Gather", ops("Shape", mask), ops.scalar(1, np.int64), axis=0)
+        marks = ops("Range", ops.scalar(1, np.int64), ops("Add", masked, ops.scalar(1, np.int64)),
+                    ops.scalar(1, np.int64))
+        filled = ops("Mul", ops("Cast", mask, to=onnx.TensorProto.INT64), marks)  # m + 1 where the mask is 1
+        last = ops("Sub", ops("Add", length, ops.reduce_max(filled, [1], keepdims=False)),
+                   ops("Add", masked, ops.scalar(1, np.int64)))
+    counted = ops("Add", ops("Add", last, ops.scalar(1, np.int64)), position)
+    at = ops("Where", ops("Less", position, ops.scalar(0, np.int64)), counted, position)
+    chosen = ops("Cast", ops("Equal", ops.unsqueeze(steps, [0]), ops.unsqueeze(at, [-1])),
+                 to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))  # [N or 1, T]
+    chosen = ops.unsqueeze(chosen, [2])
+    selected = ops.reduce_sum(ops("Mul", logits, chosen), [1], keepdims=False)  # [N, V]
+    hot = ops("Mul", chosen, ops.unsqueeze(one_hot_target(ops, selected, target, classes), [1]))
+    return logits, hot if explain == "onehot" else ops("Mul", hot, logits)
 
 
 @dataclass

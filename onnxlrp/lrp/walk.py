@@ -24,13 +24,15 @@ from .layers import LayerRelevance
 from .pairs import Pairs, second_order
 from .pairs import expose as expose_pairs
 from .rules import Rule, propagate
-from .seed import EMBEDDING_RELEVANCE, RELEVANCE, RELEVANCE_PAIRS, TARGET, start
+from .seed import EMBEDDING_RELEVANCE, POSITION, RELEVANCE, RELEVANCE_PAIRS, TARGET, start, start_at_position
 
 # Trailing ops skipped so that the logits are explained: softmax heads and the sigmoid of binary and multi-label
 # heads (written-out softmaxes are collapsed into Softmax and LogSoftmax: canonical/patterns.py).
 HEADS = ("Softmax", "LogSoftmax", "Sigmoid")
 # Ops that mark a transformer (attention, norms whose sigma is a constant), to suggest its presets.
 TRANSFORMER_OPS = ("Softmax", "LayerNormalization", "Attention", "Einsum", STOP_GRADIENT)
+# The integer input [N, T] that marks a text's tokens (1) and its padding (0), as Hugging Face names it.
+ATTENTION_MASK = "attention_mask"
 
 
 class Walk:
@@ -142,29 +144,34 @@ class Explained:
 
 
 def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | None, source: str,
-            hidden: Mapping[str, gs.Tensor] = {}) -> Explained:
+            hidden: Mapping[str, gs.Tensor] = {}, explain_input: str | None = None) -> Explained:
     """Add the input `target` and the output `relevance` (and `relevance_embedding` for token ids, `relevance_pairs`
     for a product under the rule `pairs`) to a canonical graph: the walk from the explained logit back to the
-    explained input. `hidden`: tensors of the model that canonical nodes stand for (canonical/patterns.py), which
-    `output` may name."""
-    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS}
+    explained input (`explain_input`, or the one found). `hidden`: tensors of the model that canonical nodes stand
+    for (canonical/patterns.py), which `output` may name. A sequence of logits [N, T, V] (a language model's) also
+    gets the input `position` (seed.py)."""
+    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS, POSITION}
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
-    x, ids = explained_input(graph, source)
+    x, ids = explained_input(graph, source, explain_input)
     head = classifier(graph, output, source, hidden)
     shown, logits = head.output, head.logits
     if explain == "logodds" and head.kind == "Sigmoid":
         raise LrpError(f"{source}: --explain logodds: a sigmoid head's logit is already its log-odds; use --explain "
                        "logit")
     architecture = architecture_of(graph, head)
-    classes = logits.shape[1] if logits.shape is not None and len(logits.shape) == 2 else None
+    classes = logits.shape[-1] if logits.shape is not None and len(logits.shape) in (2, 3) else None
     if not isinstance(classes, int):
-        raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] with a static C")
+        raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] (or [N, T, C]) with a static C")
     ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[x.shape[0] if x.shape else "N"])
     walk = Walk(graph, composite, ops, x)
     label = (head.label, head.classes) if head.label is not None else None
-    relevance = walk.walk(graph, *start(walk, logits, target, classes, explain, label), source)
+    mask = next((t for t in graph.inputs if t.name == ATTENTION_MASK and not floating(t)), None)
+    position = gs.Variable(POSITION, dtype=np.int64, shape=[]) if len(logits.shape) == 3 else None
+    seed = start(walk, logits, target, classes, explain, label) if position is None else \
+        start_at_position(walk, logits, target, position, classes, explain, mask)
+    relevance = walk.walk(graph, *seed, source)
     if x.name not in relevance:
         raise LrpError(f"{source}: output '{shown.name}' does not depend on input '{x.name}'")
     total = ops.add_all(relevance[x.name])
@@ -173,10 +180,12 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
         graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance_embedding"), inputs=[total],
                                    outputs=[graph.outputs[-1]]))
         total = ops.reduce_sum(total, [len(x.shape) - 1], keepdims=False)
+        if x.inputs[0].inputs[1] is not ids:  # looked up at the ids reshaped (GPT-2's export): one per token
+            total = ops("Reshape", total, ops("Shape", ids))
     result = gs.Variable(RELEVANCE, dtype=x.dtype if floating(x) else ops.dtype,
                          shape=(ids if ids is not None else x).shape)
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
-    graph.inputs.append(target)
+    graph.inputs.extend([target] if position is None else [target, position])
     graph.outputs.append(result)
     if walk.pairs:
         expose_pairs(graph, ops, walk.pairs, source)
@@ -225,7 +234,8 @@ def reached(graph: gs.Graph, composite: Composite, output: str | None = None, so
 
 def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: Mapping[str, gs.Tensor]
                        ) -> gs.Variable:
-    """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap)."""
+    """The output named `name`, or the first floating-point output of shape [N, C] (or input of a ZipMap), else
+    the first of shape [N, T, C] (a language model's logits)."""
     if name is not None:
         chosen = next((t for t in graph.outputs if t.name == name), None) or graph.tensors().get(name)
         if chosen is None and name in hidden:
@@ -234,8 +244,9 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
         if chosen is None:
             raise LrpError(f"{source}: --classifier-output: no tensor named '{name}' in the graph (it takes any "
                            f"float tensor of shape [N, C]; outputs: {', '.join(t.name for t in graph.outputs)})")
-        if not isinstance(chosen, gs.Variable) or not (_matrix(chosen) or head_of(graph, chosen) is not None):
-            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C]")
+        if not isinstance(chosen, gs.Variable) or not (_matrix(chosen) or _sequence(chosen) or
+                                                       head_of(graph, chosen) is not None):
+            raise LrpError(f"{source}: tensor '{name}' is not a computed float tensor of shape [N, C] or [N, T, C]")
         return chosen
     # scikit-learn's converters hide the probabilities behind a ZipMap (a sequence of maps) of a [N, C] input,
     # whose shape inference may not know (after ai.onnx.ml ops).
@@ -245,10 +256,18 @@ def _classifier_output(graph: gs.Graph, name: str | None, source: str, hidden: M
     zipped = [n.inputs[0] for n in graph.nodes if n.op == "ZipMap"]
     if zipped:
         return zipped[0]
-    raise LrpError(f"{source}: no floating-point output of shape [N, C] to explain")
+    sequences = [t for t in graph.outputs if _sequence(t)]
+    if sequences:
+        return sequences[0]
+    raise LrpError(f"{source}: no floating-point output of shape [N, C] or [N, T, C] to explain")
 
 
 def _matrix(tensor: gs.Tensor) -> bool:
     """Whether a tensor is known to be a float tensor of rank 2."""
     return floating(tensor) and tensor.shape is not None and len(tensor.shape) == 2
+
+
+def _sequence(tensor: gs.Tensor) -> bool:
+    """Whether a tensor is known to be a float tensor of rank 3 (one row of logits per position)."""
+    return floating(tensor) and tensor.shape is not None and len(tensor.shape) == 3
 

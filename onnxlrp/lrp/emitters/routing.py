@@ -58,6 +58,12 @@ def activation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> l
     return _first_only(relevance[0], node)
 
 
+@routes("negation", ("Neg",), zeros="routed")
+def negation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """-x is a linear layer of weight -1 (a rotary embedding's half turn): under LRP-0 relevance passes."""
+    return _first_only(relevance[0], node)
+
+
 @routes("quantize", QDQ)
 def quantize(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Quantizing and dequantizing changes values by rounding only: relevance passes. (Quantized models are explained
@@ -134,11 +140,13 @@ WHOLE = 2**31 - 1  # a Slice bound at least this large reaches past any batch si
 @routes("slice", ("Slice",), zeros="routed")
 def slice_(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The sliced relevance goes back where it was taken from; the rest of the input gets zero."""
-    shape = node.inputs[0].shape
+    if constant(node.inputs[1]) is None or constant(node.inputs[2]) is None:
+        return _slice_at_run_time(ops, node, relevance)
     starts, ends = _constant_ints(node, 1, "Slice starts"), _constant_ints(node, 2, "Slice ends")
     axes = _constant_ints(node, 3, "Slice axes") or list(range(len(starts)))
     steps = _constant_ints(node, 4, "Slice steps") or [1] * len(starts)
-    if shape is None or any(not isinstance(shape[axis % len(shape)], int) for axis in axes if axis % len(shape)):
+    shape = node.inputs[0].shape
+    if shape is None or any(not isinstance(shape[a % len(shape)], int) for a in axes if a % len(shape)):
         raise Unsupported("Slice needs static sizes along the axes it slices")
     rank = len(shape)
     if any(step != 1 for step in steps):  # strided or reversed: each axis's taken positions, put back in turn
@@ -162,6 +170,29 @@ def slice_(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[
         pads[axis], pads[rank + axis] = start, size - max(end, start)
     lower = ops("Pad", relevance[0], ops.ints(pads))
     return [lower] + [None] * (len(node.inputs) - 1)
+
+
+def _slice_at_run_time(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """A Slice whose bounds are computed (Phi3's partial rotary: up to cos.shape[-1]), along constant axes other
+    than the batch's with step 1: the padding that puts the relevance back is computed at run time."""
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axes = _constant_ints(node, 3, "Slice axes")
+    steps = _constant_ints(node, 4, "Slice steps")
+    if rank is None or axes is None or any(a % rank == 0 for a in axes) or any(s != 1 for s in steps or []):
+        raise Unsupported("Slice with computed bounds needs constant axes other than the batch's and steps of 1")
+    axes = [a % rank for a in axes]
+    sizes = ops("Gather", ops("Shape", node.inputs[0]), ops.ints(axes), axis=0)
+    zero = ops.scalar(0, np.int64)
+
+    def bound(index: int) -> Tensor:  # negative bounds count from the end; then clamped to [0, size]
+        value = ops("Cast", node.inputs[index], to=onnx.TensorProto.INT64)
+        counted = ops("Where", ops("Less", value, zero), ops("Add", value, sizes), value)
+        return ops("Min", ops("Max", counted, zero), sizes)
+    begin = bound(1)
+    end = ops("Max", bound(2), begin)
+    places = ops.ints([[a] for a in axes] + [[rank + a] for a in axes])
+    pads = ops("ScatterND", ops.ints([0] * (2 * rank)), places, ops("Concat", begin, ops("Sub", sizes, end), axis=0))
+    return [ops("Pad", relevance[0], pads)] + [None] * (len(node.inputs) - 1)
 
 
 @routes("split", ("Split",), zeros="routed")
@@ -281,4 +312,4 @@ def where(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[T
     return [None] + [unbroadcast(ops, r, t, node.outputs[0]) if computed(t) else None for r, t in zip(chosen, (a, b))]
 
 
-FAMILIES = (activation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)
+FAMILIES = (activation, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)

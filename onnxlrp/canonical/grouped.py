@@ -1,0 +1,93 @@
+"""ONNX Runtime's GroupQueryAttention (com.microsoft), what its GenAI model builder writes for every attention
+layer, written out in plain ops as attention.py does for ONNX's Attention: heads split, the rotary embedding
+(do_rotary), the KV cache concatenated before the new keys and values (the present outputs), key and value heads
+repeated, Q K^T times the scale (soft-capped), the causal and padding mask (and a sliding window), Softmax, P V."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import features_known, optional_input
+from ..ir.ops import Ops, Tensor
+from .attention import repeat_heads
+from .rotary import rotate
+
+# Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+# sin_cache, then what this rewrite refuses when given.
+REFUSED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
+
+
+def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
+    """Write every GroupQueryAttention node out in plain ops (`strict`: else only those whose input's type, rank and
+    last dimension are known). Returns whether there was one."""
+    nodes = [n for n in graph.nodes if n.op == "GroupQueryAttention" and (strict or features_known(n.inputs[0]))]
+    for node in nodes:
+        _expand(graph, node)
+    return bool(nodes)
+
+
+
+def _expand(graph: gs.Graph, node: gs.Node) -> None:
+    where = f"node '{node.name}' (GroupQueryAttention)"
+    query, key, value, past_key, past_value, seqlens = (optional_input(node, i) for i in range(6))
+    cos, sin = optional_input(node, 7), optional_input(node, 8)
+    refused = [name for index, name in REFUSED_INPUTS.items() if optional_input(node, index) is not None]
+    if node.attrs.get("smooth_softmax", 0) or refused:
+        raise LrpError(f"{where}: {', '.join(refused) or 'smooth_softmax'} is not supported")
+    heads, kv_heads = node.attrs["num_heads"], node.attrs["kv_num_heads"]
+    hidden = query.shape[2] if query.shape is not None and len(query.shape) == 3 else None
+    packed = key is None
+    size = hidden // (heads + 2 * kv_heads if packed else heads) if isinstance(hidden, int) else None
+    if not isinstance(size, int) or query.dtype is None:
+        raise LrpError(f"{where}: needs a query of known type and static hidden size")
+    ops = Ops(graph, graph.opset, np.dtype(query.dtype))
+    ops.scope = node.name
+    if packed:
+        query, key, value = ops("Split", query, ops.ints([heads * size, kv_heads * size, kv_heads * size]),
+                                axis=2, outputs=3)
+    q, k, v = (ops("Reshape", t, ops.ints([0, 0, h, size])) for t, h in
+               ((query, heads), (key, kv_heads), (value, kv_heads)))  # [N, S, heads, size]
+    past = ops("Gather", ops("Shape", past_key), ops.scalar(2, np.int64), axis=0) if past_key is not None \
+        else ops.scalar(0, np.int64)
+    length = ops("Gather", ops("Shape", q), ops.scalar(1, np.int64), axis=0)
+    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
+    if node.attrs.get("do_rotary", 0):
+        if cos is None or cos.shape is None:
+            raise LrpError(f"{where}: do_rotary needs cos_cache and sin_cache")
+        positions = ops.unsqueeze(ops("Add", steps, past), [0])
+        q, k = (rotate(ops, t, size, cos, sin, positions, 2 * cos.shape[1], node.attrs.get("rotary_interleaved", 0))
+                for t in (q, k))
+    q, k, v = (ops("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [N, heads, S, size]
+    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
+               ((past_key, k), (past_value, v))]
+    k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
+    scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
+    scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
+    cap = node.attrs.get("softcap", 0.0)
+    if cap:  # Gemma 2's soft-capping: cap tanh(scores / cap), before the mask (Tanh passes relevance)
+        scores = ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap))
+    probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
+                                                             node.attrs.get("local_window_size", -1))), axis=-1)
+    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+    outputs = list(node.outputs)
+    node.outputs.clear()
+    node.inputs.clear()
+    for output, written in zip(outputs, [y, *present]):
+        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+
+
+def _bias(ops: Ops, seqlens: Tensor, past: Tensor, steps: Tensor, keys: Tensor, window: int) -> Tensor:
+    """0 where query i (at position past + i) may read key j, -inf elsewhere, [N, 1, S, past + S]: j <= past + i
+    (causal), j <= seqlens_k of its sample (the keys of a right-padded prompt), and within the window."""
+    total = ops("Gather", ops("Shape", keys), ops.scalar(2, np.int64), axis=0)
+    keys_at = ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64))  # [L]
+    queries_at = ops.unsqueeze(ops("Add", steps, past), [1])  # [S, 1]
+    allowed = ops("Not", ops("Greater", keys_at, queries_at))  # [S, L]
+    if window > 0:
+        allowed = ops("And", allowed, ops("Greater", keys_at, ops("Sub", queries_at, ops.scalar(window, np.int64))))
+    last = ops("Cast", seqlens, to=onnx.TensorProto.INT64)  # [N]
+    valid = ops("Not", ops("Greater", ops.unsqueeze(keys_at, [0]), ops.unsqueeze(last, [1])))  # [N, L]
+    allowed = ops("And", ops.unsqueeze(allowed, [0]), ops.unsqueeze(valid, [1]))  # [N, S, L]
+    return ops.unsqueeze(ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf)), [1])

@@ -1,0 +1,84 @@
+"""ONNX Runtime's MultiHeadAttention (com.microsoft), what its transformer optimizer fuses attention into, written
+out in plain ops as attention.py does for ONNX's Attention: the projections' bias, heads split, the KV cache
+concatenated before the new keys and values (the present outputs), Q K^T times the scale, the key padding mask
+(mask_filter_value where it is 0), the attention bias, the causal mask (unidirectional), Softmax, P V."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import LrpError
+from ..ir.graph import features_known, optional_input
+from ..ir.ops import Ops, Tensor
+from .attention import split_heads
+
+# Inputs by position: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value; then what
+# this rewrite refuses when given.
+REFUSED_INPUTS = {8: "past_sequence_length", 9: "cache_indirection"}
+
+
+def expand_multihead_attention(graph: gs.Graph, strict: bool = True) -> bool:
+    """Write every MultiHeadAttention node out in plain ops (`strict`: else only those whose input's type, rank and
+    last dimension are known). Returns whether there was one."""
+    nodes = [n for n in graph.nodes if n.op == "MultiHeadAttention" and (strict or features_known(n.inputs[0]))]
+    for node in nodes:
+        _expand(graph, node)
+    return bool(nodes)
+
+
+
+def _expand(graph: gs.Graph, node: gs.Node) -> None:
+    where = f"node '{node.name}' (MultiHeadAttention)"
+    query, key, value, bias, padding, attention_bias, past_key, past_value = (
+        optional_input(node, i) for i in range(8))
+    refused = [name for index, name in REFUSED_INPUTS.items() if optional_input(node, index) is not None]
+    if len(node.outputs) > 3 and (node.outputs[3].outputs or node.outputs[3] in graph.outputs):
+        refused.append("output qk")
+    shapes = [t.shape for t in (query, key, value) if t is not None]
+    if key is None or value is None or any(s is None or len(s) != 3 for s in shapes):
+        refused.append("packed or head-split query, key and value (3D ones are supported)")
+    if padding is not None and (padding.shape is None or len(padding.shape) != 2):
+        refused.append("a key padding mask other than [N, L]")
+    if refused:
+        raise LrpError(f"{where}: {', '.join(refused)} is not supported")
+    heads, hidden = node.attrs["num_heads"], query.shape[2]
+    if not isinstance(hidden, int) or hidden % heads or query.dtype is None:
+        raise LrpError(f"{where}: needs a query of known type and static hidden size")
+    size = hidden // heads
+    ops = Ops(graph, graph.opset, np.dtype(query.dtype))
+    ops.scope = node.name
+    if bias is not None:
+        query, key, value = (ops("Add", t, ops("Slice", bias, ops.ints([i * hidden]), ops.ints([(i + 1) * hidden]),
+                                                   ops.ints([0]))) for i, t in enumerate((query, key, value)))
+    q, k, v = (split_heads(ops, t, heads) for t in (query, key, value))  # [N, heads, S, size]
+    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
+               ((past_key, k), (past_value, v))]
+    scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
+    scores = ops("Mul", ops("MatMul", q, ops("Transpose", present[0], perm=[0, 1, 3, 2])), ops.scalar(scale))
+    if padding is not None:
+        kept = ops("Cast", ops("Unsqueeze", padding, ops.ints([1, 2])), to=onnx.TensorProto.BOOL)
+        filtered = ops.scalar(node.attrs.get("mask_filter_value", -10000.0))
+        scores = ops("Add", scores, ops("Where", kept, ops.scalar(0.0), filtered))
+    if attention_bias is not None:
+        scores = ops("Add", scores, attention_bias)
+    if node.attrs.get("unidirectional", 0):
+        scores = ops("Add", scores, _causal(ops, q, present[0]))
+    probabilities = ops("Softmax", scores, axis=-1)
+    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, present[1]), perm=[0, 2, 1, 3]),
+            ops.ints([0, 0, -1]))
+    outputs = list(node.outputs)
+    node.outputs.clear()
+    node.inputs.clear()
+    for output, written in zip(outputs, [y, *present]):
+        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+
+
+def _causal(ops: Ops, q: Tensor, keys: Tensor) -> Tensor:
+    """-inf where key j comes after query i (at position L - S + i), [S, L]."""
+    queries, total = (ops("Gather", ops("Shape", t), ops.scalar(2, np.int64), axis=0) for t in (q, keys))
+    rows = ops("Add", ops("Range", ops.scalar(0, np.int64), queries, ops.scalar(1, np.int64)),
+               ops("Sub", total, queries))
+    after = ops("Greater", ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64)),
+                ops.unsqueeze(rows, [1]))
+    return ops("Where", after, ops.scalar(-np.inf), ops.scalar(0.0))
