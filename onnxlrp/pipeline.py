@@ -24,6 +24,7 @@ from .ir.precision import to_float16
 from .ir.runtime import require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
+from .ir.weights import with_folded_weights
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.families import refuse_not_explained
@@ -70,7 +71,7 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
-          target_default: bool = True, dtype: str = "float32") -> onnx.ModelProto:
+          target_default: bool = True, dtype: str = "float32", fold_weights: bool = False) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -79,7 +80,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     (canonical/batch.py). `target` defaults to -1 (the predicted class) through an initializer; without
     `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
     (OpenVINO, TensorRT). `dtype="float16"` computes in half precision (only the relevance, for a model explained on
-    its float twin). The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
+    its float twin). `fold_weights` stores the modified weights computed (ir/weights.py): a larger file, a faster
+    session start. The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
     LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
@@ -111,6 +113,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if dtype == "float16":
         built = to_float16(built, quantized.TWIN if twinned else "")
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    if fold_weights:
+        built = with_folded_weights(built, source)
     require_loadable(built, source)
     return built
 

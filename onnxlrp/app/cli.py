@@ -78,9 +78,12 @@ def cli() -> None:
 @click.option("--target-default/--no-target-default", default=True, show_default=True,
               help="Whether `target` may be left out (then -1: the predicted class). Without a default it is a "
                    "required input, for runtimes that take inputs with defaults for constants (OpenVINO, TensorRT).")
+@click.option("--fold-weights", is_flag=True,
+              help="Store the modified weights computed (a larger file) instead of computing them when a session "
+                   "starts (a faster start).")
 def build_command(model: str, out: str, composite: str, explain: str, classifier_output: str | None,
                   layer_relevance: bool, input_shape: tuple[str, ...], dtype: str, target_default: bool,
-                  **rule_params) -> None:
+                  fold_weights: bool, **rule_params) -> None:
     """Read MODEL, append the relevance graph, write it to OUT."""
     if Path(out).resolve() == Path(model).resolve():
         raise LrpError(f"{out}: the output path is the input model; choose another")
@@ -90,7 +93,7 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
     chosen = load_composite(composite).with_params(overrides)
     built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
                   layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default,
-                  dtype=dtype)
+                  dtype=dtype, fold_weights=fold_weights)
     save_atomic(built, out)
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 
