@@ -21,7 +21,7 @@ from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
 from .ir.precision import to_float16
-from .ir.runtime import require_loadable
+from .ir.runtime import optimized_for_cpu, require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
 from .ir.weights import with_folded_weights
@@ -32,6 +32,8 @@ from .lrp.layers import expose, record
 from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
+# Runtimes `optimize_for` writes ONNX Runtime's optimised model for.
+OPTIMIZED_FOR = ("cpu",)
 # If nodes chosen at run time that a build explains (each doubles the built model).
 MAX_CHOICES = 3
 
@@ -71,7 +73,8 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
-          target_default: bool = True, dtype: str = "float32", fold_weights: bool = False) -> onnx.ModelProto:
+          target_default: bool = True, dtype: str = "float32", fold_weights: bool = False,
+          optimize_for: str | None = None) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -81,10 +84,13 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     `target_default` it is a plain required input, for runtimes that take an input with a default for a constant
     (OpenVINO, TensorRT). `dtype="float16"` computes in half precision (only the relevance, for a model explained on
     its float twin). `fold_weights` stores the modified weights computed (ir/weights.py): a larger file, a faster
-    session start. The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
+    session start; `optimize_for="cpu"` returns ONNX Runtime's optimised model for this machine's CPU (ir/runtime.py),
+    the fastest start. The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
     LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
+    if optimize_for not in (None, *OPTIMIZED_FOR):
+        raise LrpError(f"--optimize-for must be one of {', '.join(OPTIMIZED_FOR)} (got '{optimize_for}')")
     check_model_structure(model, source)
     source_ir = model.ir_version
     declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
@@ -115,6 +121,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
     if fold_weights:
         built = with_folded_weights(built, source)
+    if optimize_for == "cpu":
+        built = optimized_for_cpu(built, source)
     require_loadable(built, source)
     return built
 

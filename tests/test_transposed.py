@@ -1,6 +1,6 @@
 """The forms of a convolution's transposed pass (ir/ops.py `transposed_conv`): every form that applies gives the
 ConvTranspose's input-gradient, and a built model with the chosen forms gives the relevance of one built with
-ConvTranspose for every strided layer; `--fold-weights` stores the modified weights and changes no output."""
+ConvTranspose for every strided layer."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +14,7 @@ import onnxlrp
 import onnxlrp.pipeline
 from onnxlrp.ir import ops as writer
 from onnxlrp.ir.ops import Geometry, Ops
-from conftest import FIXTURES, onnxlrp_cli, relative_error, run
+from conftest import FIXTURES, relative_error, run
 
 sys.path.insert(0, str(FIXTURES))
 from seeded import materialize  # noqa: E402
@@ -95,32 +95,3 @@ def test_chosen_forms_give_the_relevance_of_conv_transpose(composite, passes, re
     actual = run(chosen, {"input": x})
     for a, e in zip(actual, expected):
         assert relative_error(a, e) < 1e-6
-
-
-@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
-def test_fold_weights_stores_the_modified_weights_and_changes_no_output(composite):
-    source = onnxlrp.load(FIXTURES / "vgg_ts.onnx")
-    default = onnxlrp.build(source, composite)
-    folded = onnxlrp.build(source, composite, fold_weights=True)
-    # No node computes a tensor from weights alone any more; the modified weights are stored.
-    initializers = {t.name for t in folded.graph.initializer}
-    assert not [n.name for n in folded.graph.node if n.input and all(i in initializers for i in n.input if i)
-                and n.input[0] != "target"]
-    assert folded.ByteSize() > 1.5 * default.ByteSize()
-    data = np.load(FIXTURES / "vgg.npz")
-    for target in (data["target"], np.array([-1, 3], dtype=np.int64)):
-        feeds = {"input": data["input"][:2], "target": target[:2]}
-        for a, e in zip(run(folded, feeds), run(default, feeds)):
-            assert relative_error(a, e) < 1e-6
-
-
-def test_cli_fold_weights_writes_the_folded_model(tmp_path):
-    out = tmp_path / "folded.onnx"
-    result = onnxlrp_cli("build", str(FIXTURES / "cnn_ts.onnx"), "-o", str(out), "--composite", "epsilon_plus_flat",
-                         "--fold-weights")
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx"]  # no temporary file left
-    written = onnx.load(str(out))
-    expected = onnxlrp.build(FIXTURES / "cnn_ts.onnx", "epsilon_plus_flat", fold_weights=True)
-    assert [n.op_type for n in written.graph.node] == [n.op_type for n in expected.graph.node]
-    assert out.stat().st_size > 1.5 * (FIXTURES / "cnn_ts.onnx").stat().st_size
