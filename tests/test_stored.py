@@ -59,15 +59,19 @@ def test_optimize_for_cpu_is_onnx_runtimes_optimised_model(composite, vgg):
     assert_same_outputs(optimized, default)
 
 
-def test_cli_optimize_for_cpu_writes_atomically(tmp_path):
+def test_cli_optimize_for_cpu_writes_atomically_with_its_weights_beside(tmp_path):
+    """The weights go to OUT.data, which ONNX Runtime maps into memory when a session starts."""
     out = tmp_path / "optimized.onnx"
-    result = onnxlrp_cli("build", FIXTURES / "cnn_ts.onnx", "-o", out, "--optimize-for", "cpu")
+    result = onnxlrp_cli("build", FIXTURES / "vgg_ts.onnx", "-o", out, "--optimize-for", "cpu")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimized.onnx"]
-    assert "com.microsoft.nchwc" in {n.domain for n in onnx.load(str(out)).graph.node}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimized.onnx", "optimized.onnx.data"]
+    assert out.stat().st_size < 0.2 * (FIXTURES / "vgg_ts.onnx").stat().st_size
+    written = onnx.load(str(out))
+    assert "com.microsoft.nchwc" in {n.domain for n in written.graph.node}
+    assert_same_outputs(written, onnxlrp.build(FIXTURES / "vgg_ts.onnx", "epsilon_plus_flat"))
     refused = onnxlrp_cli("build", FIXTURES / "cnn_ts.onnx", "-o", tmp_path / "other.onnx", "--optimize-for", "tpu")
     assert refused.returncode != 0 and "tpu" in refused.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimized.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimized.onnx", "optimized.onnx.data"]
 
 
 def test_optimize_for_an_unknown_runtime_is_an_error(vgg):
