@@ -31,15 +31,18 @@ LABEL_KEYS = ("labels", "classes", "class_names", "id2label")
 def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | Composite = "epsilon_plus_flat",
           explain: str = "logit", output: str | None = None, source: str | None = None,
           layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None, target_default: bool = True,
-          position: int = -1, explain_input: str | None = None, **rule_params: float | tuple[float, ...]
-          ) -> onnx.ModelProto:
+          position: int = -1, explain_input: str | None = None, fold_weights: bool = False,
+          optimize_for: str | None = None, **rule_params: float | tuple[float, ...]) -> onnx.ModelProto:
     """The model with a `target` input and a `relevance` output. `composite` is a preset name, a TOML path or a
     Composite; `rule_params` (epsilon, gamma, alpha, beta, low, high, stabilizer, epsilon_scale) override the
     composite's; `layer_relevance` adds the relevance at the input of every linear layer as outputs;
     `input_shape` ("[NAME:]DIMS", or a list of them, one per input) fixes the sizes that model inputs leave open;
     `target_default=False` makes `target` a required input (for OpenVINO and TensorRT: see README). For a language
     model (logits [N, T, V]), `position` is the position explained by default (-1: the next token after each
-    prompt), and `explain_input` names the input to explain where two token lookups could be meant."""
+    prompt), and `explain_input` names the input to explain where two token lookups could be meant.
+    `fold_weights=True` stores the modified weights instead of computing them when a session starts (a larger file,
+    a faster start: see README, Speed); `optimize_for="cpu"` returns ONNX Runtime's optimised model for this
+    machine's CPU (the fastest start; a file for ONNX Runtime on this kind of CPU only)."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, source = model_or_path, source or "model"
     else:
@@ -52,7 +55,8 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
     chosen = composite if isinstance(composite, Composite) else load_composite(str(composite))
     built = pipeline.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
                           output=output, source=source, layer_relevance=layer_relevance, input_shape=input_shape,
-                          target_default=target_default, position=position, explain_input=explain_input)
+                          target_default=target_default, position=position, explain_input=explain_input,
+                          fold_weights=fold_weights, optimize_for=optimize_for)
     return built
 
 

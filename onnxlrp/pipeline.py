@@ -23,9 +23,10 @@ from .ir.files import ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
 from .ir.precision import to_float16
-from .ir.runtime import require_loadable
+from .ir.runtime import optimized_for_cpu, require_loadable
 from .ir.shapes import infer_shapes, parse_input_shape, require_static_input, with_input_shapes
 from .ir.validate import check_model_structure
+from .ir.weights import with_folded_weights
 from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.families import refuse_not_explained
@@ -33,6 +34,8 @@ from .lrp.layers import expose, record
 from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, POSITION, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
+# Runtimes `optimize_for` writes ONNX Runtime's optimised model for.
+OPTIMIZED_FOR = ("cpu",)
 # If nodes chosen at run time that a build explains (each doubles the built model).
 MAX_CHOICES = 3
 
@@ -77,7 +80,8 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
           target_default: bool = True, dtype: str = "float32", position: int = -1,
-          explain_input: str | None = None) -> onnx.ModelProto:
+          explain_input: str | None = None, fold_weights: bool = False, optimize_for: str | None = None
+          ) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -89,10 +93,14 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     its float twin). A model whose classifier output is a sequence of logits [N, T, V] (a language model's) gets
     the input `position` too, the position explained (default `position`: -1, the last token of each sample; see
     lrp/seed.py). `explain_input` names the model input to explain where the build would not guess (token ids
-    looked up twice). The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
+    looked up twice). `fold_weights` stores the modified weights computed (ir/weights.py): a larger file, a faster
+    session start; `optimize_for="cpu"` returns ONNX Runtime's optimised model for this machine's CPU (ir/runtime.py),
+    the fastest start. The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
     LrpError."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
+    if optimize_for not in (None, *OPTIMIZED_FOR):
+        raise LrpError(f"--optimize-for must be one of {', '.join(OPTIMIZED_FOR)} (got '{optimize_for}')")
     check_model_structure(model, source)
     source_ir = model.ir_version
     declared_outputs = {value.name: onnx.ValueInfoProto.FromString(value.SerializeToString())
@@ -123,6 +131,10 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     if dtype == "float16":
         built = to_float16(built, quantized.TWIN if twinned else "")
     onnx.helper.set_model_props(built, {**metadata, **{p.key: p.value for p in built.metadata_props}})
+    if fold_weights:
+        built = with_folded_weights(built, source)
+    if optimize_for == "cpu":
+        built = optimized_for_cpu(built, source)
     require_loadable(built, source)
     return built
 

@@ -50,16 +50,17 @@ def refuse_input_files(path: str | Path) -> None:
                            f"choose another output name")
 
 
-def save_atomic(model: onnx.ModelProto, path: str | Path) -> None:
+def save_atomic(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> None:
     """Check the model, write it next to `path` under a temporary name, then move it into place.
 
-    A model over 2 GB keeps its weights in `path` + ".data", written the same way and moved together with the
-    model; its tensors are moved out of `model` into that file (the proto is left referring to the file).
+    A model over 2 GB, or any with `external_data`, keeps its weights in `path` + ".data" (each at an aligned
+    offset, which ONNX Runtime maps into memory instead of reading), written the same way and moved together with
+    the model; its tensors are moved out of `model` into that file (the proto is left referring to the file).
     """
     path = Path(path)
     refuse_input_files(path)
     _check(_without_weights(model))
-    large = sum(t.ByteSize() for t in model.graph.initializer) > MAX_SINGLE_FILE
+    large = external_data or sum(t.ByteSize() for t in model.graph.initializer) > MAX_SINGLE_FILE
     try:
         with temporary_files(path.parent, 2 if large else 1) as temporary:
             if large:
