@@ -30,7 +30,7 @@ from ..ir.interrupts import temporary_files
 from .explain import labelled_target
 from .extras import require
 from .heatmaps import heatmap
-from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, is_array, preprocessing, read_array, read_image
+from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
 
 PARQUET_SUFFIX = ".parquet"
 MANIFEST = "manifest.json"
@@ -85,24 +85,7 @@ class Plan:
 def collect_data(paths: Sequence[str], outdir: Path) -> list[Path]:
     """The files named, and the images, .npy and .parquet files under the folders named (recursively, sorted),
     leaving out OUT."""
-    suffixes = IMAGE_SUFFIXES | {".npy", PARQUET_SUFFIX}
-    out = outdir.resolve()
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            if out == path.resolve() or out in path.resolve().parents:
-                raise LrpError(f"{outdir}: the output folder is inside the input folder {path}; choose another")
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                           and out not in p.resolve().parents and not p.name.startswith("."))
-            if not found:
-                raise LrpError(f"{path}: no images, .npy or .parquet files in this folder")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LrpError(f"{path}: no such file or folder")
-    return files
+    return collect(paths, IMAGE_SUFFIXES | {".npy", PARQUET_SUFFIX}, "images, .npy or .parquet files", outdir)
 
 
 def plan(files: Sequence[Path], model_input: ModelInput, prep: Preprocessing | None, columns: Columns) -> Plan:

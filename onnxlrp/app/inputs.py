@@ -136,16 +136,23 @@ def preprocessing(model_input: ModelInput, options: Options) -> Preprocessing | 
                          options.std or (1.0,), options.resize)
 
 
-def collect(paths: Sequence[str]) -> list[Path]:
-    """The files named, and the images and .npy files inside the folders named (sorted)."""
+def collect(paths: Sequence[str], suffixes: set[str] | None = None, kinds: str = "images or .npy files",
+            leave_out: Path | None = None) -> list[Path]:
+    """The files named, and the files of `suffixes` (default: images and .npy files) inside the folders named,
+    sorted; with `leave_out` (an output folder), recursively and without the files under it."""
+    suffixes = suffixes or IMAGE_SUFFIXES | {ARRAY_SUFFIX}
+    out = leave_out.resolve() if leave_out is not None else None
     files: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {ARRAY_SUFFIX})
+            if out is not None and (out == path.resolve() or out in path.resolve().parents):
+                raise LrpError(f"{leave_out}: the output folder is inside the input folder {path}; choose another")
+            inside = path.iterdir() if out is None else (p for p in path.rglob("*") if out not in p.resolve().parents)
+            found = sorted(p for p in inside if p.is_file() and p.suffix.lower() in suffixes
+                           and not (out is not None and p.name.startswith(".")))
             if not found:
-                raise LrpError(f"{path}: no images or .npy files in this folder")
+                raise LrpError(f"{path}: no {kinds} in this folder")
             files += found
         elif path.is_file():
             files.append(path)

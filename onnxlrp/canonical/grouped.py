@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known, optional_input
+from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
 from .attention import repeat_heads
 from .rotary import rotate
@@ -20,12 +20,8 @@ REFUSED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
 
 
 def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
-    """Write every GroupQueryAttention node out in plain ops (`strict`: else only those whose input's type, rank and
-    last dimension are known). Returns whether there was one."""
-    nodes = [n for n in graph.nodes if n.op == "GroupQueryAttention" and (strict or features_known(n.inputs[0]))]
-    for node in nodes:
-        _expand(graph, node)
-    return bool(nodes)
+    """Write every GroupQueryAttention node out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
+    return expand_each(graph, ("GroupQueryAttention",), _expand, strict)
 
 
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known, optional_input
+from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
 from .attention import split_heads
 
@@ -19,12 +19,8 @@ REFUSED_INPUTS = {8: "past_sequence_length", 9: "cache_indirection"}
 
 
 def expand_multihead_attention(graph: gs.Graph, strict: bool = True) -> bool:
-    """Write every MultiHeadAttention node out in plain ops (`strict`: else only those whose input's type, rank and
-    last dimension are known). Returns whether there was one."""
-    nodes = [n for n in graph.nodes if n.op == "MultiHeadAttention" and (strict or features_known(n.inputs[0]))]
-    for node in nodes:
-        _expand(graph, node)
-    return bool(nodes)
+    """Write every MultiHeadAttention node out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
+    return expand_each(graph, ("MultiHeadAttention",), _expand, strict)
 
 
 

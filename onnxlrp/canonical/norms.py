@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known
+from ..ir.graph import expand_each
 from ..ir.ops import Ops, Tensor
 
 
@@ -48,23 +48,23 @@ NORMS: dict[str, Callable[[Ops, gs.Node], list[Tensor | None]]] = {
 
 
 def expand_norms(graph: gs.Graph, strict: bool = True) -> bool:
-    """Write every RMS norm op out in plain ops (`strict`: else only those whose input's type, rank and
-    last dimension are known). Returns whether there was one."""
-    nodes = [n for n in graph.nodes if n.op in NORMS and (strict or features_known(n.inputs[0]))]
-    for node in nodes:
-        where = f"node '{node.name}' ({node.op})"
-        if node.inputs[0].shape is None or node.inputs[0].dtype is None:
-            raise LrpError(f"{where}: needs the rank and type of its input")
-        ops = Ops(graph, graph.opset, np.dtype(node.inputs[0].dtype))
-        ops.scope = node.name
-        written = NORMS[node.op](ops, node)
-        outputs = list(node.outputs)
-        node.outputs.clear()
-        node.inputs.clear()
-        for output, value in zip(outputs, written):
-            if value is None and (output.outputs or output in graph.outputs):
-                raise LrpError(f"{where}: its output '{output.name}' (a statistic of the norm) is not supported")
-            if value is not None:  # an Identity: `value` may be read on inside the written-out ops
-                graph.nodes.append(gs.Node("Identity", ops.fresh(f"{node.name}/output"), inputs=[value],
-                                           outputs=[output]))
-    return bool(nodes)
+    """Write every RMS norm op out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
+    return expand_each(graph, NORMS, _expand, strict)
+
+
+def _expand(graph: gs.Graph, node: gs.Node) -> None:
+    where = f"node '{node.name}' ({node.op})"
+    if node.inputs[0].shape is None or node.inputs[0].dtype is None:
+        raise LrpError(f"{where}: needs the rank and type of its input")
+    ops = Ops(graph, graph.opset, np.dtype(node.inputs[0].dtype))
+    ops.scope = node.name
+    written = NORMS[node.op](ops, node)
+    outputs = list(node.outputs)
+    node.outputs.clear()
+    node.inputs.clear()
+    for output, value in zip(outputs, written):
+        if value is None and (output.outputs or output in graph.outputs):
+            raise LrpError(f"{where}: its output '{output.name}' (a statistic of the norm) is not supported")
+        if value is not None:  # an Identity: `value` may be read on inside the written-out ops
+            graph.nodes.append(gs.Node("Identity", ops.fresh(f"{node.name}/output"), inputs=[value],
+                                       outputs=[output]))

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import features_known, optional_input, replace
+from ..ir.graph import expand_each, optional_input, replace
 from ..ir.ops import Ops, Tensor
 
 # Where each form keeps its inputs: (input, cos_cache, sin_cache, position_ids) by index.
@@ -16,12 +16,8 @@ INPUTS = {"": (0, 1, 2, 3), "com.microsoft": (0, 2, 3, 1)}
 
 
 def expand_rotary(graph: gs.Graph, strict: bool = True) -> bool:
-    """Write every RotaryEmbedding node out in plain ops (`strict`: else only those whose input's type, rank and
-    last dimension are known). Returns whether there was one."""
-    nodes = [n for n in graph.nodes if n.op == "RotaryEmbedding" and (strict or features_known(n.inputs[0]))]
-    for node in nodes:
-        _expand(graph, node)
-    return bool(nodes)
+    """Write every RotaryEmbedding node out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
+    return expand_each(graph, ("RotaryEmbedding",), _expand, strict)
 
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable, Collection
 
 import numpy as np
 import onnx
@@ -30,6 +31,16 @@ def features_known(tensor: gs.Tensor) -> bool:
     """Whether a tensor's type, rank and last dimension are known (what fused ops need to be written out)."""
     return tensor.dtype is not None and tensor.shape is not None and len(tensor.shape) > 0 and \
         isinstance(tensor.shape[-1], int)
+
+
+def expand_each(graph: gs.Graph, op_types: Collection[str], expand: Callable[[gs.Graph, gs.Node], None],
+                strict: bool = True) -> bool:
+    """Write out every node of `op_types` with `expand` (`strict`: else only those whose first input's features
+    are known, as a round of writing out fused ops needs). Returns whether there was one."""
+    nodes = [n for n in graph.nodes if n.op in op_types and (strict or features_known(n.inputs[0]))]
+    for node in nodes:
+        expand(graph, node)
+    return bool(nodes)
 
 
 def constant(tensor: gs.Tensor) -> np.ndarray | None:
