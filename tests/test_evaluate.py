@@ -102,6 +102,8 @@ def test_evaluate_command_writes_the_table_and_the_plot(tmp_path):
 @pytest.mark.parametrize("arguments, fragments", [
     (["--fill", "gray"], ["'gray' is not one of"]),
     (["--target", "12"], ["class 12 is out of range (the model has 10 classes"]),
+    (["--workers", "2"], ["--workers applies to --engine ray only"]),
+    (["--address", "localhost:6379"], ["--address applies to --engine ray only"]),
 ])
 def test_evaluate_errors_are_one_line(tmp_path, arguments, fragments):
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 16, 16), np.float32))
@@ -121,3 +123,37 @@ def test_evaluate_refuses_sizes_that_do_not_fit():
         ev.region_perturbation(predict, x.reshape(8, -1), y, x.reshape(8, -1), 4)
     with pytest.raises(LrpError, match="unknown composite 'nope'"):
         ev.explainers(MLP, ["nope"])
+
+
+def test_the_random_order_of_a_sample_does_not_depend_on_its_batch():
+    whole = np.random.default_rng(5).random((10, 1, 4, 6))
+    np.testing.assert_array_equal(ev.random_relevance(5, 0, (10, 1, 4, 6)), whole)
+    np.testing.assert_array_equal(ev.random_relevance(5, 7, (3, 1, 4, 6)), whole[7:])
+
+
+@pytest.fixture(scope="module")
+def small_ray(request):
+    """A local Ray of two CPUs and 100 MB of object store, shut down after the module's tests."""
+    import ray
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+    request.addfinalizer(ray.shutdown)
+    return ray.get_runtime_context().gcs_address
+
+
+def test_evaluate_on_ray_workers_gives_the_in_process_numbers(small_ray, tmp_path):
+    data = np.load(FIXTURES / "clever_hans" / "test.npz")
+    np.save(tmp_path / "digits.npy", data["images"][:24, None].astype(np.float32) / 255)
+    common = [MLP, tmp_path / "digits.npy", "--composite", "epsilon", "--features-in-step", "32", "--fill", "mean",
+              "--patch-size", "4", "--regions", "12"]
+    local = onnxlrp("evaluate", *common, "-o", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    # 5 rows of up to 5 samples on two workers: the batches come back in any order, each sample's numbers the same
+    remote = onnxlrp("evaluate", *common, "-o", tmp_path / "ray", "--engine", "ray", "--address", small_ray,
+                     "--workers", "2", "--batch-size", "5")
+    assert remote.returncode == 0, remote.stderr
+    expected, found = ([list(csv.DictReader((tmp_path / out / "faithfulness.csv").open())) for out in ("local", "ray")])
+    assert [r["method"] for r in found] == ["epsilon", ev.GRADIENT, ev.RANDOM] == [r["method"] for r in expected]
+    for want, got in zip(expected, found):
+        np.testing.assert_allclose([float(got[c]) for c in ev.COLUMNS[1:]], [float(want[c]) for c in ev.COLUMNS[1:]],
+                                   rtol=0, atol=1e-9)
+    assert (tmp_path / "ray" / "faithfulness.png").read_bytes().startswith(b"\x89PNG")

@@ -41,6 +41,21 @@ PREPROCESSING = (
 )
 
 
+# Where the work runs, for `explain` (Parquet shards) and `evaluate` (batches of samples): see ray_options.
+ENGINE = (
+    click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+                 help="Where the work runs: in this process, or on Ray Data workers."),
+    click.option("--address", help="Ray: the address of a running cluster (default: a local Ray for the run)."),
+    click.option("--workers", type=click.IntRange(min=1),
+                 help="Ray: how many workers (actors), each with its own ONNX Runtime sessions [default: 1]."),
+    click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+                 help="Ray: CPUs each worker takes (and its ONNX Runtime threads) [default: 1]."),
+    click.option("--gpus-per-worker", type=click.FloatRange(min=0),
+                 help="Ray: GPUs each worker takes; above 0 the workers run on ONNX Runtime's CUDA provider "
+                      "[default: 0]."),
+)
+
+
 # What only pictures take: the preprocessing above, the colormap and the overlay (refused with --text).
 PICTURE_OPTIONS = ("size", "normalize", "mean", "std", "scale", "channels", "layout", "resize", "cmap", "overlay")
 
@@ -50,6 +65,20 @@ def preprocessing_options(command: Callable) -> Callable:
     for option in reversed(PREPROCESSING):
         command = option(command)
     return command
+
+
+def engine_options(command: Callable) -> Callable:
+    """Add --engine and the Ray options to a command."""
+    for option in reversed(ENGINE):
+        command = option(command)
+    return command
+
+
+def ray_options(address: str | None, workers: int | None, cpus_per_worker: float | None,
+                gpus_per_worker: float | None) -> dict[str, object]:
+    """The Ray options by name, None where not given (for `_refuse`)."""
+    return {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+            "--gpus-per-worker": gpus_per_worker}
 
 
 @click.group()
@@ -159,16 +188,7 @@ def check_command(model: str, input_path: str | None, target: int | None, **prep
 @click.option("--format", "output_format", type=click.Choice(FORMATS),
               help="files: STEM.npy and STEM.png per input; parquet: a dataset of Parquet shards (the default "
                    "with --engine ray or Parquet inputs).")
-@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
-              help="Where the shards are explained: in this process, or by Ray Data workers.")
-@click.option("--address", help="Ray: the address of a running cluster (default: a local Ray for the run).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Ray: how many workers (actors), each with its own ONNX Runtime session [default: 1].")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
-              help="Ray: CPUs each worker takes (and its ONNX Runtime threads) [default: 1].")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0),
-              help="Ray: GPUs each worker takes; above 0 the workers run on ONNX Runtime's CUDA provider "
-                   "[default: 0].")
+@engine_options
 @click.option("--shard-size", type=click.IntRange(min=1),
               help="Parquet: samples per shard (the unit of work and of resuming) [default: 256].")
 @click.option("--pool", type=click.IntRange(min=1),
@@ -187,9 +207,8 @@ def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: st
     relevance and heatmaps per input (pages for texts), or Parquet shards of a whole dataset."""
     options = parse_options(**preprocess)
     output_format = output_format or _default_format(engine, inputs)
-    ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
-                   "--gpus-per-worker": gpus_per_worker}
-    dataset_options = {"--engine ray": engine == "ray" or None, **ray_options, "--shard-size": shard_size,
+    given = ray_options(address, workers, cpus_per_worker, gpus_per_worker)
+    dataset_options = {"--engine ray": engine == "ray" or None, **given, "--shard-size": shard_size,
                        "--pool": pool, "--heatmaps": heatmaps or None, "--column": column,
                        "--label-column": label_column}
     if texts or text_files:
@@ -217,7 +236,7 @@ def explain_command(model: str, inputs: tuple[str, ...], outdir: str, target: st
         return
     _refuse({"--overlay": overlay or None, "--labels": labels_file}, "--format files")
     if engine != "ray":
-        _refuse(ray_options, "--engine ray")
+        _refuse(given, "--engine ray")
     from . import dataset
     chosen = dataset.local_engine
     if engine == "ray":
@@ -294,19 +313,31 @@ def spray_command(out: str, report: str, classes: str | None, clusters: str, gri
               help="What removed features become: the sample's minimum, maximum, mean (as Quantus), or 0.")
 @click.option("--softmax", is_flag=True, help="Follow the softmax of the explained class, not its logit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random order.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Samples per forward run and per unit of work (a row on Ray).")
+@engine_options
 @preprocessing_options
 def evaluate_command(model: str, data: tuple[str, ...], outdir: str, composites: tuple[str, ...],
                      target: int | None, features_in_step: int | None, patch_size: int, regions: int, fill: str,
-                     softmax: bool, seed: int, **preprocess: str | None) -> None:
+                     softmax: bool, seed: int, batch_size: int, engine: str, address: str | None,
+                     workers: int | None, cpus_per_worker: float | None, gpus_per_worker: float | None,
+                     **preprocess: str | None) -> None:
     """Faithfulness of MODEL's explanations of DATA (images, folders of them, .npy arrays, read as `explain` reads
-    them): pixel flipping and region perturbation per composite, against gradient x input and a random order."""
+    them): pixel flipping and region perturbation per composite, against gradient x input and a random order;
+    computed in this process or on Ray Data workers (--engine ray), the same numbers."""
     from . import evaluate as evaluation, extras
     extras.check()
+    actors = None
+    if engine == "ray":
+        from .engine import run_on_actors
+        actors = run_on_actors(address, workers or 1, gpus_per_worker or 0.0, cpus_per_worker or 1.0)
+    else:
+        _refuse(ray_options(address, workers, cpus_per_worker, gpus_per_worker), "--engine ray")
     chosen = list(composites) or ["epsilon_plus_flat"]
     explainers = evaluation.explainers(model, chosen)
     x = explaining.read_inputs(explainers[chosen[0]].input, data, parse_options(**preprocess))
-    settings = evaluation.Settings(features_in_step, patch_size, regions, fill, softmax, seed)
-    results = evaluation.evaluate(explainers, x, chosen, settings, target)
+    settings = evaluation.Settings(features_in_step, patch_size, regions, fill, softmax, seed, batch_size)
+    results = evaluation.evaluate(explainers, x, chosen, settings, target, actors)
     title = f"{Path(model).name}: {len(x)} samples, fill {fill}, {'softmax' if softmax else 'logit'}"
     for line in evaluation.write(results, outdir, title):
         click.echo(printable(line))

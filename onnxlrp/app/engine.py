@@ -1,6 +1,7 @@
-"""The Ray engine of `explain --engine ray`: the pending shards as a Ray dataset of one row per shard, explained by
-`map_batches` over a pool of actors that each hold one ONNX Runtime session (on CPU, or a GPU each), their rows
-streamed back to the driver, which writes them (dataset.py).
+"""The Ray engine: `run_on_actors`, any picklable actor class over rows of a Ray dataset, called by `map_batches` on a
+pool of actors that each hold their ONNX Runtime sessions (on CPU, or a GPU each), the output streamed back to the
+driver; `explain --engine ray` runs the pending shards on it (one row per shard, written by dataset.py), `evaluate
+--engine ray` the batches of samples (evaluate.py).
 
 Ray Data restarts an actor that dies and runs its batch again, so a lost worker or node loses nothing. Ray is
 imported only here, only when asked for.
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -21,13 +23,16 @@ from ..ir.files import first_line
 from .dataset import Engine, Item, Job, explain_shard
 from .extras import require
 
+# An actor class, its constructor's arguments and the rows: the actors' output batches, in the order they come back.
+Actors = Callable[[type, dict[str, object], list[dict[str, object]]], Iterator[dict[str, np.ndarray]]]
+
 
 class ShardExplainer:
     """A Ray Data actor: one Explainer (one session) for its life, explaining a batch of shards at a time."""
 
-    def __init__(self, job: Job):
-        self.job = job
-        self.explainer = job.explainer()
+    def __init__(self, job: Job, device: str | None, threads: int):
+        self.job = replace(job, device=device or job.device, threads=threads if job.threads is None else job.threads)
+        self.explainer = self.job.explainer()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = []
@@ -38,39 +43,69 @@ class ShardExplainer:
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def ray_engine(address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
-               cpus_per_worker: float = 1.0) -> Engine:
-    """An engine that runs on the Ray cluster at `address` (None: a local Ray started for the run and stopped
-    after it) with `workers` actors of `cpus_per_worker` CPUs and `gpus_per_worker` GPUs each."""
+def run_on_actors(address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
+                  cpus_per_worker: float = 1.0) -> Actors:
+    """Run `actor(**arguments, device=..., threads=...)` on `workers` Ray Data actors of `cpus_per_worker` CPUs and
+    `gpus_per_worker` GPUs each (device "cuda" when they have GPUs, else None: the caller's choice; threads: their
+    CPUs), one row per call, on the Ray cluster at `address` (None: a local Ray started for the run, stopped after)."""
     ray = require("ray", "--engine ray")
     require("ray.data", "--engine ray")
 
-    def run(job: Job, shards: dict[int, list[Item]], _: object) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Every worker opens its own session from the job (the driver's Explainer stays unused)."""
-        if ray.is_initialized():  # a caller's own Ray (the tests', the benchmark's) stays as it is
-            yield from _explain(ray, job, shards, workers, gpus_per_worker, cpus_per_worker)
-            return
-        _connect(ray, address)
-        try:
-            with interrupts.stopped_with(ray.shutdown):  # Ctrl-C: a local Ray's processes stop with the command
-                yield from _explain(ray, job, shards, workers, gpus_per_worker, cpus_per_worker)
-        finally:
-            ray.shutdown()
+    def run(actor: type, arguments: dict[str, object], rows: list[dict[str, object]]
+            ) -> Iterator[dict[str, np.ndarray]]:
+        with _connected(ray, address):
+            yield from _map_rows(ray, actor, arguments, rows, workers, gpus_per_worker, cpus_per_worker)
     return run
 
 
-def _connect(ray: object, address: str | None) -> None:
+def ray_engine(address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
+               cpus_per_worker: float = 1.0) -> Engine:
+    """An engine that explains the shards on `run_on_actors`'s workers, one row per shard."""
+    actors = run_on_actors(address, workers, gpus_per_worker, cpus_per_worker)
+
+    def run(job: Job, shards: dict[int, list[Item]], _: object) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Every worker opens its own session from the job (the driver's Explainer stays unused); each shard is
+        yielded once all its rows are back."""
+        rows = [{"shard": number, "items": json.dumps([asdict(item) for item in items])}
+                for number, items in shards.items()]
+        waiting = {number: len(items) for number, items in shards.items()}
+        buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        for batch in actors(ShardExplainer, {"job": job}, rows):
+            for number in np.unique(batch["shard"]):
+                chosen = batch["shard"] == number
+                buffers[int(number)].append({name: values[chosen] for name, values in batch.items()})
+                waiting[int(number)] -= int(chosen.sum())
+                if waiting[int(number)] == 0:
+                    parts = buffers.pop(int(number))
+                    yield int(number), {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        if any(waiting.values()):
+            raise LrpError(f"Ray returned incomplete shards {sorted(k for k, v in waiting.items() if v)}")
+    return run
+
+
+@contextmanager
+def _connected(ray: object, address: str | None) -> Iterator[None]:
+    """Ray for the run: a caller's own Ray (the tests', the benchmark's) stays as it is; otherwise connected (or
+    started) now and shut down after, or on Ctrl-C (a local Ray's processes stop with the command)."""
+    if ray.is_initialized():
+        yield
+        return
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise LrpError(f"--address {address}: cannot connect to a Ray cluster ({first_line(error)})"
                        if address else f"cannot start a local Ray ({first_line(error)})") from None
+    try:
+        with interrupts.stopped_with(ray.shutdown):
+            yield
+    finally:
+        ray.shutdown()
 
 
-def _explain(ray: object, job: Job, shards: dict[int, list[Item]], workers: int, gpus: float,
-             cpus: float) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Stream the shards through the actor pool; yield each shard once all its rows are back."""
+def _map_rows(ray: object, actor: type, arguments: dict[str, object], rows: list[dict[str, object]], workers: int,
+              gpus: float, cpus: float) -> Iterator[dict[str, np.ndarray]]:
+    """The rows (one block each) through the actor pool, one row per call; a cluster too small is one line first."""
     available = ray.cluster_resources()
     if workers * cpus > available.get("CPU", 0) or workers * gpus > available.get("GPU", 0):
         raise LrpError(f"--workers {workers}: the Ray cluster has {available.get('CPU', 0):g} CPU(s) and "
@@ -80,32 +115,12 @@ def _explain(ray: object, job: Job, shards: dict[int, list[Item]], workers: int,
     context.enable_progress_bars = False  # the driver's own progress goes to stderr
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    device = "cuda" if gpus > 0 else job.device
-    threads = job.threads if job.threads is not None else max(1, int(cpus))
-    worker_job = replace(job, device=device, threads=threads)
-    rows = [{"shard": number, "items": json.dumps([asdict(item) for item in items])}
-            for number, items in shards.items()]
+    placement = {"device": "cuda" if gpus > 0 else None, "threads": max(1, int(cpus))}
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        ShardExplainer, fn_constructor_kwargs={"job": worker_job}, batch_size=1, batch_format="numpy",
+        actor, fn_constructor_kwargs={**arguments, **placement}, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=gpus or None)
-    waiting = {number: len(items) for number, items in shards.items()}
-    buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-    for batch in _batches(ray, dataset):
-        for number in np.unique(batch["shard"]):
-            chosen = batch["shard"] == number
-            buffers[int(number)].append({name: values[chosen] for name, values in batch.items()})
-            waiting[int(number)] -= int(chosen.sum())
-            if waiting[int(number)] == 0:
-                parts = buffers.pop(int(number))
-                yield int(number), {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    if any(waiting.values()):
-        raise LrpError(f"Ray returned incomplete shards {sorted(k for k, v in waiting.items() if v)}")
-
-
-def _batches(ray: object, dataset: object) -> Iterator[dict[str, np.ndarray]]:
-    """The dataset's blocks as they come back; a failure of Ray (not of a sample: those are rows) as one line."""
     try:
         yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
-    except ray.exceptions.RayError as error:
+    except ray.exceptions.RayError as error:  # a failure of Ray (not of a sample: those are rows) as one line
         cause = getattr(error, "__cause__", None) or error
         raise LrpError(f"Ray: {type(cause).__name__}: {first_line(cause)}") from None

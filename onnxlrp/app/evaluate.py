@@ -13,14 +13,18 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..api import Explainer, in_batches, open_session
 from ..errors import LrpError
 from .extras import png, pyplot, write_files
+
+if TYPE_CHECKING:
+    from .engine import Actors
 
 Predict = Callable[[np.ndarray], np.ndarray]  # a batch of inputs -> the scores [N, C]
 FILLS = ("black", "white", "mean", "zero")  # Quantus's perturb_baseline: sample min, max, mean; or the value 0
@@ -137,8 +141,9 @@ class Scores:
 
 
 def forward(explainer: Explainer) -> Callable[[np.ndarray], np.ndarray]:
-    """The built model's forward pass alone, up to the explained scores: ONNX Runtime runs every node of a graph,
-    so the whole built model would compute the relevance on every perturbed batch too (3x the time)."""
+    """The built model's forward pass alone, up to the explained scores, on the explainer's device and threads: ONNX
+    Runtime runs every node of a graph, so the whole built model would compute the relevance on every perturbed
+    batch too (3x the time)."""
     graph = gs.import_onnx(explainer.model)
     scores = graph.tensors()[explainer.explained_name]
     scores.dtype = scores.dtype or np.float32
@@ -146,7 +151,8 @@ def forward(explainer: Explainer) -> Callable[[np.ndarray], np.ndarray]:
     graph.cleanup(remove_unused_graph_inputs=True)
     pruned = gs.export_onnx(graph)
     pruned.ir_version = explainer.model.ir_version
-    session = open_session(pruned)
+    device = "cuda" if "CUDAExecutionProvider" in explainer.session.get_providers() else "cpu"
+    session = open_session(pruned, device, explainer.session.get_session_options().intra_op_num_threads or None)
     return lambda x: in_batches(lambda feeds: session.run([scores.name], feeds), {explainer.input_name: x},
                                 explainer.batch)[0]
 
@@ -164,14 +170,61 @@ def predictor(explainer: Explainer, softmax: bool, batch_size: int) -> Predict:
     return predict
 
 
-def score(method: str, predict: Predict, x: np.ndarray, classes: np.ndarray, relevance: np.ndarray,
-          settings: Settings) -> Scores:
-    """Both perturbations of one method's relevance, averaged over the samples."""
-    features = x[0].size
-    step = settings.features_in_step or max(d for d in range(1, max(1, features // 16) + 1) if features % d == 0)
-    before = _scores(predict, x, classes)
-    flipping = pixel_flipping(predict, x, classes, relevance, step, settings.fill)
-    drops = region_perturbation(predict, x, classes, relevance, settings.patch_size, settings.regions, settings.fill)
+def random_relevance(seed: int, start: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The random order's relevance of the samples `start`, `start` + 1 ... (`shape`: theirs): the rows of one
+    draw `default_rng(seed).random` over the whole dataset, whichever batch they come in (PCG64 advanced past
+    the draws of the samples before)."""
+    return np.random.Generator(np.random.PCG64(seed).advance(start * int(np.prod(shape[1:])))).random(shape)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What is scored: the composites (their models built), how, and for which class (None: the predicted one)."""
+    composites: tuple[str, ...]
+    settings: Settings = Settings()
+    target: int | None = None
+
+
+class Curves:
+    """Every method's curves per sample for batches of rows {"start": the first sample's number, "x": the samples},
+    with one session per built model held for the object's life."""
+
+    def __init__(self, task: Task, built: dict[str, Explainer]):
+        self.task, self.built = task, built
+        self.predict = predictor(built[task.composites[0]], task.settings.softmax, task.settings.batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = [self.samples(int(start), x) for start, x in zip(batch["start"], batch["x"])]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def samples(self, start: int, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The samples `x`, numbered from `start`: their explained class's score unperturbed, every method's
+        pixel-flipping curve [N, methods, steps] and region-perturbation drops [N, methods, regions]."""
+        settings, first = self.task.settings, self.built[self.task.composites[0]]
+        classes = first.check_target(-1 if self.task.target is None else self.task.target, len(x))
+        classes = np.where(classes < 0, self.predict(x).argmax(axis=1), classes)
+        relevance = [self.built[name].explain(x, classes)[1] for name in (*self.task.composites, "zero")]
+        relevance.append(random_relevance(settings.seed, start, x.shape))
+        features = x[0].size
+        step = settings.features_in_step or max(d for d in range(1, max(1, features // 16) + 1) if features % d == 0)
+        return {"sample": np.arange(start, start + len(x)), "before": _scores(self.predict, x, classes),
+                "flipping": np.stack([pixel_flipping(self.predict, x, classes, r, step, settings.fill)
+                                      for r in relevance], axis=1),
+                "drops": np.stack([region_perturbation(self.predict, x, classes, r, settings.patch_size,
+                                                       settings.regions, settings.fill) for r in relevance], axis=1)}
+
+
+class CurvesWorker(Curves):
+    """`Curves` as a Ray Data actor (engine.py `run_on_actors`): the built models come as bytes, each worker opens
+    its own sessions on its device and threads."""
+
+    def __init__(self, task: Task, models: dict[str, bytes], device: str | None, threads: int):
+        super().__init__(task, {name: Explainer(onnx.load_from_string(model), device=device or "cpu",
+                                                threads=threads) for name, model in models.items()})
+
+
+def summary(method: str, before: np.ndarray, flipping: np.ndarray, drops: np.ndarray) -> Scores:
+    """One method's per-sample curves averaged over the samples."""
     return Scores(method, float(before.mean()), flipping.mean(axis=0), drops.mean(axis=0), float(auc(flipping).mean()),
                   float(aopc(before[:, None] - flipping).mean()), float(auc(drops).mean()),
                   float(aopc(drops).mean()))
@@ -185,23 +238,34 @@ def explainers(model: str | Path, composites: Sequence[str]) -> dict[str, Explai
 
 
 def evaluate(built: dict[str, Explainer], x: np.ndarray, composites: Sequence[str], settings: Settings = Settings(),
-             target: int | None = None) -> list[Scores]:
+             target: int | None = None, actors: Actors | None = None) -> list[Scores]:
     """Every composite's relevance of the batch `x` (for `target`, or each sample's predicted class), gradient x
     input and a random order, scored by pixel flipping and region perturbation. Gradient x input is the relevance
-    of uniform LRP-0 (composite `zero`), which equals it on networks of ReLU, max-pooling and linear layers."""
+    of uniform LRP-0 (composite `zero`), which equals it on networks of ReLU, max-pooling and linear layers.
+    The curves are computed per `settings.batch_size` samples, in this process or (with `actors`, engine.py
+    `run_on_actors`) on Ray's workers: the same numbers, averaged here."""
     if settings.fill not in FILLS:
         raise LrpError(f"--fill {settings.fill}: not one of {', '.join(FILLS)}")
     first = built[composites[0]]
     x = first.check_input(x, "data")
     if len(x) == 0:
         raise LrpError("data: no samples")
-    predict = predictor(first, settings.softmax, settings.batch_size)
-    classes = first.check_target(-1 if target is None else target, len(x))
-    classes = np.where(classes < 0, predict(x).argmax(axis=1), classes)
-    relevance = {name: built[name].explain(x, classes)[1] for name in composites}
-    relevance[GRADIENT] = built["zero"].explain(x, classes)[1]
-    relevance[RANDOM] = np.random.default_rng(settings.seed).random(x.shape)
-    return [score(name, predict, x, classes, r, settings) for name, r in relevance.items()]
+    first.check_target(-1 if target is None else target, len(x))
+    task, size = Task(tuple(dict.fromkeys(composites)), settings, target), settings.batch_size
+    rows = [{"start": start, "x": x[start:start + size]} for start in range(0, len(x), size)]
+    if actors is None:
+        curves = Curves(task, built)
+        parts = [curves.samples(row["start"], row["x"]) for row in rows]
+    else:
+        models = {name: built[name].model.SerializeToString() for name in (*task.composites, "zero")}
+        parts = list(actors(CurvesWorker, {"task": task, "models": models}, rows))
+    joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    order = np.argsort(joined["sample"], kind="stable")
+    if not np.array_equal(joined["sample"][order], np.arange(len(x))):
+        raise LrpError(f"the workers returned {len(order)} curves for {len(x)} samples")
+    before, flipping, drops = joined["before"][order], joined["flipping"][order], joined["drops"][order]
+    methods = [*task.composites, GRADIENT, RANDOM]
+    return [summary(method, before, flipping[:, k], drops[:, k]) for k, method in enumerate(methods)]
 
 
 COLUMNS = ("method", "flipping_auc", "flipping_aopc", "region_auc", "region_aopc")
