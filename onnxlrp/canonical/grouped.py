@@ -20,7 +20,7 @@ REFUSED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
 
 
 def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
-    """Write every GroupQueryAttention node out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
+    """Write every GroupQueryAttention node out in plain ops (ir/graph.py expand_each); whether there was one."""
     return expand_each(graph, ("GroupQueryAttention",), _expand, strict)
 
 

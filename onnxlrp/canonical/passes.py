@@ -31,8 +31,8 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
     constant subgraphs are folded, control flow of constant condition or a known number of steps is written out as
     plain nodes (control.py), recurrent layers over their time steps (recurrent.py), Attention in plain ops,
     Identity/Dropout disappear, Gemm loses alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant
-    becomes one Gemm, and pads are explicit. Shapes are inferred (and observed in ONNX Runtime where inference cannot follow) so that emitters
-    can rely on static non-batch dimensions.
+    becomes one Gemm, and pads are explicit. Shapes are inferred (and observed in ONNX Runtime where inference
+    cannot follow) so that emitters can rely on static non-batch dimensions.
     """
     model = dequantized_twin(model, source) or model
     if opset_of(model) < MIN_OPSET:
