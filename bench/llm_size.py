@@ -4,6 +4,7 @@ against LXT's AttnLRP in torch, on the same CPU, in one run; prints a markdown t
 
     python bench/llm_size.py                          # 24 layers, a 128-token prompt, batch 1
     python bench/llm_size.py --layers 2 --tokens 16   # a quick try of the same width
+    python bench/llm_size.py --folder /tmp/qwen2      # keep the models; a second run reuses the export
 
 Needs torch, transformers (4.52) and lxt (2.1); nothing is downloaded: the model is made from a transformers
 config with seeded random weights (float32), exported by torch's TorchScript exporter (opset 17, open batch and
