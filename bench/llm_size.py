@@ -123,30 +123,29 @@ def build(folder: Path) -> dict:
 
 
 def runtime(folder: Path, tokens: int, repeats: int) -> dict:
-    """The source's forward pass and the built model's explanation in ONNX Runtime (CPU, THREADS threads)."""
-    import onnxruntime as ort
+    """The source's forward pass and the built model's explanation in ONNX Runtime (CPU, THREADS threads), one
+    session at a time."""
     feeds = prompt(tokens)
+    result, (logits,) = session_run(folder / "qwen2.onnx", "forward", ["logits"], feeds, repeats)
+    names = ["logits", "relevance", "relevance_embedding"]
+    explained, (ours, relevance, embedding) = session_run(folder / "qwen2_lrp.onnx", "explain", names, feeds, repeats)
+    np.save(folder / "relevance_embedding.npy", embedding[0])
+    return {**result, **explained, "logits_max_difference": float(np.abs(ours - logits).max()),
+            "relevance_sum": float(relevance.sum())}
+
+
+def session_run(path: Path, key: str, outputs: list[str], feeds: dict, repeats: int) -> tuple[dict, list]:
+    """Session start, median run time and peak memory of the model at `path`, and its last outputs."""
+    import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.log_severity_level = 3
-    result = {}
-    for key, name, outputs in (("forward", "qwen2.onnx", ["logits"]),
-                               ("explain", "qwen2_lrp.onnx", ["logits", "relevance", "relevance_embedding"])):
-        start = time.perf_counter()
-        session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-        result[f"{key}_session_s"] = time.perf_counter() - start
-        last = []
-        result[f"{key}_s"] = timed(lambda: last.__setitem__(slice(None), session.run(outputs, feeds)), repeats)
-        result[f"{key}_peak_mb"] = peak_mb()
-        if key == "forward":
-            logits = last[0]
-        else:
-            result["logits_max_difference"] = float(np.abs(last[0] - logits).max())
-            np.save(folder / "relevance_embedding.npy", last[2][0])
-            result["relevance_sum"] = float(last[1].sum())
-        del session, last
-        gc.collect()
-    return result
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    started = time.perf_counter() - start
+    last = []
+    seconds = timed(lambda: last.__setitem__(slice(None), session.run(outputs, feeds)), repeats)
+    return {f"{key}_session_s": started, f"{key}_s": seconds, f"{key}_peak_mb": peak_mb()}, last
 
 
 def lxt(folder: Path, layers: int, tokens: int, repeats: int) -> dict:
