@@ -44,20 +44,19 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
     a faster start: see README, Speed); `optimize_for="cpu"` returns ONNX Runtime's optimised model for this
     machine's CPU (the fastest start; a file for ONNX Runtime on this kind of CPU only)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        model, source = model_or_path, source or "model"
-    else:
-        model, source = load(model_or_path), source or str(model_or_path)
+        held, source = [model_or_path], source or "model"
+    else:  # a model read here is handed over (held.pop()): the build lets its weights go once it has its own
+        held, source = [load(model_or_path)], source or str(model_or_path)
     unknown = sorted(set(rule_params) - set(DEFAULTS))
     if unknown:
         raise LrpError(f"unknown rule parameter(s) {', '.join(unknown)} (parameters: {', '.join(DEFAULTS)})")
     overrides = {k: parse_value(k, list(v) if isinstance(v, tuple) else v, k)
                  for k, v in rule_params.items() if v is not None}
     chosen = composite if isinstance(composite, Composite) else load_composite(str(composite))
-    built = pipeline.build(model, chosen.with_params(overrides) if overrides else chosen, explain=explain,
+    return pipeline.build(held.pop(), chosen.with_params(overrides) if overrides else chosen, explain=explain,
                           output=output, source=source, layer_relevance=layer_relevance, input_shape=input_shape,
                           target_default=target_default, position=position, explain_input=explain_input,
                           fold_weights=fold_weights, optimize_for=optimize_for)
-    return built
 
 
 def is_built(model: onnx.ModelProto) -> bool:

@@ -115,7 +115,9 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
     twinned = _twinned(model)
-    built = _built(model, composite, explain, output, source, layer_relevance, explain_input)
+    held = [model]  # _built takes the model out of the list, so that no frame here keeps the source's weights
+    del model
+    built = _built(held, composite, explain, output, source, layer_relevance, explain_input)
     if unbatched is not None:
         built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
@@ -139,10 +141,12 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     return built
 
 
-def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: str | None, source: str,
+def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, output: str | None, source: str,
            layer_relevance: bool, explain_input: str | None, choices: int = 0) -> onnx.ModelProto:
-    """The model with `target` (no default yet) and `relevance`. An If whose condition depends on an input is
-    explained branch by branch: the model is built with each branch taken, and the two joined under one If."""
+    """The model (taken out of `held`, the caller's only reference) with `target` (no default yet) and
+    `relevance`. An If whose condition depends on an input is explained branch by branch: the model is built with
+    each branch taken, and the two joined under one If."""
+    model = held.pop()
     refuse_not_explained(model, source)
     # A quantized model's twin, or written-out recurrent layers: the model's own nodes keep computing the outputs.
     original = model if _twinned(model) else None
@@ -157,7 +161,7 @@ def _built(model: onnx.ModelProto, composite: Composite, explain: str, output: s
             raise LrpError(f"{source}: node '{choice.name}' (If) chooses its branch at run time, which is explained "
                            + ("without --layer-relevance" if layer_relevance else
                               f"for at most {MAX_CHOICES} such If nodes (each one doubles the built model)"))
-        branches = [_built(with_branch(graph, choice, taken), composite, explain, output, source, False,
+        branches = [_built([with_branch(graph, choice, taken)], composite, explain, output, source, False,
                            explain_input, choices + 1) for taken in (True, False)]
         joined = either(condition(graph, choice), *branches)
         onnx.helper.set_model_props(joined, {**{p.key: p.value for p in branches[0].metadata_props},

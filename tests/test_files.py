@@ -141,3 +141,30 @@ def test_the_model_is_serialized_tensor_by_tensor_to_the_same_proto(tmp_path):
     onnxlrp.save_atomic(built, tmp_path / "out.onnx")
     assert onnx.load(str(tmp_path / "out.onnx")) == built
     assert (tmp_path / "out.onnx").stat().st_size == built.ByteSize()
+
+
+def test_a_model_read_from_a_file_is_let_go_during_the_build(monkeypatch):
+    """`onnxlrp.build(path)` keeps no reference to the model it read once the graph holds its own weights (before,
+    api.build and pipeline.build held it to the end: the source's weights stayed in memory beside the built model's).
+    The count is taken when the built model is exported: the test's list and getrefcount's argument."""
+    from onnxlrp import api, pipeline
+    read, counts = [], []
+    monkeypatch.setattr(api, "load", lambda path: read.append(io.load(path)) or read[-1])
+    export = pipeline.export_model
+    monkeypatch.setattr(pipeline, "export_model",
+                        lambda graph: counts.append(sys.getrefcount(read[0])) or export(graph))
+    built = onnxlrp.build(FIXTURES / "llm" / "qwen2_op17.onnx", "attnlrp")
+    assert counts == [2] and any(value.name == "relevance" for value in built.graph.output)
+
+
+def test_the_canonical_graph_reads_every_tensor_of_the_source():
+    """No constant of the canonical graph is left lazily reading the source (Qwen2's Constant nodes and its
+    ConstantOfShape's value included): one sub-message left keeps the whole source model in memory."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    from onnxlrp.canonical.passes import canonicalize
+    graph = canonicalize(onnx.load(str(FIXTURES / "llm" / "qwen2_op17.onnx")), "qwen2")
+    values = [*graph.tensors().values(), *(value for node in graph.nodes for value in node.attrs.values())]
+    constants = [value for value in values if isinstance(value, gs.Constant)]
+    assert any(node.op == "ConstantOfShape" for node in graph.nodes) and len(constants) > 100
+    assert [c.name for c in constants if isinstance(c._values, LazyValues)] == []

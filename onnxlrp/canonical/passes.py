@@ -107,11 +107,20 @@ def _without_static_control_flow(graph: gs.Graph, source: str) -> None:
 
 def _own_weights(graph: gs.Graph) -> None:
     """Load every constant into an array of the graph's own, so that the graph no longer refers to the source
-    model's tensors (which lets the source's memory go once the caller lets go of it)."""
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant):
-            tensor.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
+    model's tensors (which lets the source's memory go once the caller lets go of it). Constant nodes' values and
+    other tensor attributes count too: one tensor of the source left unread keeps the whole source alive."""
+    _load_constants(graph)
     graph.import_domains = [onnx.OperatorSetIdProto(domain=o.domain, version=o.version) for o in graph.import_domains]
+
+
+def _load_constants(graph: gs.Graph) -> None:
+    """Read the values of the graph's constants and tensor attributes, in its subgraphs too."""
+    attributes = [value for node in graph.nodes for value in node.attrs.values()]
+    for value in [*graph.tensors().values(), *attributes]:
+        if isinstance(value, gs.Constant):
+            value.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
+        elif isinstance(value, gs.Graph):
+            _load_constants(value)
 
 
 def _bypass(graph: gs.Graph, node: gs.Node) -> None:
