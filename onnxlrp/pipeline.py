@@ -15,7 +15,7 @@ from .canonical.classic import linear_models
 from .canonical.control import condition, either, runtime_choice, with_branch
 from .canonical.folding import fold
 from .canonical.passes import canonicalize
-from .canonical.recurrent import has_recurrent
+from .canonical.recurrent import has_recurrent, initial_states
 from .canonical.patterns import Collapsed, collapse
 from .errors import LrpError
 from .ir.export import export_model
@@ -31,7 +31,7 @@ from .lrp.composite import Composite
 from .lrp.emitters import FAMILIES
 from .lrp.families import refuse_not_explained
 from .lrp.layers import expose, record
-from .lrp.seed import EMBEDDING_RELEVANCE, EXPLAIN, POSITION, RELEVANCE, TARGET, Recorded
+from .lrp.seed import EXPLAIN, POSITION, RELEVANCE, TARGET, Recorded
 from .lrp.walk import explain as explain_graph
 
 # Runtimes `optimize_for` writes ONNX Runtime's optimised model for.
@@ -119,7 +119,7 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     del model
     built = _built(held, composite, explain, output, source, layer_relevance, explain_input)
     if unbatched is not None:
-        built = unbatched.restore(built, [RELEVANCE, EMBEDDING_RELEVANCE])
+        built = unbatched.restore(built)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
         if value.name in declared_outputs:
             value.CopyFrom(declared_outputs[value.name])
@@ -150,6 +150,7 @@ def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, outp
     refuse_not_explained(model, source)
     # A quantized model's twin, or written-out recurrent layers: the model's own nodes keep computing the outputs.
     original = model if _twinned(model) else None
+    states = initial_states(model)
     graph = canonicalize(model, source)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     choice = runtime_choice(graph)
@@ -169,7 +170,8 @@ def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, outp
         return joined
     prepared = _prepared(graph, source)
     graph = prepared.graph
-    explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden(), explain_input)
+    explained = explain_graph(graph, composite, explain, output, source, prepared.collapsed.hidden(), explain_input,
+                             states)
     layers = expose(graph, explained.layers) if layer_relevance else None
     prepared.collapsed.restore()
     separate_weight_views(graph)

@@ -21,6 +21,7 @@ from onnxlrp.pipeline import build
 RECURRENT = FIXTURES / "recurrent"
 TORCH = np.load(RECURRENT / "reference.npz")
 KERAS = np.load(RECURRENT / "keras.npz")
+STATES = np.load(RECURRENT / "states.npz")
 MODELS = {**{name: TORCH for name in ("lstm", "lstm_bidi2", "gru", "gru_bidi", "rnn_bidi2", "lstm_lens",
                                       "gru_reverse")},
           **{name: KERAS for name in ("keras_lstm", "keras_bidi", "keras_gru")}}
@@ -120,9 +121,9 @@ def test_batch_first_layout_is_written_out_as_the_same_cell():
     np.testing.assert_allclose(logits, TORCH["lstm_lens/logits"], rtol=1e-5, atol=1e-6)
 
 
-def test_an_initial_state_given_as_input_keeps_its_share():
+def test_an_initial_state_given_as_input_leaves_the_relevance_of_x_as_it_was():
     """gru_reverse with its initial state as a model input: the relevance of x is the reference's, where the same
-    state is a constant (the state's own share stays with it)."""
+    state is a constant (whose share stays with it, as a bias's does), and the state's share is an output."""
     model = onnx.load(str(RECURRENT / "gru_reverse.onnx"))
     h0 = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "h0")
     kept = [n for n in model.graph.node if n.op_type != "Expand"]
@@ -131,9 +132,30 @@ def test_an_initial_state_given_as_input_keeps_its_share():
     model.graph.input.append(helper.make_tensor_value_info("initial_h", onnx.TensorProto.FLOAT, list(h0.shape[:1])
                                                            + [len(TORCH["x"]), h0.shape[2]]))
     state = np.broadcast_to(h0, (1, len(TORCH["x"]), h0.shape[2])).astype(np.float32)
-    relevance = run(explain(model, "epsilon"), {"x": TORCH["x"], "initial_h": state, "target": TORCH["targets"]},
-                    ["relevance"])[0]
+    relevance, shared = run(explain(model, "epsilon"), {"x": TORCH["x"], "initial_h": state,
+                                                       "target": TORCH["targets"]},
+                            ["relevance", "relevance_initial_h"])
     assert relative_error(relevance.astype(np.float64), TORCH["gru_reverse/relevance"]) <= 1e-4
+    assert shared.shape == state.shape and np.all(np.abs(shared).sum(axis=(0, 2)) > 1e-3)
+
+
+@pytest.mark.parametrize("name, states", [("lstm_states", ("h0", "c0")), ("gru_states", ("h0_1", "h0_2"))])
+def test_initial_states_given_as_inputs_get_the_references_relevance(name, states):
+    """Initial states that are model inputs are explained beside x: each one's relevance is the output
+    `relevance_<input>` of its shape, as the float64 reference gives it (fixtures/make_recurrent_states.py: a
+    bidirectional LSTM with sequence_lens and h0, c0; two stacked GRUs with a state each)."""
+    references = STATES
+    model = explain(onnx.load(str(RECURRENT / f"{name}.onnx")), "epsilon")
+    feeds = {"x": references["x"], **{state: references[f"{name}/{state}"] for state in states}}
+    if name == "lstm_states":
+        feeds["lens"] = references["lens"]
+    names = ["logits", "relevance", *(f"relevance_{state}" for state in states)]
+    logits, relevance, *shares = run(model, {**feeds, "target": references["targets"]}, names)
+    np.testing.assert_allclose(logits, references[f"{name}/logits"], rtol=1e-4, atol=1e-5)
+    assert relative_error(relevance.astype(np.float64), references[f"{name}/relevance"]) <= 1e-4
+    for state, share in zip(states, shares):
+        assert share.shape == feeds[state].shape
+        assert relative_error(share.astype(np.float64), references[f"{name}/relevance_{state}"]) <= 1e-4
 
 
 def test_float16_keeps_the_models_own_recurrent_nodes_in_float32():

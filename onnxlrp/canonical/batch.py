@@ -7,7 +7,6 @@ named, or else the first float output when no float output has rank 2."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -45,13 +44,12 @@ class BatchOfOne:
     inputs: tuple[onnx.ValueInfoProto, ...]
     outputs: tuple[onnx.ValueInfoProto, ...]
 
-    def restore(self, built: onnx.ModelProto, added: Sequence[str]) -> onnx.ModelProto:
+    def restore(self, built: onnx.ModelProto) -> onnx.ModelProto:
         """The built model with the leading axis taken off again: its inputs and outputs declared as before, and the
-        outputs named in `added` (what the build added, such as `relevance`) without their first axis."""
+        outputs that the build added (`relevance` ...) without their first axis."""
         before = {v.name: v for v in self.inputs + self.outputs}
         inputs = [(v, before[v.name]) for v in built.graph.input if v.name in before]
-        outputs = [(v, before[v.name] if v.name in before else _unbatched(v)) for v in built.graph.output
-                   if v.name in before or v.name in added]
+        outputs = [(v, before[v.name] if v.name in before else _unbatched(v)) for v in built.graph.output]
         return _rewired(built, inputs, outputs, "batched", "Unsqueeze", "Squeeze")
 
 

@@ -218,6 +218,16 @@ def has_recurrent(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CELLS and node.domain in (None, "", "ai.onnx") for node in model.graph.node)
 
 
+def initial_states(model: onnx.ModelProto) -> list[str]:
+    """The model inputs that a recurrent node reads as its initial state (initial_h, an LSTM's initial_c): the walk
+    explains them beside the model input, and their relevance is an output too (lrp/walk.py)."""
+    inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    found = [node.input[index] for node in model.graph.node
+             if node.op_type in CELLS and node.domain in (None, "", "ai.onnx")
+             for index in (5, CELLS[node.op_type].initial_c) if index is not None and index < len(node.input)]
+    return list(dict.fromkeys(name for name in found if name in inputs))
+
+
 def write_out_recurrent(graph: gs.Graph, source: str) -> bool:
     """Write out every recurrent node of the graph; returns whether there was one."""
     nodes = [node for node in graph.nodes if node.op in CELLS and node.domain in (None, "", "ai.onnx")]

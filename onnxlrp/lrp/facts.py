@@ -120,10 +120,10 @@ def _placed(tensor: gs.Tensor, depth: int = 4) -> list[gs.Tensor]:
     return found
 
 
-def data_path(graph: gs.Graph, explained: gs.Variable, stopped: Callable[[gs.Node], bool]) -> set[str]:
-    """Names of the tensors whose values depend on `explained` through nodes that are not `stopped` (the graph is
-    in topological order); a shape is not a value."""
-    names = {explained.name}
+def data_path(graph: gs.Graph, explained: Collection[gs.Variable], stopped: Callable[[gs.Node], bool]) -> set[str]:
+    """Names of the tensors whose values depend on the `explained` tensors through nodes that are not `stopped` (the
+    graph is in topological order); a shape is not a value."""
+    names = {t.name for t in explained}
     for node in graph.nodes:
         if node.op in NO_RELEVANCE or stopped(node):
             continue

@@ -24,6 +24,7 @@ LOGODDS_RULES = ("epsilon", "zero")
 # The names the built model adds: the input `target`, the output `relevance` (and per token, the embedding's).
 TARGET, RELEVANCE, EMBEDDING_RELEVANCE = "target", "relevance", "relevance_embedding"
 RELEVANCE_PAIRS = "relevance_pairs"  # of a product under the rule `pairs` (lrp/pairs.py)
+STATE_RELEVANCE = "relevance_{}"  # of a recurrent layer's initial state given as the model input named {}
 # A language model's logits [N, T, V] are explained at one position: the input `position` (a default at build time).
 POSITION = "position"
 TARGET_CHECK = TARGET  # the start of the names of the nodes that check the input `target`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -24,7 +24,8 @@ from .layers import LayerRelevance
 from .pairs import Pairs, second_order
 from .pairs import expose as expose_pairs
 from .rules import Rule, propagate
-from .seed import EMBEDDING_RELEVANCE, POSITION, RELEVANCE, RELEVANCE_PAIRS, TARGET, start, start_at_position
+from .seed import (EMBEDDING_RELEVANCE, POSITION, RELEVANCE, RELEVANCE_PAIRS, STATE_RELEVANCE, TARGET, start,
+                   start_at_position)
 
 # Trailing ops skipped so that the logits are explained: softmax heads and the sigmoid of binary and multi-label
 # heads (written-out softmaxes are collapsed into Softmax and LogSoftmax: canonical/patterns.py).
@@ -38,14 +39,17 @@ ATTENTION_MASK = "attention_mask"
 class Walk:
     """Holds what emitters may ask for: the op writer, the rule of each node, what is known of tensors' values."""
 
-    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops, explained: gs.Variable | None = None):
+    def __init__(self, graph: gs.Graph, composite: Composite, ops: Ops, explained: gs.Variable | None = None,
+                 states: Sequence[gs.Variable] = ()):
         self.ops = ops
         self.composite = composite
+        sources = [explained, *states] if explained is not None else []
         self._nonnegative = nonnegative_tensors(graph)
-        self._unbounded = unbounded_tensors(graph, [explained.name] if explained is not None else [])
+        self._unbounded = unbounded_tensors(graph, [t.name for t in sources])
         self._rule = composite.assign(graph)
-        # Tensors with no data path from the explained input are constants to the walk (None: every Variable).
-        self._data_path = data_path(graph, explained, self.detached) if explained is not None else None
+        # Tensors with no data path from the explained input (or a recurrent initial state given as an input) are
+        # constants to the walk (None: every Variable).
+        self._data_path = data_path(graph, sources, self.detached) if explained is not None else None
         with on_data_path(self._data_path):
             self._rectified = rectified_outputs(graph, vanishing_relevance(graph, self.rule, FAMILIES))
         self.layers: list[LayerRelevance] = []  # the linear layers walked, from the output back to the input
@@ -144,13 +148,18 @@ class Explained:
 
 
 def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | None, source: str,
-            hidden: Mapping[str, gs.Tensor] = {}, explain_input: str | None = None) -> Explained:
+            hidden: Mapping[str, gs.Tensor] = {}, explain_input: str | None = None, states: Sequence[str] = ()
+            ) -> Explained:
     """Add the input `target` and the output `relevance` (and `relevance_embedding` for token ids, `relevance_pairs`
     for a product under the rule `pairs`) to a canonical graph: the walk from the explained logit back to the
     explained input (`explain_input`, or the one found). `hidden`: tensors of the model that canonical nodes stand
     for (canonical/patterns.py), which `output` may name. A sequence of logits [N, T, V] (a language model's) also
-    gets the input `position` (seed.py)."""
-    taken = {t for t in graph.tensors()} & {TARGET, RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS, POSITION}
+    gets the input `position` (seed.py). `states`: the inputs that recurrent layers read as their initial state,
+    whose relevance is the output `relevance_NAME` each."""
+    given = [t for t in graph.inputs if t.name in states and floating(t)]
+    added = {TARGET, RELEVANCE, EMBEDDING_RELEVANCE, RELEVANCE_PAIRS, POSITION,
+             *(STATE_RELEVANCE.format(t.name) for t in given)}
+    taken = {t for t in graph.tensors()} & added
     if taken:
         raise LrpError(f"{source}: the model already has a tensor named {', '.join(sorted(taken))}")
     x, ids = explained_input(graph, source, explain_input)
@@ -165,7 +174,8 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
         raise LrpError(f"{source}: output '{shown.name}' must have shape [N, C] (or [N, T, C]) with a static C")
     ops = Ops(graph, graph.opset, np.dtype(logits.dtype))
     target = gs.Variable(TARGET, dtype=np.int64, shape=[x.shape[0] if x.shape else "N"])
-    walk = Walk(graph, composite, ops, x)
+    given = [t for t in given if t is not x]
+    walk = Walk(graph, composite, ops, x, given)
     label = (head.label, head.classes) if head.label is not None else None
     mask = next((t for t in graph.inputs if t.name == ATTENTION_MASK and not floating(t)), None)
     position = gs.Variable(POSITION, dtype=np.int64, shape=[]) if len(logits.shape) == 3 else None
@@ -187,6 +197,13 @@ def explain(graph: gs.Graph, composite: Composite, explain: str, output: str | N
     graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance"), inputs=[total], outputs=[result]))
     graph.inputs.extend([target] if position is None else [target, position])
     graph.outputs.append(result)
+    for state in given:  # an initial state's share, which a constant state keeps as a bias does
+        share = gs.Variable(STATE_RELEVANCE.format(state.name), dtype=state.dtype, shape=state.shape)
+        reached_state = ops.add_all(relevance[state.name]) if state.name in relevance else \
+            ops("Mul", state, ops.scalar(0.0))
+        graph.nodes.append(gs.Node("Identity", ops.fresh("lrp/relevance_state"), inputs=[reached_state],
+                                   outputs=[share]))
+        graph.outputs.append(share)
     if walk.pairs:
         expose_pairs(graph, ops, walk.pairs, source)
     return Explained(x, head, target, walk.layers[::-1], architecture, ids)
@@ -224,7 +241,7 @@ def reached(graph: gs.Graph, composite: Composite, output: str | None = None, so
     head = classifier(graph, output, source, hidden)
     rule = composite.assign(graph)
     names, found = {head.logits.name}, set()
-    with on_data_path(data_path(graph, x, lambda node: detaches(node, rule))):
+    with on_data_path(data_path(graph, [x], lambda node: detaches(node, rule))):
         for node in reversed(graph.nodes):
             if any(t.name in names for t in node.outputs) and any(computed(t) for t in node.inputs):
                 found.add(id(node))
