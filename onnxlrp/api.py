@@ -44,9 +44,10 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
     a faster start: see README, Speed); `optimize_for="cpu"` returns ONNX Runtime's optimised model for this
     machine's CPU (the fastest start; a file for ONNX Runtime on this kind of CPU only)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        held, source = [model_or_path], source or "model"
-    else:  # a model read here is handed over (held.pop()): the build lets its weights go once it has its own
-        held, source = [load(model_or_path)], source or str(model_or_path)
+        held, source, folder = [model_or_path], source or "model", None
+    else:  # a model read here is handed over (held.pop()); its external weights are read by the graph alone
+        held, source = [load(model_or_path, read_weights=False)], source or str(model_or_path)
+        folder = Path(model_or_path).parent
     unknown = sorted(set(rule_params) - set(DEFAULTS))
     if unknown:
         raise LrpError(f"unknown rule parameter(s) {', '.join(unknown)} (parameters: {', '.join(DEFAULTS)})")
@@ -56,7 +57,7 @@ def build(model_or_path: onnx.ModelProto | str | Path, composite: str | Path | C
     return pipeline.build(held.pop(), chosen.with_params(overrides) if overrides else chosen, explain=explain,
                           output=output, source=source, layer_relevance=layer_relevance, input_shape=input_shape,
                           target_default=target_default, position=position, explain_input=explain_input,
-                          fold_weights=fold_weights, optimize_for=optimize_for)
+                          fold_weights=fold_weights, optimize_for=optimize_for, weights_folder=folder)
 
 
 def is_built(model: onnx.ModelProto) -> bool:

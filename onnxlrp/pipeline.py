@@ -3,6 +3,7 @@ collapse the declared patterns, walk the relevance graph, then put the model's o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -80,8 +81,8 @@ def _prepared(graph: gs.Graph, source: str) -> Prepared:
 def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", output: str | None = None,
           source: str = "model", layer_relevance: bool = False, input_shape: str | Sequence[str] | None = None,
           target_default: bool = True, dtype: str = "float32", position: int = -1,
-          explain_input: str | None = None, fold_weights: bool = False, optimize_for: str | None = None
-          ) -> onnx.ModelProto:
+          explain_input: str | None = None, fold_weights: bool = False, optimize_for: str | None = None,
+          weights_folder: Path | None = None) -> onnx.ModelProto:
     """Return a model that computes the original outputs plus `relevance` for the class given in `target`
     (and with `layer_relevance`, the relevance at the input of every linear layer: see lrp/layers.py).
 
@@ -96,7 +97,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
     looked up twice). `fold_weights` stores the modified weights computed (ir/weights.py): a larger file, a faster
     session start; `optimize_for="cpu"` returns ONNX Runtime's optimised model for this machine's CPU (ir/runtime.py),
     the fastest start. The result is loaded by ONNX Runtime before it is returned: a model that would not load is an
-    LrpError."""
+    LrpError. `weights_folder`: the folder of the external data files of a model read without its weights
+    (ir/files.py load(path, read_weights=False)), which the graph then reads straight into its own arrays."""
     if explain not in EXPLAIN:
         raise LrpError(f"--explain must be one of {', '.join(EXPLAIN)} (got '{explain}')")
     if optimize_for not in (None, *OPTIMIZED_FOR):
@@ -115,9 +117,12 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
                            f"has rank 1)")
         model, unbatched = batch_of_one(model)
     twinned = _twinned(model)
+    if weights_folder is not None and twinned:  # the model's own nodes, weights included, go into the built model
+        onnx.load_external_data_for_model(model, str(weights_folder))
+        weights_folder = None
     held = [model]  # _built takes the model out of the list, so that no frame here keeps the source's weights
     del model
-    built = _built(held, composite, explain, output, source, layer_relevance, explain_input)
+    built = _built(held, composite, explain, output, source, layer_relevance, explain_input, weights_folder)
     if unbatched is not None:
         built = unbatched.restore(built)
     for value in built.graph.output:  # graphsurgeon loses non-tensor types (a ZipMap's sequence of maps)
@@ -142,7 +147,8 @@ def build(model: onnx.ModelProto, composite: Composite, explain: str = "logit", 
 
 
 def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, output: str | None, source: str,
-           layer_relevance: bool, explain_input: str | None, choices: int = 0) -> onnx.ModelProto:
+           layer_relevance: bool, explain_input: str | None, weights_folder: Path | None = None, choices: int = 0
+           ) -> onnx.ModelProto:
     """The model (taken out of `held`, the caller's only reference) with `target` (no default yet) and
     `relevance`. An If whose condition depends on an input is explained branch by branch: the model is built with
     each branch taken, and the two joined under one If."""
@@ -151,7 +157,7 @@ def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, outp
     # A quantized model's twin, or written-out recurrent layers: the model's own nodes keep computing the outputs.
     original = model if _twinned(model) else None
     states = initial_states(model)
-    graph = canonicalize(model, source)
+    graph = canonicalize(model, source, weights_folder)
     del model  # the graph holds its own weights: the source's memory goes unless the caller keeps the model
     choice = runtime_choice(graph)
     if choice is not None:
@@ -163,7 +169,7 @@ def _built(held: list[onnx.ModelProto], composite: Composite, explain: str, outp
                            + ("without --layer-relevance" if layer_relevance else
                               f"for at most {MAX_CHOICES} such If nodes (each one doubles the built model)"))
         branches = [_built([with_branch(graph, choice, taken)], composite, explain, output, source, False,
-                           explain_input, choices + 1) for taken in (True, False)]
+                           explain_input, None, choices + 1) for taken in (True, False)]
         joined = either(condition(graph, choice), *branches)
         onnx.helper.set_model_props(joined, {**{p.key: p.value for p in branches[0].metadata_props},
                                              **{p.key: p.value for p in joined.metadata_props}})

@@ -15,7 +15,7 @@ import pytest
 
 import onnxlrp
 from onnxlrp.ir import files as io
-from conftest import FIXTURES, explain
+from conftest import FIXTURES, explain, onnxlrp_cli
 
 MLP = FIXTURES / "mlp_ts.onnx"
 VGG = FIXTURES / "vgg_ts.onnx"
@@ -149,12 +149,34 @@ def test_a_model_read_from_a_file_is_let_go_during_the_build(monkeypatch):
     The count is taken when the built model is exported: the test's list and getrefcount's argument."""
     from onnxlrp import api, pipeline
     read, counts = [], []
-    monkeypatch.setattr(api, "load", lambda path: read.append(io.load(path)) or read[-1])
+    monkeypatch.setattr(api, "load", lambda path, **options: read.append(io.load(path, **options)) or read[-1])
     export = pipeline.export_model
     monkeypatch.setattr(pipeline, "export_model",
                         lambda graph: counts.append(sys.getrefcount(read[0])) or export(graph))
     built = onnxlrp.build(FIXTURES / "llm" / "qwen2_op17.onnx", "attnlrp")
     assert counts == [2] and any(value.name == "relevance" for value in built.graph.output)
+
+
+def test_external_weights_are_read_straight_into_the_graph(tmp_path, monkeypatch):
+    """A model whose weights are in an external data file: `onnxlrp.build(path)` and `onnxlrp build` read them into
+    the graph's arrays, never into the model read (which would hold them beside the graph's until the end), and
+    build what the model read with its weights builds."""
+    from onnxlrp import api
+    source = tmp_path / "source.onnx"
+    onnx.save(onnx.load(str(MLP)), str(source), save_as_external_data=True, location="source.onnx.data",
+              size_threshold=0)
+    read = []
+    monkeypatch.setattr(api, "load", lambda path, **options: read.append(io.load(path, **options)) or read[-1])
+    built = onnxlrp.build(source, "epsilon")
+    stored = [t for t in read[0].graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(stored) >= 4 and not any(t.raw_data for t in stored)
+    onnxlrp.save_atomic(built, tmp_path / "api.onnx")
+    onnxlrp.save_atomic(onnxlrp.build(onnx.load(str(source)), "epsilon"), tmp_path / "loaded.onnx")
+    assert onnxlrp_cli("build", source, "-o", tmp_path / "cli.onnx", "--composite", "epsilon").returncode == 0
+    x = np.load(FIXTURES / "mlp.npz")["input"]
+    for name in ("api", "cli"):
+        for expected, actual in zip(outputs(tmp_path / "loaded.onnx", x), outputs(tmp_path / f"{name}.onnx", x)):
+            np.testing.assert_array_equal(expected, actual)
 
 
 def test_the_canonical_graph_reads_every_tensor_of_the_source():

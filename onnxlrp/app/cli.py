@@ -139,10 +139,10 @@ def build_command(model: str, out: str, composite: str, explain: str, classifier
         raise LrpError(f"{out}: the output folder does not exist")
     overrides = {k: parse_value(k, v, f"--{k}") for k, v in rule_params.items() if v is not None}
     chosen = load_composite(composite).with_params(overrides)
-    built = build(load(model), chosen, explain=explain, output=classifier_output, source=model,
+    built = build(load(model, read_weights=False), chosen, explain=explain, output=classifier_output, source=model,
                   layer_relevance=layer_relevance, input_shape=input_shape, target_default=target_default,
                   dtype=dtype, position=position, explain_input=explain_input, fold_weights=fold_weights,
-                  optimize_for=optimize_for)
+                  optimize_for=optimize_for, weights_folder=Path(model).parent)
     save_atomic(built, out, external_data=optimize_for is not None)  # memory-mapped weights: a faster start
     click.echo(printable(f"wrote {out} (composite {chosen.name}, explains {explain})"))
 

@@ -2,12 +2,15 @@
 Each pass is a function of the graph that keeps the shapes it touches."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx.external_data_helper import uses_external_data
 
 from ..errors import LrpError
-from ..ir.files import first_line
+from ..ir.files import first_line, read_external
 from ..ir.graph import constant, is_bias, opset_of, replace, static
 from ..ir.names import fresh_name, name_nodes
 from ..ir.shapes import fold_batch_independent, infer_shapes, observe_shapes
@@ -17,14 +20,14 @@ from .multihead import expand_multihead_attention
 from .control import write_out
 from .norms import expand_norms
 from .rotary import expand_rotary
-from .quantized import dequantized_twin
+from .quantized import dequantized_twin, needs_twin
 from .recurrent import write_out_recurrent
 
 MIN_OPSET = 11
 REMOVABLE = {"Identity", "Dropout"}
 
 
-def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
+def canonicalize(model: onnx.ModelProto, source: str = "model", weights_folder: Path | None = None) -> gs.Graph:
     """Turn an exported model into the small, regular graph the relevance walk expects.
 
     A quantized or half-precision model becomes its float twin (quantized.py), constants become initializers and
@@ -32,13 +35,17 @@ def canonicalize(model: onnx.ModelProto, source: str = "model") -> gs.Graph:
     plain nodes (control.py), recurrent layers over their time steps (recurrent.py), Attention in plain ops,
     Identity/Dropout disappear, Gemm loses alpha/beta/transA/transB, a MatMul by a constant plus an Add of a constant
     becomes one Gemm, and pads are explicit. Shapes are inferred (and observed in ONNX Runtime where inference
-    cannot follow) so that emitters can rely on static non-batch dimensions.
+    cannot follow) so that emitters can rely on static non-batch dimensions. `weights_folder`: where the external
+    data files of a model read without its weights are (ir/files.py); the graph reads them straight from there.
     """
+    if weights_folder is not None and reads_weights_early(model):
+        onnx.load_external_data_for_model(model, str(weights_folder))
+        weights_folder = None
     model = dequantized_twin(model, source) or model
     if opset_of(model) < MIN_OPSET:
         model = _converted(model, MIN_OPSET, source)
     graph = gs.import_onnx(model)
-    _own_weights(graph)
+    _own_weights(graph, weights_folder)
     name_nodes(graph)
     _folded(graph)
     _without_static_control_flow(graph, source)
@@ -105,22 +112,32 @@ def _without_static_control_flow(graph: gs.Graph, source: str) -> None:
         _folded(graph)
 
 
-def _own_weights(graph: gs.Graph) -> None:
+def reads_weights_early(model: onnx.ModelProto) -> bool:
+    """Whether canonicalising the model reads its weights in the proto (a twin is made of the proto, an opset
+    conversion rewrites it): those weights must be loaded first."""
+    return needs_twin(model) or opset_of(model) < MIN_OPSET
+
+
+def _own_weights(graph: gs.Graph, weights_folder: Path | None) -> None:
     """Load every constant into an array of the graph's own, so that the graph no longer refers to the source
     model's tensors (which lets the source's memory go once the caller lets go of it). Constant nodes' values and
     other tensor attributes count too: one tensor of the source left unread keeps the whole source alive."""
-    _load_constants(graph)
+    _load_constants(graph, weights_folder)
     graph.import_domains = [onnx.OperatorSetIdProto(domain=o.domain, version=o.version) for o in graph.import_domains]
 
 
-def _load_constants(graph: gs.Graph) -> None:
-    """Read the values of the graph's constants and tensor attributes, in its subgraphs too."""
+def _load_constants(graph: gs.Graph, weights_folder: Path | None) -> None:
+    """Read the values of the graph's constants and tensor attributes, in its subgraphs too (those stored in
+    external data files straight from `weights_folder`)."""
     attributes = [value for node in graph.nodes for value in node.attrs.values()]
     for value in [*graph.tensors().values(), *attributes]:
         if isinstance(value, gs.Constant):
+            stored = getattr(value._values, "tensor", None)  # graphsurgeon's LazyValues hold the source's tensor
+            if weights_folder is not None and stored is not None and uses_external_data(stored):
+                value.values, value.data_location = read_external(stored, weights_folder), None
             value.values  # noqa: B018  (graphsurgeon loads lazy values on first access)
         elif isinstance(value, gs.Graph):
-            _load_constants(value)
+            _load_constants(value, weights_folder)
 
 
 def _bypass(graph: gs.Graph, node: gs.Node) -> None:

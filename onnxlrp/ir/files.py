@@ -2,10 +2,13 @@
 the input's files, and models over 2 GB written with their weights in an external data file."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
 from ..errors import LrpError
@@ -22,8 +25,10 @@ ALIGNMENT = 4096
 _read_files: set[tuple[int, int]] = set()
 
 
-def load(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX model (external data included) or raise an LrpError saying why not."""
+def load(path: str | Path, read_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model (external data included) or raise an LrpError saying why not. With `read_weights=False`
+    the weights in external data files stay there (their files checked): a build reads them straight into its
+    graph's arrays (`read_external`), so that they are never held twice, in the proto and in the graph."""
     path = Path(path)
     if not path.is_file():
         raise LrpError(f"{path}: no such file")
@@ -31,7 +36,12 @@ def load(path: str | Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
         data_files = {path.parent / ExternalDataInfo(t).location for t in _get_all_tensors(model)
                       if uses_external_data(t)}
-        onnx.load_external_data_for_model(model, str(path.parent))
+        if read_weights:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        else:
+            for tensor in _get_all_tensors(model):
+                if uses_external_data(tensor):
+                    _external_span(tensor, path.parent)
     except Exception as error:  # protobuf and external-data errors have no common type
         raise LrpError(f"{path}: not a readable ONNX model ({first_line(error)})") from None
     _read_files.update(_identity(p) for p in {path} | data_files if p.is_file())
@@ -39,6 +49,50 @@ def load(path: str | Path) -> onnx.ModelProto:
         raise LrpError(f"{path}: not an ONNX model (no graph nodes or no opset)")
     check_model_structure(model, str(path))
     return model
+
+
+# Types whose external bytes are the array's as numpy holds it (others, packed or exotic, are read by onnx).
+PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+               onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
+               onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def read_external(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """The values of a tensor stored in an external data file beside the model, read straight into an array (the
+    tensor proto is left as it is: loading them into it would keep them as long as the whole model)."""
+    if tensor.data_type not in PLAIN_TYPES:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        onnx.load_external_data_for_tensor(copy, str(folder))
+        return onnx.numpy_helper.to_array(copy)
+    file, offset, length = _external_span(tensor, folder)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    with open(file, "rb") as data:
+        data.seek(offset)
+        values = np.fromfile(data, dtype=dtype.newbyteorder("<"), count=length // dtype.itemsize)
+    return values.astype(dtype, copy=False).reshape(tuple(tensor.dims))
+
+
+def _external_span(tensor: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
+    """Where a tensor's external bytes are (file, offset, length), checked: the file lies in `folder` (as onnx
+    requires), holds them, and they are as many as the tensor's shape and type need."""
+    info = ExternalDataInfo(tensor)
+    location = Path(info.location)
+    if location.is_absolute() or ".." in location.parts:
+        raise ValueError(f"tensor '{tensor.name}': external data location '{info.location}' is outside the model's "
+                         f"folder")
+    file = folder / location
+    size = file.stat().st_size  # a missing file raises FileNotFoundError, with its name
+    offset = info.offset or 0
+    length = info.length if info.length is not None else size - offset
+    if tensor.data_type in PLAIN_TYPES:
+        needed = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if length != needed:
+            raise ValueError(f"tensor '{tensor.name}' has {length} bytes of data but needs {needed}")
+    if offset + length > size:
+        raise ValueError(f"tensor '{tensor.name}' has {max(size - offset, 0)} bytes of data in {file.name} but "
+                         f"needs {length} (a truncated file)")
+    return file, offset, length
 
 
 def refuse_input_files(path: str | Path) -> None:
