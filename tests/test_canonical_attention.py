@@ -1,6 +1,7 @@
-"""ONNX's Attention op (opset 23) written out in plain ops (canonical.expand_attention): the model's outputs stay
-those of the op, its relevance is that of the same attention written by hand with MatMul and Softmax, and a torch
-dynamo export of scaled_dot_product_attention gives LXT's relevance."""
+"""ONNX's Attention op (opsets 23 to 25: masks, causal order, softcap, sliding windows, a KV cache) written out in
+plain ops (canonical.expand_attention): the model's outputs stay those of the op, its relevance is that of the same
+attention written by hand with MatMul and Softmax, and a torch dynamo export of scaled_dot_product_attention gives
+LXT's relevance."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,10 @@ def _cases(rng: np.random.Generator) -> dict[str, dict]:
         "causal_and_bool_mask": dict(attrs={"is_causal": 1}, mask=bool_mask,
                                      bias=np.where(upper | ~bool_mask, -np.inf, zeros)),
         "grouped_query": dict(attrs={}, mask=None, bias=None, kv_heads=1),
+        "softcap_causal": dict(attrs={"softcap": 1.5, "is_causal": 1}, mask=None, bias=np.where(upper, -np.inf, zeros)),
+        "sliding_window": dict(attrs={"is_causal": 1, "left_window_size": 1}, mask=None, opset=25,
+                               bias=np.where(upper | np.tril(np.ones((TOKENS, TOKENS), dtype=bool), k=-2), -np.inf,
+                                             zeros)),
     }
 
 
@@ -64,18 +69,23 @@ def _models(case: dict, weights: dict, four_d: bool) -> tuple[onnx.ModelProto, o
     attention = helper.make_node("Attention", inputs + (["mask"] if case["mask"] is not None else []),
                                  ["y4" if four_d else "y"], **case["attrs"], **extra)
     with_op = _model(head + (heads4 if four_d else []) + [attention] + (merge if four_d else []) + tail,
-                     weights | (shapes if four_d else {}), {"mask": case["mask"]} if case["mask"] is not None else {})
+                     weights | (shapes if four_d else {}), {"mask": case["mask"]} if case["mask"] is not None else {},
+                     case.get("opset", 23))
     by_hand = _model(head + heads4 + [
         helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", ["q4", "kt"], ["qk"]), helper.make_node("Mul", ["qk", "scale"], ["scores"])] +
+        helper.make_node("MatMul", ["q4", "kt"], ["qk"]), helper.make_node("Mul", ["qk", "scale"], ["scaled"])] +
+        ([helper.make_node("Div", ["scaled", "cap"], ["shrunk"]), helper.make_node("Tanh", ["shrunk"], ["bent"]),
+          helper.make_node("Mul", ["bent", "cap"], ["scores"])] if "softcap" in case["attrs"] else
+         [helper.make_node("Identity", ["scaled"], ["scores"])]) +
         ([helper.make_node("Add", ["scores", "bias"], ["biased"])] if case["bias"] is not None else []) + [
         helper.make_node("Softmax", ["biased" if case["bias"] is not None else "scores"], ["p"], axis=-1),
         helper.make_node("MatMul", ["p", "v4"], ["y4"])] + merge + tail,
-        weights | shapes | {"scale": np.array(scale)} | ({"bias": case["bias"]} if case["bias"] is not None else {}))
+        weights | shapes | {"scale": np.array(scale), "cap": np.array(case["attrs"].get("softcap", 1.0))} |
+        ({"bias": case["bias"]} if case["bias"] is not None else {}))
     return with_op, by_hand
 
 
-def _model(nodes: list, floats: dict, masks: dict | None = None) -> onnx.ModelProto:
+def _model(nodes: list, floats: dict, masks: dict | None = None, opset: int = 23) -> onnx.ModelProto:
     ints = ("axes", "merged", "shape1", "shape2")
     initializers = [numpy_helper.from_array(np.asarray(v, np.int64 if k in ints else np.float32), k)
                     for k, v in floats.items()]
@@ -85,13 +95,22 @@ def _model(nodes: list, floats: dict, masks: dict | None = None) -> onnx.ModelPr
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", TOKENS, HIDDEN])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
                               initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
-    model.ir_version = 10
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset < 25 else 11
     onnx.checker.check_model(model)
     return model
 
 
 CASES = _cases(np.random.default_rng(0))
+
+
+def run_op(model: onnx.ModelProto, feeds: dict, names: list[str] | None = None) -> list[np.ndarray]:
+    """The Attention model's outputs: ONNX Runtime's, or onnx's reference for opset 25's windows (which ONNX
+    Runtime 1.31 does not know)."""
+    if model.opset_import[0].version < 25:
+        return run(model, feeds, names)
+    from onnx.reference import ReferenceEvaluator
+    return ReferenceEvaluator(model).run(names, feeds)
 
 
 @pytest.mark.parametrize("four_d", (False, True), ids=("3d", "4d"))
@@ -102,7 +121,7 @@ def test_attention_written_out(rng, case, four_d):
     with_op, by_hand = _models(CASES[case], _projections(rng, CASES[case].get("kv_heads", 2), 2), four_d)
     x = rng.standard_normal((2, TOKENS, HIDDEN)).astype(np.float32)
     feeds = {"input": x, "target": np.array([0, 2])}
-    original = run(with_op, {"input": x})[0]
+    original = run_op(with_op, {"input": x})[0]
     np.testing.assert_allclose(run(by_hand, {"input": x})[0], original, rtol=1e-5, atol=1e-6)
     for composite in COMPOSITES:
         logits, actual = run(onnxlrp.build(with_op, onnxlrp.load_composite(composite)), feeds, ["logits", "relevance"])
@@ -119,19 +138,60 @@ def test_expand_attention_leaves_no_attention(rng):
     assert not expand_attention(graph)
 
 
+def _with_cache(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The 4D model with a KV cache: inputs past_key and past_value [N, 2, P, 4], outputs present_key and
+    present_value."""
+    cached = onnx.ModelProto()
+    cached.CopyFrom(model)
+    node = next(n for n in cached.graph.node if n.op_type == "Attention")
+    node.input.extend([""] * (4 - len(node.input)) + ["past_key", "past_value"])
+    node.output.extend(["present_key", "present_value"])
+    for name in ("past_key", "past_value"):
+        cached.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2, "P", 4]))
+    for name in ("present_key", "present_value"):
+        cached.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2, "PT", 4]))
+    return cached
+
+
+@pytest.mark.parametrize("case", ("causal", "sliding_window"))
+def test_attention_with_a_kv_cache(rng, case):
+    """Attention with past_key and past_value: with a past of 2 positions the built model's logits and presents
+    are the op's (causal order and window counted from the cache's end); with an empty past its relevance is that of
+    the model without a cache (the past is never explained)."""
+    with_op, by_hand = _models(CASES[case], _projections(rng, 2, 2), four_d=True)
+    cached = _with_cache(with_op)
+    x = rng.standard_normal((2, TOKENS, HIDDEN)).astype(np.float32)
+    past = {name: rng.standard_normal((2, 2, 2, 4)).astype(np.float32) for name in ("past_key", "past_value")}
+    empty = {name: np.zeros((2, 2, 0, 4), np.float32) for name in past}
+    names = ["logits", "present_key", "present_value"]
+    for composite in COMPOSITES:
+        built = onnxlrp.build(cached, onnxlrp.load_composite(composite))
+        for given in (past, empty):
+            for expected, actual in zip(run_op(cached, {"input": x, **given}, names),
+                                        run(built, {"input": x, **given}, names)):
+                np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+        actual = run(built, {"input": x, **empty, "target": np.array([1, 0])}, ["relevance"])[0]
+        expected = run(onnxlrp.build(by_hand, onnxlrp.load_composite(composite)),
+                       {"input": x, "target": np.array([1, 0])}, ["relevance"])[0]
+        assert np.abs(actual).sum() > 0 and relative_error(actual, expected) < 1e-6, composite
+
+
 @pytest.mark.parametrize("change, fragment", [
-    (lambda node: node.attribute.append(helper.make_attribute("softcap", 30.0)), "softcap"),
-    (lambda node: node.input.extend(["", "past", "past"]), "past_key, past_value"),
-    (lambda node: node.output.extend(["present_key"]), "output present_key"),
+    (lambda node: node.input.extend(["", "", "", "lengths"]), "nonpad_kv_seqlen"),
+    (lambda node: node.input.extend(["", "past"]), "past_key without past_value"),
+    (lambda node: node.output.extend(["", "", "scores"]), "output qk_matmul_output"),
 ])
 def test_attention_refusals_are_one_line(rng, change, fragment):
     with_op, _ = _models(CASES["plain"], _projections(rng, 2, 2), four_d=True)
+    with_op.opset_import[0].version = 24
     node = next(n for n in with_op.graph.node if n.op_type == "Attention")
     change(node)
     if "past" in node.input:
         with_op.graph.input.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, ["N", 2, 1, 4]))
-    if "present_key" in node.output:
-        with_op.graph.output.append(helper.make_tensor_value_info("present_key", TensorProto.FLOAT, None))
+    if "lengths" in node.input:
+        with_op.graph.input.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["N"]))
+    if "scores" in node.output:
+        with_op.graph.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, None))
     with pytest.raises(LrpError) as error:
         onnxlrp.build(with_op, onnxlrp.load_composite("attnlrp"))
     message = str(error.value)

@@ -1,5 +1,6 @@
-"""ONNX's Attention op (opset 23) written out in plain ops, so that the MatMul, Softmax and Add emitters give it
-AttnLRP's or CP-LRP's rules."""
+"""ONNX's Attention op (opset 23 to 25) written out in plain ops, so that the MatMul, Softmax and Add emitters give
+it AttnLRP's or CP-LRP's rules: heads split and repeated (grouped-query), the KV cache before the new keys and values
+(the present outputs), soft-capping, the mask, the causal order and sliding windows counted from the cache's end."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,13 +8,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import replace
+from ..ir.graph import optional_input
 from ..ir.ops import Ops, Tensor
 
 
-# Attention (opset 23+): its inputs and outputs by position, and what this rewrite refuses when present.
-ATTENTION_STATE_INPUTS = {4: "past_key", 5: "past_value", 6: "nonpad_kv_seqlen"}
-ATTENTION_STATE_OUTPUTS = {1: "present_key", 2: "present_value", 3: "qk_matmul_output"}
+# Attention (opset 23+): what this rewrite refuses when present, by input and output position.
+REFUSED_INPUTS = {6: "nonpad_kv_seqlen"}
+REFUSED_OUTPUTS = {3: "qk_matmul_output"}
 
 
 def expand_attention(graph: gs.Graph) -> bool:
@@ -27,16 +28,14 @@ def expand_attention(graph: gs.Graph) -> bool:
 
 
 def _attention_refusal(graph: gs.Graph, node: gs.Node) -> str | None:
-    """What of an Attention node the rewrite does not write out (a KV cache, softcap, windows), or None."""
+    """What of an Attention node the rewrite does not write out (nonpad_kv_seqlen, the scores as an output, a
+    past key without a past value), or None."""
     outputs = {id(t) for t in graph.outputs}
-    used = [name for index, name in ATTENTION_STATE_OUTPUTS.items() if index < len(node.outputs)
+    used = [name for index, name in REFUSED_OUTPUTS.items() if index < len(node.outputs)
             and (node.outputs[index].outputs or id(node.outputs[index]) in outputs)]
-    given = [name for index, name in ATTENTION_STATE_INPUTS.items()
-             if index < len(node.inputs) and node.inputs[index].name]
-    if node.attrs.get("softcap", 0.0):
-        given.append("softcap")
-    if node.attrs.get("left_window_size", -1) != -1 or node.attrs.get("right_window_size", -1) != -1:
-        given.append("a sliding window")
+    given = [name for index, name in REFUSED_INPUTS.items() if optional_input(node, index) is not None]
+    if (optional_input(node, 4) is None) != (optional_input(node, 5) is None):
+        given.append("past_key without past_value (or the other way round)")
     if used or given:
         return ", ".join(given + [f"output {name}" for name in used])
     if any(t.shape is None or len(t.shape) != len(node.inputs[0].shape or []) for t in node.inputs[:3]) or \
@@ -51,7 +50,7 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
     if refused:
         raise LrpError(f"{where}: {refused} is not supported")
     q, k, v = node.inputs[:3]
-    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    mask, past_key, past_value = (optional_input(node, index) for index in (3, 4, 5))
     ops = Ops(graph, graph.opset, np.dtype(q.dtype))
     ops.scope = node.name
     split = len(q.shape) == 3  # [N, S, heads * size]: split into heads, and merge them again at the end
@@ -62,21 +61,50 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
         raise LrpError(f"{where}: needs static head counts and head sizes (query heads a multiple of key heads)")
     if split:
         q, k, v = (split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
-    k, v = (repeat_heads(ops, t, heads, size) for t, size in ((k, sizes[1]), (v, sizes[2])))
+    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
+               ((past_key, k), (past_value, v))]  # the KV cache before the new keys and values
+    k, v = (repeat_heads(ops, t, heads, size) for t, size in zip(present, sizes[1:]))
     scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
-    scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
-    bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), lengths, where)
+    scores = softcapped(ops, ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale)),
+                        node.attrs.get("softcap", 0.0))
+    windows = (node.attrs.get("left_window_size", -1), node.attrs.get("right_window_size", -1))
+    bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), windows, lengths, q, past_key, k, where)
     probabilities = _softmax(ops, scores if bias is None else ops("Add", scores, bias), node.attrs)
-    if mask is not None:  # a row with every key masked gives 0, not NaN
+    if bias is not None and (mask is not None or windows != (-1, -1)):  # a row with every key masked: 0, not NaN
         masked = ops("Equal", ops("ReduceMax", bias, ops.ints([-1]), keepdims=1), ops.scalar(-np.inf))
         probabilities = ops("Where", masked, ops.scalar(0.0), probabilities)
     y = ops("MatMul", probabilities, v)
     if split:
         y = ops("Reshape", ops("Transpose", y, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
-    output = node.outputs[0]
+    outputs = list(node.outputs)
     node.outputs.clear()
     node.inputs.clear()
-    replace(y.inputs[0].outputs, [output])
+    for output, written in zip(outputs, [y, *present]):
+        if output.name:
+            graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+
+
+def softcapped(ops: Ops, scores: Tensor, cap: float) -> Tensor:
+    """Soft-capping of attention scores (Gemma 2's), cap tanh(scores / cap), before the mask; the scores as they
+    are for cap 0. Tanh passes relevance as any elementwise activation does under AttnLRP."""
+    return ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap)) if cap else scores
+
+
+def positions_allowed(ops: Ops, queries_at: Tensor, keys_at: Tensor, causal: bool, left: int, right: int
+                      ) -> Tensor | None:
+    """Where query position p (queries_at [S, 1]) may read key position j (keys_at [L]): j <= p when causal,
+    p - left <= j and j <= p + right for a sliding window (-1: that side unbounded); None when all may."""
+    conditions = []
+    if causal:
+        conditions.append(ops("Not", ops("Greater", keys_at, queries_at)))
+    if left >= 0:
+        conditions.append(ops("Not", ops("Greater", ops("Sub", queries_at, keys_at), ops.scalar(left, np.int64))))
+    if right >= 0:
+        conditions.append(ops("Not", ops("Greater", ops("Sub", keys_at, queries_at), ops.scalar(right, np.int64))))
+    allowed = conditions[0] if conditions else None
+    for condition in conditions[1:]:
+        allowed = ops("And", allowed, condition)
+    return allowed
 
 
 def _head_size(tensor: gs.Tensor, heads: int | None) -> int | None:
@@ -102,21 +130,34 @@ def repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) ->
     return ops("Reshape", copies, ops.ints([0, heads[0], -1, size]))
 
 
-def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, lengths: list, where: str) -> Tensor | None:
-    """The additive bias of the scores: the mask (a boolean one as 0 / -inf) plus the causal -inf above the
-    diagonal; None when there is neither."""
+def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, windows: tuple[int, int], lengths: list, q: Tensor,
+                    past_key: Tensor | None, keys: Tensor, where: str) -> Tensor | None:
+    """The additive bias of the scores: the mask (a boolean one as 0 / -inf) plus -inf where the causal order or
+    the sliding window forbids a key; None when there is neither. Query i sits at position past + i (after the KV
+    cache `past_key`), key j at j of the keys with the cache (`keys`)."""
     terms = []
     if mask is not None:
-        if mask.shape is not None and isinstance(mask.shape[-1], int) and mask.shape[-1] != lengths[1]:
+        if past_key is None and mask.shape is not None and isinstance(mask.shape[-1], int) and \
+                mask.shape[-1] != lengths[1]:
             raise LrpError(f"{where}: an attn_mask shorter than the key sequence is not supported")
         is_bool = mask.dtype is not None and np.dtype(mask.dtype) == np.bool_
         terms.append(ops("Where", mask, ops.scalar(0.0), ops.scalar(-np.inf)) if is_bool else mask)
-    if causal:
-        if not all(isinstance(n, int) for n in lengths):
-            raise LrpError(f"{where}: is_causal needs static query and key lengths")
+    static = past_key is None and windows == (-1, -1) and all(isinstance(n, int) for n in lengths)
+    if causal and static:  # the plain causal mask, a constant
         above = np.triu(np.ones(lengths, dtype=bool), k=1)
         terms.append(ops.const(np.where(above, -np.inf, 0.0)))
+    elif causal or windows != (-1, -1):
+        steps = ops("Range", ops.scalar(0, np.int64), _length(ops, q, 2), ops.scalar(1, np.int64))
+        past = _length(ops, past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+        keys_at = ops("Range", ops.scalar(0, np.int64), _length(ops, keys, 2), ops.scalar(1, np.int64))
+        allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, bool(causal), *windows)
+        terms.append(ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf)))
     return ops("Add", *terms) if len(terms) == 2 else (terms[0] if terms else None)
+
+
+def _length(ops: Ops, tensor: Tensor, axis: int) -> Tensor:
+    """The size of one axis of a tensor, computed (a scalar int64)."""
+    return ops("Gather", ops("Shape", tensor), ops.scalar(axis, np.int64), axis=0)
 
 
 def _softmax(ops: Ops, scores: Tensor, attrs: dict) -> Tensor:

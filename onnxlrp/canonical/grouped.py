@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import repeat_heads
+from .attention import positions_allowed, repeat_heads, softcapped
 from .rotary import rotate
 
 # Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
@@ -61,9 +61,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
-    cap = node.attrs.get("softcap", 0.0)
-    if cap:  # Gemma 2's soft-capping: cap tanh(scores / cap), before the mask (Tanh passes relevance)
-        scores = ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap))
+    scores = softcapped(ops, scores, node.attrs.get("softcap", 0.0))
     probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)
     y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
@@ -80,9 +78,7 @@ def _bias(ops: Ops, seqlens: Tensor, past: Tensor, steps: Tensor, keys: Tensor, 
     total = ops("Gather", ops("Shape", keys), ops.scalar(2, np.int64), axis=0)
     keys_at = ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64))  # [L]
     queries_at = ops.unsqueeze(ops("Add", steps, past), [1])  # [S, 1]
-    allowed = ops("Not", ops("Greater", keys_at, queries_at))  # [S, L]
-    if window > 0:
-        allowed = ops("And", allowed, ops("Greater", keys_at, ops("Sub", queries_at, ops.scalar(window, np.int64))))
+    allowed = positions_allowed(ops, queries_at, keys_at, True, window - 1 if window > 0 else -1, -1)  # [S, L]
     last = ops("Cast", seqlens, to=onnx.TensorProto.INT64)  # [N]
     valid = ops("Not", ops("Greater", ops.unsqueeze(keys_at, [0]), ops.unsqueeze(last, [1])))  # [N, L]
     allowed = ops("And", ops.unsqueeze(allowed, [0]), ops.unsqueeze(valid, [1]))  # [N, S, L]
