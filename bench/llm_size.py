@@ -98,6 +98,7 @@ def export(folder: Path, layers: int, tokens: int) -> dict:
     del model
     gc.collect()
     loaded = onnx.load(str(raw / "qwen2.onnx"))  # the exporter writes a file per tensor over 2 GB: one data file
+    (folder / "qwen2.onnx.data").unlink(missing_ok=True)  # onnx appends to a data file that is already there
     onnx.save(loaded, str(folder / "qwen2.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="qwen2.onnx.data", size_threshold=1024)
     seconds = time.perf_counter() - start
