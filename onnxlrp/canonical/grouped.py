@@ -62,7 +62,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
     cap = node.attrs.get("softcap", 0.0)
-    if cap:  # Gemma 2's soft-capping: cap tanh(scores / cap), before the mask (Tanh passes relevance)
+    if cap:  # Gemma 2's soft-capping: cap tanh(scores / cap), before the mask (one SoftCap to the walk)
         scores = ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap))
     probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)

@@ -20,6 +20,7 @@ CANONICAL = "onnxlrp.canonical"
 # Canonical op types (besides Softmax, LogSoftmax, MatMul and OneHot, which keep the meaning of the ONNX op).
 STOP_GRADIENT = "StopGradient"  # a value the walk treats as a constant (LXT's stop-gradient)
 ACTIVATION = "Activation"  # an elementwise x * f(x) written out (SiLU, GELU)
+SOFT_CAP = "SoftCap"  # cap * tanh(x / cap), attribute `cap`: Gemma 2's soft-capping of scores and logits
 # How far up a chain of elementwise ops the gate of an activation x * f(x) is searched for x.
 ACTIVATION_DEPTH = 8
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh",
@@ -256,6 +257,28 @@ def is_activation(tensor: gs.Tensor, computed: Callable[[gs.Tensor], bool]) -> b
     return producer.op in ("Mul", "Div") and len(sources) == 1 and is_activation(sources[0], computed)
 
 
+def soft_cap(product: gs.Node) -> Match | None:
+    """tanh(x / cap) * cap, or tanh(x * (1 / cap)) * cap, for one scalar constant cap (Gemma 2 caps its attention
+    scores and final logits so): one layer, whose relevance is not that of the Tanh of an activation
+    (lrp/emitters/routing.py)."""
+    tanh = next((_producer(t, "Tanh") for t in product.inputs if _producer(t, "Tanh") is not None), None)
+    scaled = _producer(tanh.inputs[0], "Div", "Mul") if tanh is not None else None
+    if scaled is None:
+        return None
+    cap = _scalar(next(t for t in product.inputs if t is not tanh.outputs[0]))
+    by = _scalar(scaled.inputs[1])
+    inverse = by if scaled.op == "Div" else (1.0 / by if by else None)
+    if cap is None or inverse is None or not np.isclose(inverse, cap, rtol=1e-6, atol=0.0) or cap == 0:
+        return None
+    return Match([scaled, tanh, product], SOFT_CAP, [scaled.inputs[0]], product.outputs[0], {"cap": cap})
+
+
+def _scalar(tensor: gs.Tensor) -> float | None:
+    """The value of a constant of one element, or None."""
+    values = constant(tensor)
+    return float(values.reshape(())) if values is not None and values.size == 1 else None
+
+
 def one_hot(encoding: gs.Node) -> Match | None:
     """OneHot, or Equal of a tensor against a constant range of values (an Equal against one value, DistilBERT's
     `attention_mask == 0`, is a test, not an encoding), either side possibly broadcast by an Expand first (jax2tf's
@@ -316,6 +339,7 @@ PATTERNS = (
     Pattern("log-softmax written out", "Sub", log_softmax),
     Pattern("sigma of a norm", "Sqrt", sigma_of_a_norm),
     Pattern("dense layer with its bias", "MatMul", dense_bias),
+    Pattern("soft-capping", "Mul", soft_cap),
     Pattern("activation written out", "Mul", activation, outermost=True),
     Pattern("one-hot encoding", "OneHot", one_hot),
     Pattern("one-hot encoding", "Equal", one_hot),
