@@ -261,22 +261,25 @@ def soft_cap(product: gs.Node) -> Match | None:
     """tanh(x / cap) * cap, or tanh(x * (1 / cap)) * cap, for one scalar constant cap (Gemma 2 caps its attention
     scores and final logits so): one layer, whose relevance is not that of the Tanh of an activation
     (lrp/emitters/routing.py)."""
-    tanh = next((_producer(t, "Tanh") for t in product.inputs if _producer(t, "Tanh") is not None), None)
-    scaled = _producer(tanh.inputs[0], "Div", "Mul") if tanh is not None else None
-    if scaled is None:
+    outer = _times_scalar(product)
+    tanh = _producer(outer[0], "Tanh") if outer is not None else None
+    inner = _times_scalar(tanh.inputs[0].inputs[0]) if tanh is not None and tanh.inputs[0].inputs else None
+    if inner is None or outer[1] == 0 or not np.isclose(inner[1] * outer[1], 1.0, rtol=1e-6, atol=0.0):
         return None
-    cap = _scalar(next(t for t in product.inputs if t is not tanh.outputs[0]))
-    by = _scalar(scaled.inputs[1])
-    inverse = by if scaled.op == "Div" else (1.0 / by if by else None)
-    if cap is None or inverse is None or not np.isclose(inverse, cap, rtol=1e-6, atol=0.0) or cap == 0:
-        return None
-    return Match([scaled, tanh, product], SOFT_CAP, [scaled.inputs[0]], product.outputs[0], {"cap": cap})
+    return Match([tanh.inputs[0].inputs[0], tanh, product], SOFT_CAP, [inner[0]], product.outputs[0],
+                 {"cap": outer[1]})
 
 
-def _scalar(tensor: gs.Tensor) -> float | None:
-    """The value of a constant of one element, or None."""
-    values = constant(tensor)
-    return float(values.reshape(())) if values is not None and values.size == 1 else None
+def _times_scalar(node: gs.Node) -> tuple[gs.Tensor, float] | None:
+    """(x, k) where the Mul or Div `node` computes x * k (x / d: k = 1 / d) for a scalar constant k, or None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    values = [constant(t) for t in node.inputs]
+    scalars = [None if v is None or v.size != 1 else float(v.reshape(())) for v in values]
+    if node.op == "Div":
+        return (node.inputs[0], 1.0 / scalars[1]) if values[0] is None and scalars[1] else None
+    side = next((i for i in (1, 0) if scalars[i] is not None and values[1 - i] is None), None)
+    return None if side is None else (node.inputs[1 - side], scalars[side])
 
 
 def one_hot(encoding: gs.Node) -> Match | None:
