@@ -86,7 +86,8 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
 
 def softcapped(ops: Ops, scores: Tensor, cap: float) -> Tensor:
     """Soft-capping of attention scores (Gemma 2's), cap tanh(scores / cap), before the mask; the scores as they
-    are for cap 0. Tanh passes relevance as any elementwise activation does under AttnLRP."""
+    are for cap 0. The walk sees one SoftCap (canonical/patterns.py), whose relevance follows x times its gradient
+    as LXT's does."""
     return ops("Mul", ops("Tanh", ops("Div", scores, ops.scalar(cap))), ops.scalar(cap)) if cap else scores
 
 

@@ -20,6 +20,7 @@ CANONICAL = "onnxlrp.canonical"
 # Canonical op types (besides Softmax, LogSoftmax, MatMul and OneHot, which keep the meaning of the ONNX op).
 STOP_GRADIENT = "StopGradient"  # a value the walk treats as a constant (LXT's stop-gradient)
 ACTIVATION = "Activation"  # an elementwise x * f(x) written out (SiLU, GELU)
+SOFT_CAP = "SoftCap"  # cap * tanh(x / cap), attribute `cap`: Gemma 2's soft-capping of scores and logits
 # How far up a chain of elementwise ops the gate of an activation x * f(x) is searched for x.
 ACTIVATION_DEPTH = 8
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh",
@@ -256,6 +257,31 @@ def is_activation(tensor: gs.Tensor, computed: Callable[[gs.Tensor], bool]) -> b
     return producer.op in ("Mul", "Div") and len(sources) == 1 and is_activation(sources[0], computed)
 
 
+def soft_cap(product: gs.Node) -> Match | None:
+    """tanh(x / cap) * cap, or tanh(x * (1 / cap)) * cap, for one scalar constant cap (Gemma 2 caps its attention
+    scores and final logits so): one layer, whose relevance is not that of the Tanh of an activation
+    (lrp/emitters/routing.py)."""
+    outer = _times_scalar(product)
+    tanh = _producer(outer[0], "Tanh") if outer is not None else None
+    inner = _times_scalar(tanh.inputs[0].inputs[0]) if tanh is not None and tanh.inputs[0].inputs else None
+    if inner is None or outer[1] == 0 or not np.isclose(inner[1] * outer[1], 1.0, rtol=1e-6, atol=0.0):
+        return None
+    return Match([tanh.inputs[0].inputs[0], tanh, product], SOFT_CAP, [inner[0]], product.outputs[0],
+                 {"cap": outer[1]})
+
+
+def _times_scalar(node: gs.Node) -> tuple[gs.Tensor, float] | None:
+    """(x, k) where the Mul or Div `node` computes x * k (x / d: k = 1 / d) for a scalar constant k, or None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    values = [constant(t) for t in node.inputs]
+    scalars = [None if v is None or v.size != 1 else float(v.reshape(())) for v in values]
+    if node.op == "Div":
+        return (node.inputs[0], 1.0 / scalars[1]) if values[0] is None and scalars[1] else None
+    side = next((i for i in (1, 0) if scalars[i] is not None and values[1 - i] is None), None)
+    return None if side is None else (node.inputs[1 - side], scalars[side])
+
+
 def one_hot(encoding: gs.Node) -> Match | None:
     """OneHot, or Equal of a tensor against a constant range of values (an Equal against one value, DistilBERT's
     `attention_mask == 0`, is a test, not an encoding), either side possibly broadcast by an Expand first (jax2tf's
@@ -316,6 +342,7 @@ PATTERNS = (
     Pattern("log-softmax written out", "Sub", log_softmax),
     Pattern("sigma of a norm", "Sqrt", sigma_of_a_norm),
     Pattern("dense layer with its bias", "MatMul", dense_bias),
+    Pattern("soft-capping", "Mul", soft_cap),
     Pattern("activation written out", "Mul", activation, outermost=True),
     Pattern("one-hot encoding", "OneHot", one_hot),
     Pattern("one-hot encoding", "Equal", one_hot),

@@ -19,7 +19,7 @@ from typing import Callable, Collection, Iterator, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..canonical.patterns import PLACING, STOP_GRADIENT, encoded_input
+from ..canonical.patterns import PLACING, SOFT_CAP, STOP_GRADIENT, encoded_input
 from ..errors import LrpError
 from ..ir.graph import constant, floating
 from .families import Family
@@ -139,7 +139,7 @@ IF_ALL_INPUTS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                  "Tile", "Expand"}
 IF_ANY_INPUT = {"Max"}
 # Ops whose outputs are finite whatever their inputs.
-BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Sin", "Cos", "Softsign"}
+BOUNDED = {"Softmax", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Sin", "Cos", "Softsign", SOFT_CAP}
 # Share of a float type's largest value from which a constant counts as a mask value: two of them overflow a sum.
 LARGE = 0.25
 # Ops whose constant inputs are weights and biases (read once per build would be a pass over every weight), not masks.

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...canonical.patterns import ACTIVATION
+from ...canonical.patterns import ACTIVATION, SOFT_CAP
 from ...ir.graph import constant, floating, static
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
@@ -56,6 +56,17 @@ def _first_only(relevance: Tensor, node: gs.Node) -> list[Tensor | None]:
 def activation(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Elementwise layers (and BatchNormalization that could not be folded) pass relevance unchanged."""
     return _first_only(relevance[0], node)
+
+
+@routes("soft-capping", (SOFT_CAP,), zeros="kept")
+def soft_capping(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """y = cap * tanh(x / cap) (canonical/patterns.py) follows its gradient times its input, R_x = x (1 - t^2) R / y
+    with t = y / cap (0 where y is 0): LXT patches the activation of an MLP (the identity rule, as the activations
+    above) but not this Tanh, so its gradient reaches the scores and the logits."""
+    x, y = node.inputs[0], node.outputs[0]
+    t = ops("Div", y, ops.scalar(node.attrs["cap"]))
+    slope = ops("Sub", ops.scalar(1.0), ops("Mul", t, t))
+    return [ops("Mul", x, ops("Mul", slope, ops.divide_stabilized(relevance[0], y, 0.0)))]
 
 
 @routes("negation", ("Neg",), zeros="routed")
@@ -312,4 +323,4 @@ def where(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[T
     return [None] + [unbroadcast(ops, r, t, node.outputs[0]) if computed(t) else None for r, t in zip(chosen, (a, b))]
 
 
-FAMILIES = (activation, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)
+FAMILIES = (activation, soft_capping, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)
