@@ -17,16 +17,22 @@ SOFTMAX_RULES = ("softmax", "stop")
 
 @dataclass
 class Softmax(OfNode, Shared):
-    """s = softmax(z) over `axes`: c = J^T (R / s) = R - s * sum(R), in closed form (R_z = z * c)."""
+    """s = softmax(z) over `axes`: c = J^T (R / s) = R - s * sum(R), in closed form (R_z = z * c). `finite`: False
+    where z may hold -inf (a mask): a row masked whole has s = NaN, which the model replaces (torch's
+    scaled_dot_product_attention as exported: Where(IsNaN(s), 0, s)) and whose R is then 0, so s * sum(R) is taken
+    as 0 where sum(R) is 0."""
     node: gs.Node
     axes: list[int]
+    finite: bool = True
 
     @property
     def inputs(self) -> list[Tensor | None]:
         return [self.node.inputs[0]]
 
     def exact_backward(self, ops: Ops, relevance: Tensor) -> list[Tensor | None]:
-        return [ops("Sub", relevance, ops("Mul", self.output, ops.reduce_sum(relevance, self.axes)))]
+        total = ops.reduce_sum(relevance, self.axes)
+        share = ops("Mul", self.output, total)
+        return [ops("Sub", relevance, share if self.finite else ops.zero_where_zero(total, share))]
 
     def backward(self, ops: Ops, s: Tensor) -> list[Tensor | None]:
         raise Unsupported("the softmax rule has no stabilizer")
@@ -46,7 +52,7 @@ def softmax_axes(node: gs.Node, opset: int) -> list[int]:
 
 @family("softmax", ("Softmax",), SOFTMAX_RULES, detachable=True)
 def softmax(ctx: Context, node: gs.Node) -> Layer:
-    return Softmax(node, softmax_axes(node, ctx.ops.opset))
+    return Softmax(node, softmax_axes(node, ctx.ops.opset), ctx.finite(node.inputs[0]))
 
 
 FAMILIES = (softmax,)
