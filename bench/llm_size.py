@@ -72,15 +72,8 @@ def export(folder: Path, layers: int, tokens: int) -> dict:
     """Export the model as the logits [N, T, V] of input_ids and attention_mask to folder/qwen2.onnx (+ .data)."""
     import onnx
     import torch
-    from torch import nn
-
-    class Logits(nn.Module):
-        def __init__(self, model: nn.Module):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+    from make_llms import Logits  # the logits [N, T, V] of input_ids and attention_mask, as the fixtures export
 
     model = torch_model(layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: the table counted once
