@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import constant
+from ..ir.graph import constant, optional_input
 from ..ir.ops import Ops, Tensor
 from .control import MAX_STEPS, rebind, stacked
 
@@ -117,14 +117,10 @@ def _refuse(source: str, node: gs.Node, reason: str) -> LrpError:
     return LrpError(f"{source}: node '{node.name}' ({node.op}): {reason}")
 
 
-def _input(node: gs.Node, index: int) -> gs.Tensor | None:
-    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
-
-
 def _initial(ops: Ops, node: gs.Node, index: int | None, direction: int, axis: int) -> Tensor | None:
     """One direction's initial state as [N, H] (ONNX gives [directions, N, H], or [N, directions, H] in layout 1):
     None where it is absent or a constant zero."""
-    tensor = _input(node, index) if index is not None else None
+    tensor = optional_input(node, index) if index is not None else None
     if tensor is None:
         return None
     values = constant(tensor)
@@ -149,7 +145,7 @@ def _checked(node: gs.Node, cell: Cell, source: str) -> tuple[str, list[Weights]
     if given != wanted:
         raise _refuse(source, node, f"activations {', '.join(_text(a) for a in attrs['activations'])} are not "
                                     f"explained (only the default {', '.join(cell.activations)})")
-    peepholes = _input(node, 7) if node.op == "LSTM" else None
+    peepholes = optional_input(node, 7) if node.op == "LSTM" else None
     if peepholes is not None and (constant(peepholes) is None or np.any(constant(peepholes))):
         raise _refuse(source, node, "peephole connections (input P) are not explained")
     w, r = (constant(t) for t in node.inputs[1:3])
@@ -158,7 +154,7 @@ def _checked(node: gs.Node, cell: Cell, source: str) -> tuple[str, list[Weights]
     if w.shape[1] != cell.blocks * r.shape[2] or r.shape[1] != w.shape[1]:
         raise _refuse(source, node, f"its weights have shapes {list(w.shape)} and {list(r.shape)}, not "
                                     f"[D, {cell.blocks} H, F] and [D, {cell.blocks} H, H]")
-    bias = _input(node, 3)
+    bias = optional_input(node, 3)
     b = constant(bias) if bias is not None else np.zeros((w.shape[0], 2 * w.shape[1]), w.dtype)
     if b is None:
         raise _refuse(source, node, "its bias B is computed, not a constant")
@@ -181,8 +177,11 @@ def unroll_recurrent(graph: gs.Graph, node: gs.Node, source: str) -> None:
                                     f"input's sizes with --input-shape) and at most {MAX_STEPS}")
     ops = Ops(graph, graph.opset, np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32))
     ops.scope = node.name
-    lengths = _input(node, 4)
-    lengths = ops("Cast", lengths, to=onnx.TensorProto.INT64) if lengths is not None else None
+    lengths = optional_input(node, 4)
+    valid = None  # per step, [N, 1]: whether each sequence reaches it (made once for both directions)
+    if lengths is not None:
+        lengths = ops.unsqueeze(ops("Cast", lengths, to=onnx.TensorProto.INT64), [1])
+        valid = [ops("Less", ops.scalar(t, np.int64), lengths) for t in range(steps)]
     inputs = [ops("Gather", x, ops.scalar(t, np.int64), axis=time_axis) for t in range(steps)]
     outputs, finals, cells = [], [], []
     for index, backwards in enumerate(DIRECTIONS[direction]):
@@ -191,12 +190,11 @@ def unroll_recurrent(graph: gs.Graph, node: gs.Node, source: str) -> None:
         sequence: list[Tensor | None] = [None] * steps
         for t in (reversed(range(steps)) if backwards else range(steps)):
             new_h, new_c = cell.step(Step(ops, weights[index], inputs[t], node.attrs), h, c)
-            if lengths is not None:
-                valid = ops.unsqueeze(ops("Less", ops.scalar(t, np.int64), lengths), [1])
-                sequence[t] = ops("Where", valid, new_h, ops.scalar(0.0))
-                new_h = ops("Where", valid, new_h, h if h is not None else ops.scalar(0.0))
+            if valid is not None:
+                sequence[t] = ops("Where", valid[t], new_h, ops.scalar(0.0))
+                new_h = ops("Where", valid[t], new_h, h if h is not None else ops.scalar(0.0))
                 if new_c is not None:
-                    new_c = ops("Where", valid, new_c, c if c is not None else ops.scalar(0.0))
+                    new_c = ops("Where", valid[t], new_c, c if c is not None else ops.scalar(0.0))
             else:
                 sequence[t] = new_h
             h, c = new_h, new_c
