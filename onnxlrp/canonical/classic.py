@@ -23,9 +23,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.graph import floating
+from ..ir.graph import constant, floating
 from ..ir.names import fresh_name
-from .patterns import CANONICAL, Collapsed
+from .patterns import CANONICAL, Collapsed, made_by
 
 ML = "ai.onnx.ml"
 LINEAR_MODEL = "LinearModel"  # canonical: a classic model's scores, x @ W + b (W stored [C, F]: Gemm's transB)
@@ -142,6 +142,11 @@ SCORERS: dict[str, Callable[[gs.Node, int], Scores]] = {
 }
 
 
+def _float_type(x: gs.Tensor) -> np.dtype:
+    """The type of a twin of x's computation: x's own where it is a float, else float32."""
+    return np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+
+
 class _Plain:
     """Plain nodes built outside the graph, each as (node, inputs, outputs), for `Collapsed.stand_in` or the graph."""
 
@@ -176,7 +181,7 @@ class _Plain:
 
 def _scaler(graph: gs.Graph, node: gs.Node, x: gs.Tensor) -> gs.Variable:
     """Scaler: (x - offset) * scale, as Sub and Mul by constants of x's type."""
-    plain = _Plain(graph, node.name, np.dtype(x.dtype) if floating(x) else np.dtype(np.float32))
+    plain = _Plain(graph, node.name, _float_type(x))
     shifted = plain("Sub", x, plain.const(_floats(node, "offset", [0.0])), shape=x.shape, name="offset")
     scaled = plain("Mul", shifted, plain.const(_floats(node, "scale", [1.0])), shape=x.shape, name="scale")
     plain.into_graph()
@@ -215,15 +220,6 @@ def _reached(node: gs.Node, graph: gs.Graph) -> frozenset[str]:
     return frozenset(reached)
 
 
-def _constant(tensor: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
-
-
-def _made_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    node = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
-    return node if node is not None and node.op == op else None
-
-
 @dataclass(frozen=True)
 class KMeans:
     """A k-means model found in a graph: its input, centroids [K, F] (float64), squared distances and the nodes that
@@ -238,25 +234,25 @@ def kmeans(argmin: gs.Node) -> KMeans | None:
     """skl2onnx's KMeans: the ArgMin over squared distances |x|^2 - 2 x mu^T + |mu|^2, written as ReduceSumSquare(x),
     Gemm(x, mu, alpha=-2) and two Adds; or None."""
     distances = argmin.inputs[0]
-    outer = _made_by(distances, "Add")
+    outer = made_by(distances, "Add")
     if argmin.attrs.get("axis", 0) != 1 or outer is None:
         return None
-    constants = [(_constant(t), u) for t, u in (outer.inputs, outer.inputs[::-1])]
-    norms, inner = next(((c, _made_by(u, "Add")) for c, u in constants if c is not None), (None, None))
+    constants = [(constant(t), u) for t, u in (outer.inputs, outer.inputs[::-1])]
+    norms, inner = next(((c, made_by(u, "Add")) for c, u in constants if c is not None), (None, None))
     if inner is None:
         return None
-    made = {node.op: node for node in (_made_by(t, op) for t in inner.inputs for op in ("ReduceSumSquare", "Gemm"))
+    made = {node.op: node for node in (made_by(t, "ReduceSumSquare", "Gemm") for t in inner.inputs)
             if node is not None}
     square, product = made.get("ReduceSumSquare"), made.get("Gemm")
-    weight = _constant(product.inputs[1]) if product is not None else None
+    weight = constant(product.inputs[1]) if product is not None else None
     if square is None or weight is None or square.inputs[0] is not product.inputs[0]:
         return None
     transposed = weight if product.attrs.get("transB", 0) else weight.T
     centroids = transposed.astype(np.float64) * (-product.attrs.get("alpha", 1.0) / 2)
     shifted = product.inputs[2] if len(product.inputs) > 2 else None
-    scaling = _made_by(shifted, "Mul") if shifted is not None else None
-    zero = shifted is None or (scaling is not None and any(np.all(_constant(t) == 0) for t in scaling.inputs
-                                                            if _constant(t) is not None))
+    scaling = made_by(shifted, "Mul")
+    zero = shifted is None or (scaling is not None and any(np.all(constant(t) == 0) for t in scaling.inputs
+                                                            if constant(t) is not None))
     if not zero or not np.allclose(norms.reshape(-1), (centroids ** 2).sum(1), rtol=1e-5, atol=1e-6):
         return None
     nodes = (square,) + ((scaling,) if scaling is not None else ()) + (product, inner, outer, argmin)
@@ -286,7 +282,7 @@ def _stand_in(graph: gs.Graph, collapsed: Collapsed, op: str, name: str, x: gs.T
               bias: np.ndarray, scored: list[str], labels: list[int]) -> gs.Node:
     """Add a canonical dense layer x @ weight.T + bias (weight [C, F], float64) that `collapsed.restore` turns into
     a plain Gemm; `scored`: the model's tensors its scores stand for, `labels`: the class labels in score order."""
-    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+    dtype = _float_type(x)
     name = fresh_name(graph, name)
     output = gs.Variable(name, dtype=dtype, shape=[x.shape[0] if x.shape else "N", len(bias)])
     inputs = [x, gs.Constant(fresh_name(graph, f"{name}/weight"), weight.astype(dtype)),
@@ -301,7 +297,7 @@ def _one_class_twin(graph: gs.Graph, collapsed: Collapsed, node: gs.Node, x: gs.
     """The squared distances d_j = sum_i (x_i - u_ji)^2 in plain ops that the walk reads (Reshape, Sub, Mul,
     ReduceSum), and an OutlierScore node that pools them: o = -log(sum_j a_j exp(-gamma d_j)) / gamma, restored as
     plain ops."""
-    dtype = np.dtype(x.dtype) if floating(x) else np.dtype(np.float32)
+    dtype = _float_type(x)
     batch, (count, features) = (x.shape[0] if x.shape else "N"), model.vectors.shape
     plain = _Plain(graph, f"{node.name}/distances", dtype)
     column = plain("Reshape", x, plain.const([0, 1, features], np.dtype(np.int64)), shape=[batch, 1, features])

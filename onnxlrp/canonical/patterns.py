@@ -57,7 +57,8 @@ class Pattern:
     outermost: bool = False
 
 
-def _producer(tensor: gs.Tensor | None, *ops: str) -> gs.Node | None:
+def made_by(tensor: gs.Tensor | None, *ops: str) -> gs.Node | None:
+    """The node of one of `ops` that computes the tensor, or None."""
     node = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
     return node if node is not None and node.op in ops else None
 
@@ -78,8 +79,8 @@ def _normalized(axes: Sequence[int] | None, tensor: gs.Tensor) -> list[int] | No
 
 def _unshifted(z: gs.Tensor, covered: list[gs.Node]) -> gs.Tensor:
     """z before a subtraction of its maximum (z - ReduceMax(z)), which the softmax does not change."""
-    shift = _producer(z, "Sub")
-    peak = _producer(shift.inputs[1], "ReduceMax") if shift is not None else None
+    shift = made_by(z, "Sub")
+    peak = made_by(shift.inputs[1], "ReduceMax") if shift is not None else None
     if peak is None or peak.inputs[0] is not shift.inputs[0]:
         return z
     covered[:0] = [peak, shift]
@@ -89,7 +90,7 @@ def _unshifted(z: gs.Tensor, covered: list[gs.Node]) -> gs.Tensor:
 def softmax(divide: gs.Node) -> Match | None:
     """Exp(z) / ReduceSum(Exp(z)) over constant axes (keepdims), z possibly shifted by its maximum."""
     e, total = divide.inputs
-    exp, reduction = _producer(e, "Exp"), _producer(total, "ReduceSum")
+    exp, reduction = made_by(e, "Exp"), made_by(total, "ReduceSum")
     if exp is None or reduction is None or reduction.inputs[0] is not e or not reduction.attrs.get("keepdims", 1):
         return None
     covered = [exp, reduction, divide]
@@ -100,9 +101,9 @@ def softmax(divide: gs.Node) -> Match | None:
 
 def log_softmax(subtract: gs.Node) -> Match | None:
     """t - Log(ReduceSum(Exp(t))), t possibly z shifted by its maximum (a classifier's log-softmax head)."""
-    log = _producer(subtract.inputs[1], "Log")
-    reduction = _producer(log.inputs[0], "ReduceSum") if log is not None else None
-    exp = _producer(reduction.inputs[0], "Exp") if reduction is not None else None
+    log = made_by(subtract.inputs[1], "Log")
+    reduction = made_by(log.inputs[0], "ReduceSum") if log is not None else None
+    exp = made_by(reduction.inputs[0], "Exp") if reduction is not None else None
     if exp is None or exp.inputs[0] is not subtract.inputs[0]:
         return None
     covered = [exp, reduction, log, subtract]
@@ -113,19 +114,19 @@ def log_softmax(subtract: gs.Node) -> Match | None:
 def _mean_of(tensor: gs.Tensor | None) -> gs.Tensor | None:
     """What `tensor` is the mean of: a ReduceMean (or tf2onnx's GlobalAveragePool), or a ReduceSum times or divided
     by a scalar constant (jax2tf's mean); None if it is no mean."""
-    mean = _producer(tensor, *MEANS)
+    mean = made_by(tensor, *MEANS)
     if mean is not None:
         return mean.inputs[0]
-    scaled = _producer(tensor, "Mul", "Div")
+    scaled = made_by(tensor, "Mul", "Div")
     if scaled is None or constant(scaled.inputs[1]) is None or constant(scaled.inputs[1]).size != 1:
         return None
-    total = _producer(scaled.inputs[0], "ReduceSum")
+    total = made_by(scaled.inputs[0], "ReduceSum")
     return total.inputs[0] if total is not None else None
 
 
 def _square_of(tensor: gs.Tensor | None) -> gs.Tensor | None:
     """What `tensor` is the square of (d * d or d ^ 2), None if it is no square."""
-    square = _producer(tensor, "Mul", "Pow")
+    square = made_by(tensor, "Mul", "Pow")
     if square is None:
         return None
     exponent = constant(square.inputs[1]) if square.op == "Pow" else None
@@ -139,7 +140,7 @@ def _variance(tensor: gs.Tensor) -> bool:
     """Whether `tensor` is a variance or mean square: mean(d ^ 2), or mean(x ^ 2) - mean(x) ^ 2 (flax's LayerNorm)."""
     if _square_of(_mean_of(tensor)) is not None:
         return True
-    difference = _producer(tensor, "Sub")
+    difference = made_by(tensor, "Sub")
     if difference is None:
         return False
     x = _square_of(_mean_of(difference.inputs[0]))
@@ -151,7 +152,7 @@ def sigma_of_a_norm(root: gs.Node) -> Match | None:
     constant to the walk (LXT's stop-gradient), so that whatever divides or multiplies by sigma or 1 / sigma
     (torch's Div, tf2onnx's Reciprocal and Mul, RMSNorm) passes relevance. See `_variance` for its forms."""
     tensor = root.inputs[0]
-    while (bound := _producer(tensor, *EPSILONS)) is not None:
+    while (bound := made_by(tensor, *EPSILONS)) is not None:
         variables = [t for t in bound.inputs if constant(t) is None]
         if len(variables) != 1:
             return None
@@ -198,7 +199,7 @@ def activation(product: gs.Node) -> Match | None:
 
 def _scaling(tensor: gs.Tensor) -> gs.Node | None:
     """The Mul or Div by a constant that computes `tensor` from one variable (its numerator), or None."""
-    node = _producer(tensor, "Mul", "Div")
+    node = made_by(tensor, "Mul", "Div")
     if node is None:
         return None
     variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
@@ -262,7 +263,7 @@ def soft_cap(product: gs.Node) -> Match | None:
     scores and final logits so): one layer, whose relevance is not that of the Tanh of an activation
     (lrp/emitters/routing.py)."""
     outer = _times_scalar(product)
-    tanh = _producer(outer[0], "Tanh") if outer is not None else None
+    tanh = made_by(outer[0], "Tanh") if outer is not None else None
     inner = _times_scalar(tanh.inputs[0].inputs[0]) if tanh is not None and tanh.inputs[0].inputs else None
     if inner is None or outer[1] == 0 or not np.isclose(inner[1] * outer[1], 1.0, rtol=1e-6, atol=0.0):
         return None
@@ -314,7 +315,7 @@ def one_hot(encoding: gs.Node) -> Match | None:
 
 def _unbroadcast(tensor: gs.Tensor, covered: list[gs.Node]) -> gs.Tensor:
     """The tensor before an Expand that broadcasts it (added to `covered`), or the tensor itself."""
-    expand = _producer(tensor, "Expand")
+    expand = made_by(tensor, "Expand")
     if expand is None:
         return tensor
     covered.append(expand)
@@ -324,7 +325,7 @@ def _unbroadcast(tensor: gs.Tensor, covered: list[gs.Node]) -> gs.Tensor:
 def _placed_from(tensor: gs.Tensor) -> str:
     """The tensor an encoded tensor comes from through ops that only place values (Unsqueeze, Cast ...)."""
     for _ in range(4):
-        producer = _producer(tensor, *PLACING)
+        producer = made_by(tensor, *PLACING)
         if producer is None:
             break
         tensor = producer.inputs[0]
