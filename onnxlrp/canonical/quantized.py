@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LrpError
-from ..ir.names import Names
+from ..ir.names import Names, proto_names
 from ..ir.validate import node_label
 
 TWIN = "lrp/twin/"
@@ -48,8 +48,7 @@ class Twin:
         self.dequantized: dict[tuple, str] = {}  # (tensor, scale, zero point, axis, block size) -> its float tensor
         self.nodes: list[onnx.NodeProto] = []
         self.added: list[onnx.TensorProto] = []
-        self.names = Names({t for n in graph.node for t in list(n.input) + list(n.output) + [n.name]}
-                           | set(self.initializers) | {v.name for v in graph.input})
+        self.names = Names(proto_names(graph))
 
     def value(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor (initializer, Constant node or one the twin added), or None."""
@@ -441,13 +440,12 @@ def dequantized_twin(model: onnx.ModelProto, source: str) -> onnx.ModelProto | N
             twin.floated.update(node.output)
     del graph.node[:]
     graph.node.extend(twin.nodes)
-    graph.initializer.extend(twin.added)
     for value in graph.output:
         if value.name in twin.floated:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:], graph.value_info[:]
+    kept = [t for t in [*graph.initializer, *twin.added] if t.name in used]
+    del graph.initializer[:]
     graph.initializer.extend(kept)
     return twin_model
 
