@@ -211,9 +211,14 @@ def _joined(ops: Ops, parts: Sequence[Tensor], axis: int) -> Tensor:
     return parts[0] if len(parts) == 1 else ops("Concat", *parts, axis=axis)
 
 
+def _is_cell(op: str, domain: str | None) -> bool:
+    """Whether an op is ONNX's LSTM, GRU or RNN."""
+    return op in CELLS and domain in (None, "", "ai.onnx")
+
+
 def has_recurrent(model: onnx.ModelProto) -> bool:
     """Whether the model has a recurrent node to write out (its own nodes then keep computing its outputs)."""
-    return any(node.op_type in CELLS and node.domain in (None, "", "ai.onnx") for node in model.graph.node)
+    return any(_is_cell(node.op_type, node.domain) for node in model.graph.node)
 
 
 def initial_states(model: onnx.ModelProto) -> list[str]:
@@ -221,14 +226,14 @@ def initial_states(model: onnx.ModelProto) -> list[str]:
     explains them beside the model input, and their relevance is an output too (lrp/walk.py)."""
     inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
     found = [node.input[index] for node in model.graph.node
-             if node.op_type in CELLS and node.domain in (None, "", "ai.onnx")
+             if _is_cell(node.op_type, node.domain)
              for index in (5, CELLS[node.op_type].initial_c) if index is not None and index < len(node.input)]
     return list(dict.fromkeys(name for name in found if name in inputs))
 
 
 def write_out_recurrent(graph: gs.Graph, source: str) -> bool:
     """Write out every recurrent node of the graph; returns whether there was one."""
-    nodes = [node for node in graph.nodes if node.op in CELLS and node.domain in (None, "", "ai.onnx")]
+    nodes = [node for node in graph.nodes if _is_cell(node.op, node.domain)]
     for node in nodes:
         unroll_recurrent(graph, node, source)
     return bool(nodes)
