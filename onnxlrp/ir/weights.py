@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import LrpError
 from .files import first_line, shell
+from .names import subgraph_protos
 
 
 def with_folded_weights(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -52,9 +53,8 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     names = set()
     for node in nodes:
         names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] * (attribute.type == onnx.AttributeProto.GRAPH) + list(attribute.graphs):
-                names.update(_names_read(list(subgraph.node)))
+        for subgraph in subgraph_protos(node):
+            names.update(_names_read(list(subgraph.node)))
     return names
 
 
