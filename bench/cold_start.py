@@ -28,6 +28,9 @@ import onnxruntime as ort
 import onnxlrp
 from onnxlrp.ir.files import save_atomic
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import composite as bench_composite  # noqa: E402
+
 LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "all": "ORT_ENABLE_ALL"}
 CHILD = """
@@ -70,9 +73,7 @@ def main() -> None:
                  "cpu": cpu, "size": 1.0})
     print(json.dumps(rows[:2]), flush=True)
     for preset in args.presets:
-        composite = onnxlrp.load_composite(preset)
-        if "box" in preset:
-            composite = composite.with_params({"low": -3.0, "high": 3.0})
+        composite = bench_composite(preset)
         paths = {option: folder / f"{preset}_{option}.onnx" for option in ("default", "folded", "optimized")}
         onnx.save(onnxlrp.build(source, composite), str(paths["default"]))
         onnx.save(onnxlrp.build(source, composite, fold_weights=True), str(paths["folded"]))

@@ -9,13 +9,18 @@ import argparse
 import collections
 import json
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 import onnxlrp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import composite as bench_composite  # noqa: E402
 
 ort.set_default_logger_severity(3)
 
@@ -53,9 +58,7 @@ def main() -> None:
     forward = sum(kernel_ms(source, x, args.runs).values())
     print(f"forward pass: {forward:.1f} ms of kernels")
     for preset in args.presets:
-        composite = onnxlrp.load_composite(preset)
-        if "box" in preset:
-            composite = composite.with_params({"low": -3.0, "high": 3.0})
+        composite = bench_composite(preset)
         times = kernel_ms(onnxlrp.build(source, composite), x, args.runs)
         total = sum(times.values())
         print(f"\n{preset}: {total:.1f} ms of kernels, {total / forward:.2f}x the forward pass's")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +30,9 @@ import onnxruntime as ort
 import onnxlrp
 from onnxlrp.ir import ops as writer
 from onnxlrp.ir.ops import Ops
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import composite as bench_composite  # noqa: E402
 
 ort.set_default_logger_severity(3)
 # name: (in channels, out channels, kernel, stride, pad, input side): ResNet-50 (torchvision) at 224x224
@@ -108,9 +113,7 @@ def whole_graphs(path: str, presets: list[str], batch: int, threads: int, repeat
     print("| preset | ConvTranspose: LRP / forward | chosen forms: LRP / forward | max rel. difference |")
     print("|---|---|---|---|")
     for preset in presets:
-        composite = onnxlrp.load_composite(preset)
-        if "box" in preset:
-            composite = composite.with_params({"low": -3.0, "high": 3.0})
+        composite = bench_composite(preset)
         writer.transposed_form = lambda g: "conv" if "conv" in g.forms() else "convtranspose"
         baseline = onnxlrp.build(source, composite)
         writer.transposed_form = chosen

@@ -303,7 +303,10 @@ def test_float16_relevance_of_a_model_explained_on_its_twin(name, tmp_path):
     result = CliRunner().invoke(cli, ["build", str(QUANTIZED / f"{name}.onnx"), "-o", str(out), "--composite",
                                       "cp_lrp", "--dtype", "float16"])
     assert result.exit_code == 0, result.output
-    logits, relevance = run(onnx.load(str(out)), inputs, ["logits", "relevance"])
+    written = onnx.load(str(out))
+    from onnxlrp.canonical.quantized import TWIN  # the twin's weights are in float16 (its outputs Cast to float32)
+    assert any(t.data_type == TensorProto.FLOAT16 and t.name.startswith(TWIN) for t in written.graph.initializer)
+    logits, relevance = run(written, inputs, ["logits", "relevance"])
     assert np.array_equal(logits, run(source, inputs)[0])
     full = run(onnxlrp.build(source, onnxlrp.load_composite("cp_lrp")), inputs, ["relevance"])[0]
     assert relative_error(relevance.astype(np.float32), full) < 2e-2

@@ -15,6 +15,7 @@ from onnx import helper
 from conftest import FIXTURES, explain, relative_error, run
 from onnxlrp import load_composite
 from onnxlrp.canonical.passes import canonicalize
+from onnxlrp.canonical.quantized import TWIN
 from onnxlrp.errors import LrpError
 from onnxlrp.pipeline import build
 
@@ -165,6 +166,7 @@ def test_float16_keeps_the_models_own_recurrent_nodes_in_float32():
     lstm = next(n for n in half.graph.node if n.op_type == "LSTM")
     weights = {t.name: t.data_type for t in half.graph.initializer}
     assert all(weights[name] == onnx.TensorProto.FLOAT for name in lstm.input if name in weights)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 and t.name.startswith(TWIN) for t in half.graph.initializer)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     session = ort.InferenceSession(half.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -205,6 +205,7 @@ def test_a_vocabulary_sized_output_is_named_by_tokens(tmp_path, rng):
                          "-o", out, "--target", "good")
     assert result.returncode == 0, result.stderr
     good = Tokenizer.from_file(str(TOKENIZER)).token_to_id("good")
+    assert len(result.stdout.splitlines()) == 4  # two lines per text: the loop below sees both texts
     for k, line in enumerate(result.stdout.splitlines()[::2]):
         written = json.loads((out / f"text-{k}.json").read_text())
         ids = np.array(written["ids"])

@@ -62,6 +62,7 @@ def test_every_form_is_the_input_gradient_of_conv_transpose(layer):
     assert expected.shape[2:] == (layer[-1], layer[-1])
     assert ("phases" in forms) == (layer[4] > 1 and layer[5] == 1)
     assert ("conv" in forms) == (layer[4] == 1)
+    assert ("dilated" in forms) == (layer[4] > 1)  # every strided layer here: the loop below checks it
     for form in set(forms) - {"convtranspose"}:
         assert relative_error(transposed_pass(layer, form)[0], expected) < 1e-6, form
 

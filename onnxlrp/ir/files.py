@@ -86,13 +86,22 @@ def _external_span(tensor: onnx.TensorProto, folder: Path) -> tuple[Path, int, i
     offset = info.offset or 0
     length = info.length if info.length is not None else size - offset
     if tensor.data_type in PLAIN_TYPES:
-        needed = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        needed = value_bytes(tensor)
         if length != needed:
             raise ValueError(f"tensor '{tensor.name}' has {length} bytes of data but needs {needed}")
     if offset + length > size:
         raise ValueError(f"tensor '{tensor.name}' has {max(size - offset, 0)} bytes of data in {file.name} but "
                          f"needs {length} (a truncated file)")
     return file, offset, length
+
+
+def value_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor's values take, from its shape and type (reading its data would copy it)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return math.prod(tensor.dims) * itemsize
 
 
 def refuse_input_files(path: str | Path) -> None:

@@ -2,7 +2,6 @@
 not load (types bound differently, a kernel missing on the CPU) is an error at build time, not a broken file."""
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..errors import LrpError
-from .files import MAX_SINGLE_FILE, first_line, shell
+from .files import MAX_SINGLE_FILE, first_line, shell, value_bytes
 
 # Tensors at least this large stand in the checked model as graph inputs of their type and shape: ONNX Runtime checks
 # the graph's types and shapes without their values (smaller ones, shapes and indices among them, keep theirs).
@@ -37,7 +36,7 @@ def optimized_for_cpu(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     """ONNX Runtime's own optimised form of `model` (SessionOptions.optimized_model_filepath at the all level):
     modified weights folded, convolutions and their weights already in this CPU's blocked (NCHWc) layout, so that
     a session on it has little left to do when it starts. The file is for ONNX Runtime on CPUs like this one."""
-    if sum(_size(tensor) for tensor in model.graph.initializer) > MAX_SINGLE_FILE:
+    if sum(value_bytes(tensor) for tensor in model.graph.initializer) > MAX_SINGLE_FILE:
         raise LrpError(f"{source}: --optimize-for cpu: the built model is over 2 GB, which ONNX Runtime's optimised "
                        f"model file does not hold; build without it")
     with tempfile.TemporaryDirectory() as folder:
@@ -58,19 +57,10 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its large initializers turned into graph inputs of the same name, type and shape."""
     graph = shell(model.graph, "initializer")
     for tensor in model.graph.initializer:
-        if _size(tensor) >= STAND_IN_MIN_BYTES or tensor.data_location == TensorProto.EXTERNAL:
+        if value_bytes(tensor) >= STAND_IN_MIN_BYTES or tensor.data_location == TensorProto.EXTERNAL:
             graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
         else:
             graph.initializer.append(tensor)
     light = shell(model, "graph")
     light.graph.CopyFrom(graph)
     return light
-
-
-def _size(tensor: onnx.TensorProto) -> int:
-    """The bytes a tensor's values take, from its shape and type (reading its data would copy it)."""
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 1
-    return math.prod(tensor.dims) * itemsize

@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import LrpError
 from .files import first_line, shell
+from .names import subgraph_protos
 
 
 def with_folded_weights(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -17,16 +18,17 @@ def with_folded_weights(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     graph = model.graph
     fed = {value.name for value in graph.input}
     known = {tensor.name for tensor in graph.initializer if tensor.name not in fed}
-    folded = []
+    folded, kept = [], []
     for node in graph.node:
         inputs = [name for name in node.input if name]
         if _foldable(node) and all(name in known for name in inputs):
             folded.append(node)
             known.update(node.output)
+        else:
+            kept.append(node)
     if not folded:
         return model
     produced = {name for node in folded for name in node.output}
-    kept = [node for node in graph.node if not any(node is f for f in folded)]
     read = _names_read(kept) | {value.name for value in graph.output}
     results = [name for node in folded for name in node.output if name in read]
     values = _evaluate(model, folded, results, source)
@@ -51,9 +53,8 @@ def _names_read(nodes: list[onnx.NodeProto]) -> set[str]:
     names = set()
     for node in nodes:
         names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] * (attribute.type == onnx.AttributeProto.GRAPH) + list(attribute.graphs):
-                names.update(_names_read(list(subgraph.node)))
+        for subgraph in subgraph_protos(node):
+            names.update(_names_read(list(subgraph.node)))
     return names
 
 
