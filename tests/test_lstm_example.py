@@ -42,8 +42,7 @@ def test_outputs_are_the_models_own(original, outputs):
 def test_predicts_the_committed_labels_at_the_committed_accuracy(outputs):
     predicted = outputs[0].argmax(1)
     assert np.array_equal(predicted, EXAMPLE["predicted"])
-    assert (predicted == EXAMPLE["labels"]).mean() == EXAMPLE["sample_accuracy"]
-    assert EXAMPLE["accuracy"] >= 0.99  # on 2000 held-out sequences when trained
+    assert (predicted == EXAMPLE["labels"]).mean() == EXAMPLE["sample_accuracy"] >= 0.99  # computed here, not read
 
 
 def test_relevance_is_per_step_and_feature_and_matches_the_float64_reference(outputs):
