@@ -27,7 +27,7 @@ from ..api import Explainer, ModelInput
 from ..errors import LrpError, LrpWarning
 from ..ir.files import first_line
 from ..ir.interrupts import temporary_files
-from .explain import labelled_target
+from .explain import check_output_folder, labelled_target
 from .extras import require
 from .heatmaps import heatmap
 from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
@@ -434,10 +434,7 @@ def _manifest(job: Job, found: Plan, shard_size: int, options: Options, composit
 
 def _open_output(out: Path, manifest: dict) -> None:
     """Create OUT with its manifest, or check that the manifest there is this run's (then its shards are kept)."""
-    if out.exists() and not out.is_dir():
-        raise LrpError(f"{out}: exists and is not a folder")
-    if not out.resolve().parent.is_dir():
-        raise LrpError(f"{out}: its parent folder does not exist")
+    check_output_folder(out)
     path = out / MANIFEST
     text = json.dumps(manifest, indent=1, sort_keys=True)
     if path.is_file():

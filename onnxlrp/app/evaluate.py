@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..api import Explainer, in_batches, open_session
 from ..errors import LrpError
+from .explain import check_output_folder
 from .extras import joined, png, pyplot, write_files
 
 if TYPE_CHECKING:
@@ -309,10 +310,7 @@ def plot(results: Sequence[Scores], title: str) -> bytes:
 def write(results: Sequence[Scores], outdir: str | Path, title: str) -> list[str]:
     """faithfulness.csv and faithfulness.png into `outdir` (created if missing); the lines to print."""
     folder = Path(outdir)
-    if folder.exists() and not folder.is_dir():
-        raise LrpError(f"{folder}: exists and is not a folder")
-    if not folder.resolve().parent.is_dir():
-        raise LrpError(f"{folder}: its parent folder does not exist")
+    check_output_folder(folder)
     files = {"faithfulness.csv": table(results).encode(), "faithfulness.png": plot(results, title)}
     folder.mkdir(exist_ok=True)
     write_files(folder, files)
