@@ -294,13 +294,7 @@ def _read_row(item: Item, model_input: ModelInput, job: Job, rows: Rows) -> np.n
     value = rows[item.index]
     encoded = value.as_py() if _is_binary(value.type) else None
     if encoded is not None:
-        try:
-            with Image.open(io.BytesIO(encoded)) as opened:
-                opened.load()
-                picture = job.prep.picture(opened)
-        except (OSError, ValueError) as error:
-            raise LrpError(f"{item.id}: not a readable image ({first_line(error)})") from None
-        return model_input.fit(job.prep.array(picture)[None], item.id)
+        return read_image(io.BytesIO(encoded), model_input, job.prep, item.id)[0]
     return _as_sample(value, model_input, item.id)
 
 
