@@ -27,7 +27,7 @@ from ..api import Explainer, ModelInput
 from ..errors import LrpError, LrpWarning
 from ..ir.files import first_line
 from ..ir.interrupts import temporary_files
-from .explain import labelled_target
+from .explain import check_output_folder, labelled_target
 from .extras import require
 from .heatmaps import heatmap
 from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
@@ -294,13 +294,7 @@ def _read_row(item: Item, model_input: ModelInput, job: Job, rows: Rows) -> np.n
     value = rows[item.index]
     encoded = value.as_py() if _is_binary(value.type) else None
     if encoded is not None:
-        try:
-            with Image.open(io.BytesIO(encoded)) as opened:
-                opened.load()
-                picture = job.prep.picture(opened)
-        except (OSError, ValueError) as error:
-            raise LrpError(f"{item.id}: not a readable image ({first_line(error)})") from None
-        return model_input.fit(job.prep.array(picture)[None], item.id)
+        return read_image(io.BytesIO(encoded), model_input, job.prep, item.id)[0]
     return _as_sample(value, model_input, item.id)
 
 
@@ -434,10 +428,7 @@ def _manifest(job: Job, found: Plan, shard_size: int, options: Options, composit
 
 def _open_output(out: Path, manifest: dict) -> None:
     """Create OUT with its manifest, or check that the manifest there is this run's (then its shards are kept)."""
-    if out.exists() and not out.is_dir():
-        raise LrpError(f"{out}: exists and is not a folder")
-    if not out.resolve().parent.is_dir():
-        raise LrpError(f"{out}: its parent folder does not exist")
+    check_output_folder(out)
     path = out / MANIFEST
     text = json.dumps(manifest, indent=1, sort_keys=True)
     if path.is_file():

@@ -21,7 +21,7 @@ from ..errors import LrpError
 from ..ir import interrupts
 from ..ir.files import first_line
 from .dataset import Engine, Item, Job, explain_shard
-from .extras import require
+from .extras import joined, require
 
 # An actor class, its constructor's arguments and the rows: the actors' output batches, in the order they come back.
 Actors = Callable[[type, dict[str, object], list[dict[str, object]]], Iterator[dict[str, np.ndarray]]]
@@ -40,7 +40,7 @@ class ShardExplainer:
             rows = explain_shard(self.explainer, self.job, [Item(**item) for item in json.loads(items)])
             rows["shard"] = np.full(len(rows["id"]), int(number), np.int64)
             parts.append(rows)
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return joined(parts)
 
 
 def run_on_actors(address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
@@ -76,8 +76,7 @@ def ray_engine(address: str | None = None, workers: int = 1, gpus_per_worker: fl
                 buffers[int(number)].append({name: values[chosen] for name, values in batch.items()})
                 waiting[int(number)] -= int(chosen.sum())
                 if waiting[int(number)] == 0:
-                    parts = buffers.pop(int(number))
-                    yield int(number), {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+                    yield int(number), joined(buffers.pop(int(number)))
         if any(waiting.values()):
             raise LrpError(f"Ray returned incomplete shards {sorted(k for k, v in waiting.items() if v)}")
     return run

@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from ..api import Explainer, in_batches, open_session
 from ..errors import LrpError
-from .extras import png, pyplot, write_files
+from .explain import check_output_folder
+from .extras import joined, png, pyplot, write_files
 
 if TYPE_CHECKING:
     from .engine import Actors
@@ -195,7 +196,7 @@ class Curves:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = [self.samples(int(start), x) for start, x in zip(batch["start"], batch["x"])]
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return joined(parts)
 
     def samples(self, start: int, x: np.ndarray) -> dict[str, np.ndarray]:
         """The samples `x`, numbered from `start`: their explained class's score unperturbed, every method's
@@ -259,11 +260,11 @@ def evaluate(built: dict[str, Explainer], x: np.ndarray, composites: Sequence[st
     else:
         models = {name: built[name].model.SerializeToString() for name in (*task.composites, "zero")}
         parts = list(actors(CurvesWorker, {"task": task, "models": models}, rows))
-    joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    order = np.argsort(joined["sample"], kind="stable")
-    if not np.array_equal(joined["sample"][order], np.arange(len(x))):
+    columns = joined(parts)
+    order = np.argsort(columns["sample"], kind="stable")
+    if not np.array_equal(columns["sample"][order], np.arange(len(x))):
         raise LrpError(f"the workers returned {len(order)} curves for {len(x)} samples")
-    before, flipping, drops = joined["before"][order], joined["flipping"][order], joined["drops"][order]
+    before, flipping, drops = columns["before"][order], columns["flipping"][order], columns["drops"][order]
     methods = [*task.composites, GRADIENT, RANDOM]
     return [summary(method, before, flipping[:, k], drops[:, k]) for k, method in enumerate(methods)]
 
@@ -309,10 +310,7 @@ def plot(results: Sequence[Scores], title: str) -> bytes:
 def write(results: Sequence[Scores], outdir: str | Path, title: str) -> list[str]:
     """faithfulness.csv and faithfulness.png into `outdir` (created if missing); the lines to print."""
     folder = Path(outdir)
-    if folder.exists() and not folder.is_dir():
-        raise LrpError(f"{folder}: exists and is not a folder")
-    if not folder.resolve().parent.is_dir():
-        raise LrpError(f"{folder}: its parent folder does not exist")
+    check_output_folder(folder)
     files = {"faithfulness.csv": table(results).encode(), "faithfulness.png": plot(results, title)}
     folder.mkdir(exist_ok=True)
     write_files(folder, files)

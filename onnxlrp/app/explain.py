@@ -126,16 +126,21 @@ def _input_picture(x: np.ndarray, channel_axis: int) -> np.ndarray:
     return (plane - low) / (high - low) if high > low else np.zeros_like(plane, dtype=np.float64)
 
 
+def check_output_folder(outdir: Path) -> None:
+    """Refuse an output folder that is a file, or that cannot be created because its parent folder is missing."""
+    if outdir.exists() and not outdir.is_dir():
+        raise LrpError(f"{outdir}: exists and is not a folder")
+    if not outdir.resolve().parent.is_dir():
+        raise LrpError(f"{outdir}: its parent folder does not exist")
+
+
 class Staging:
     """A temporary folder beside OUTDIR whose files move into OUTDIR only when everything succeeded."""
 
     def __init__(self, outdir: Path):
         self.outdir = outdir
-        if outdir.exists() and not outdir.is_dir():
-            raise LrpError(f"{outdir}: exists and is not a folder")
+        check_output_folder(outdir)
         parent = outdir if outdir.is_dir() else outdir.resolve().parent
-        if not parent.is_dir():
-            raise LrpError(f"{outdir}: its parent folder does not exist")
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=".onnxlrp-", dir=parent))
         except OSError as error:

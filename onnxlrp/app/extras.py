@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 from ..errors import LrpError
 from ..ir.interrupts import temporary_files, uninterrupted
 
@@ -42,6 +44,11 @@ def png(figure) -> bytes:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of columns (the rows of actors, shards or workers) as one batch: each column concatenated."""
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:

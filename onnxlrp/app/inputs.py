@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import onnx
@@ -194,18 +194,21 @@ def read_array(path: Path, model_input: ModelInput, index: int | None = None) ->
                        f"'{model_input.name}' {model_input.shape_text}") from None
 
 
-def read_image(path: Path, model_input: ModelInput, prep: Preprocessing | None) -> tuple[np.ndarray, Image.Image]:
-    """An image as a batch of one model input, and the picture it was cropped to (for overlays)."""
+def read_image(path: Path | BinaryIO, model_input: ModelInput, prep: Preprocessing | None,
+               name: str | None = None) -> tuple[np.ndarray, Image.Image]:
+    """An image (a file, or encoded bytes that messages call `name`) as a batch of one model input, and the picture
+    it was cropped to (for overlays)."""
+    where = name or str(path)
     if prep is None:
-        raise LrpError(f"{path}: the model input '{model_input.name}' {model_input.shape_text} does not take "
+        raise LrpError(f"{where}: the model input '{model_input.name}' {model_input.shape_text} does not take "
                        "pictures (give a preprocessed .npy array)")
     try:
         with Image.open(path) as opened:
             opened.load()
             picture = prep.picture(opened)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise LrpError(f"{path}: not a readable image ({str(error).splitlines()[0]})") from None
-    return model_input.fit(prep.array(picture)[None], str(path)), picture
+        raise LrpError(f"{where}: not a readable image ({str(error).splitlines()[0]})") from None
+    return model_input.fit(prep.array(picture)[None], where), picture
 
 
 def _numbers(option: str, text: str | None) -> tuple[float, ...] | None:

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LrpError
+from ..ir.files import first_line
 from .dataset import PARQUET_SUFFIX, SHARD_PREFIX, read_shards
 from .extras import png, pyplot, require, write_files
 
@@ -274,7 +275,7 @@ def load(source: str | Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError) as error:
-            raise LrpError(f"{path}: not a readable .npz archive ({str(error).splitlines()[0]})") from None
+            raise LrpError(f"{path}: not a readable .npz archive ({first_line(error)})") from None
         missing = [k for k in ("relevance", "explained") if k not in arrays]
         if missing:
             raise LrpError(f"{path}: has no array named {', '.join(missing)}")
@@ -288,7 +289,7 @@ def load(source: str | Path) -> dict[str, np.ndarray]:
         maps = [np.load(f, allow_pickle=False) for f in files]
     except (OSError, ValueError) as error:
         raise LrpError(f"{path}: a relevance file is not a readable .npy array "
-                       f"({str(error).splitlines()[0]})") from None
+                       f"({first_line(error)})") from None
     if len({m.shape for m in maps}) > 1:
         raise LrpError(f"{path}: the relevance files have different shapes")
     return {"relevance": np.stack(maps), "explained": np.full(len(maps), -1), "id": np.array([f.stem for f in files])}

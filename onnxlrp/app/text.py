@@ -161,6 +161,11 @@ class TextModel:
             return self.tokenizer.id_to_token(index)
         return self.labels[index] if self.labels else None
 
+    def named(self, index: int) -> str:
+        """Class `index` as lines and pages show it: its number, then its name in brackets when it has one."""
+        name = self.name(index)
+        return str(index) if name is None else f"{index} ({name})"
+
     def encode(self, items: Sequence[Text]) -> Tokens:
         """The texts as one padded batch, or an LrpError for a text the model cannot take."""
         encodings = self.tokenizer.encode_batch([item.text for item in items])
@@ -242,8 +247,8 @@ def shade(value: float, scale: float) -> tuple[int, int, int]:
 def describe(result: TextResult, model: TextModel, color: bool) -> str:
     """Two lines for one text: the predicted and explained class, the classifier output there and the relevance
     sum; then every token with its relevance (coloured on a terminal)."""
-    named = lambda c: f"{c} ({model.name(c)})" if model.name(c) is not None else str(c)  # noqa: E731
-    line = (f"{result.text.stem}: predicted {named(result.predicted)}, explained {named(result.explained)}, "
+    line = (f"{result.text.stem}: predicted {model.named(result.predicted)}, "
+            f"explained {model.named(result.explained)}, "
             f"{model.built.shown} {result.output[result.explained]:.6g}, relevance sum {result.total:.6g}")
     scale = float(np.abs(result.relevance).max()) if result.relevance.size else 0.0
     shown = []
@@ -260,7 +265,6 @@ def page(result: TextResult, model: TextModel) -> str:
     """A self-contained HTML page: the text with each token's characters highlighted (red for, blue against,
     normalised by the largest magnitude), special tokens shown apart, and a table of the numbers."""
     text, scale = result.text.text, float(np.abs(result.relevance).max()) if result.relevance.size else 0.0
-    name = lambda c: f"{c}" + (f" ({model.name(c)})" if model.name(c) is not None else "")  # noqa: E731
     parts, cursor = [], 0
     for token, (start, end), value in zip(result.tokens, result.offsets, result.relevance):
         inside = end > start and start >= cursor
@@ -274,7 +278,8 @@ def page(result: TextResult, model: TextModel) -> str:
     parts.append(html.escape(text[cursor:]))
     rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{i}</td><td>{v:+.6g}</td></tr>"
                    for t, i, v in zip(result.tokens, result.ids, result.relevance))
-    title = html.escape(f"{result.text.stem}: explained {name(result.explained)}, predicted {name(result.predicted)}")
+    title = html.escape(f"{result.text.stem}: explained {model.named(result.explained)}, "
+                        f"predicted {model.named(result.predicted)}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
