@@ -20,7 +20,7 @@ from .canonical.recurrent import has_recurrent, initial_states
 from .canonical.patterns import Collapsed, collapse
 from .errors import LrpError
 from .ir.export import export_model
-from .ir.files import ir_version_for
+from .ir.files import first_line, ir_version_for
 from .ir.order import as_soon_as_ready
 from .ir.portable import separate_weight_views
 from .ir.precision import to_float16
@@ -216,7 +216,7 @@ def _at_opset(graph: gs.Graph, opset: int, source: str) -> gs.Graph:
         converted = onnx.version_converter.convert_version(gs.export_onnx(graph, do_type_check=False), opset)
     except Exception as error:  # the converter raises several types
         raise LrpError(f"{source}: needs opset {opset} for its relevance ops and could not be converted "
-                       f"from opset {graph.opset} ({str(error).splitlines()[0]})") from None
+                       f"from opset {graph.opset} ({first_line(error)})") from None
     graph = gs.import_onnx(converted)
     infer_shapes(graph)
     return graph

@@ -30,7 +30,7 @@ from ..ir.interrupts import temporary_files
 from .explain import check_output_folder, labelled_target
 from .extras import require
 from .heatmaps import heatmap
-from .inputs import IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
+from .inputs import ARRAY_SUFFIX, IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
 
 PARQUET_SUFFIX = ".parquet"
 MANIFEST = "manifest.json"
@@ -85,7 +85,7 @@ class Plan:
 def collect_data(paths: Sequence[str], outdir: Path) -> list[Path]:
     """The files named, and the images, .npy and .parquet files under the folders named (recursively, sorted),
     leaving out OUT."""
-    return collect(paths, IMAGE_SUFFIXES | {".npy", PARQUET_SUFFIX}, "images, .npy or .parquet files", outdir)
+    return collect(paths, IMAGE_SUFFIXES | {ARRAY_SUFFIX, PARQUET_SUFFIX}, "images, .npy or .parquet files", outdir)
 
 
 def plan(files: Sequence[Path], model_input: ModelInput, prep: Preprocessing | None, columns: Columns) -> Plan:

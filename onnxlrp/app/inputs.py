@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..api import ModelInput
 from ..errors import LrpError
+from ..ir.files import first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ARRAY_SUFFIX = ".npy"
@@ -181,7 +182,7 @@ def read_array(path: Path, model_input: ModelInput, index: int | None = None) ->
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise LrpError(f"{path}: not a readable .npy array ({str(error).splitlines()[0]})") from None
+        raise LrpError(f"{path}: not a readable .npy array ({first_line(error)})") from None
     original = list(array.shape)
     if array.ndim == len(model_input.shape) - 1:
         array = array[None]
@@ -207,7 +208,7 @@ def read_image(path: Path | BinaryIO, model_input: ModelInput, prep: Preprocessi
             opened.load()
             picture = prep.picture(opened)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise LrpError(f"{where}: not a readable image ({str(error).splitlines()[0]})") from None
+        raise LrpError(f"{where}: not a readable image ({first_line(error)})") from None
     return model_input.fit(prep.array(picture)[None], where), picture
 
 
