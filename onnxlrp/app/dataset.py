@@ -30,7 +30,8 @@ from ..ir.interrupts import temporary_files
 from .explain import check_output_folder, labelled_target
 from .extras import require
 from .heatmaps import heatmap
-from .inputs import ARRAY_SUFFIX, IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array, read_image
+from .inputs import (ARRAY_SUFFIX, IMAGE_SUFFIXES, Options, Preprocessing, collect, is_array, preprocessing, read_array,
+                     read_image)
 
 PARQUET_SUFFIX = ".parquet"
 MANIFEST = "manifest.json"
