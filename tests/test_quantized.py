@@ -222,7 +222,8 @@ def test_the_relevance_is_that_of_the_float_twin_and_the_outputs_stay_bit_for_bi
         assert np.array_equal(produced, own)  # (a) the model's own nodes compute its outputs
     relevance, ratio = relevance_and_ratio(built, inputs, family)
     reference = onnxlrp.build(reference_twin(name), onnxlrp.load_composite(preset))
-    in_float32 = {key: value.astype(np.float32) if value.dtype == np.float16 else value for key, value in inputs.items()}
+    in_float32 = {key: value.astype(np.float32) if value.dtype == np.float16 else value
+                  for key, value in inputs.items()}
     expected, _ = relevance_and_ratio(reference, in_float32, family)
     assert relevance.dtype == np.float32
     # (b) Measured: 0 for QDQ, dynamic and float16 forms (the same graph), 4.3e-7 at most otherwise.

@@ -323,4 +323,5 @@ def where(ops: Ops, node: gs.Node, relevance: Sequence[Tensor | None]) -> list[T
     return [None] + [unbroadcast(ops, r, t, node.outputs[0]) if computed(t) else None for r, t in zip(chosen, (a, b))]
 
 
-FAMILIES = (activation, soft_capping, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather, expand, where)
+FAMILIES = (activation, soft_capping, negation, quantize, cast, reshape, transpose, concat, slice_, split, pad, gather,
+            expand, where)
