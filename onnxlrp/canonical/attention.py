@@ -148,17 +148,12 @@ def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, windows: tuple[i
         above = np.triu(np.ones(lengths, dtype=bool), k=1)
         terms.append(ops.const(np.where(above, -np.inf, 0.0)))
     elif causal or windows != (-1, -1):
-        steps = ops("Range", ops.scalar(0, np.int64), _length(ops, q, 2), ops.scalar(1, np.int64))
-        past = _length(ops, past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
-        keys_at = ops("Range", ops.scalar(0, np.int64), _length(ops, keys, 2), ops.scalar(1, np.int64))
+        steps = ops.arange(ops.length(q, 2))
+        past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+        keys_at = ops.arange(ops.length(keys, 2))
         allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, bool(causal), *windows)
         terms.append(ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf)))
     return ops("Add", *terms) if len(terms) == 2 else (terms[0] if terms else None)
-
-
-def _length(ops: Ops, tensor: Tensor, axis: int) -> Tensor:
-    """The size of one axis of a tensor, computed (a scalar int64)."""
-    return ops("Gather", ops("Shape", tensor), ops.scalar(axis, np.int64), axis=0)
 
 
 def _softmax(ops: Ops, scores: Tensor, attrs: dict) -> Tensor:

@@ -45,10 +45,8 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
                                 axis=2, outputs=3)
     q, k, v = (ops("Reshape", t, ops.ints([0, 0, h, size])) for t, h in
                ((query, heads), (key, kv_heads), (value, kv_heads)))  # [N, S, heads, size]
-    past = ops("Gather", ops("Shape", past_key), ops.scalar(2, np.int64), axis=0) if past_key is not None \
-        else ops.scalar(0, np.int64)
-    length = ops("Gather", ops("Shape", q), ops.scalar(1, np.int64), axis=0)
-    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
+    past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+    steps = ops.arange(ops.length(q, 1))
     if node.attrs.get("do_rotary", 0):
         if cos is None or cos.shape is None:
             raise LrpError(f"{where}: do_rotary needs cos_cache and sin_cache")
@@ -75,8 +73,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
 def _bias(ops: Ops, seqlens: Tensor, past: Tensor, steps: Tensor, keys: Tensor, window: int) -> Tensor:
     """0 where query i (at position past + i) may read key j, -inf elsewhere, [N, 1, S, past + S]: j <= past + i
     (causal), j <= seqlens_k of its sample (the keys of a right-padded prompt), and within the window."""
-    total = ops("Gather", ops("Shape", keys), ops.scalar(2, np.int64), axis=0)
-    keys_at = ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64))  # [L]
+    keys_at = ops.arange(ops.length(keys, 2))  # [L]
     queries_at = ops.unsqueeze(ops("Add", steps, past), [1])  # [S, 1]
     allowed = positions_allowed(ops, queries_at, keys_at, True, window - 1 if window > 0 else -1, -1)  # [S, L]
     last = ops("Cast", seqlens, to=onnx.TensorProto.INT64)  # [N]

@@ -72,9 +72,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
 
 def _causal(ops: Ops, q: Tensor, keys: Tensor) -> Tensor:
     """-inf where key j comes after query i (at position L - S + i), [S, L]."""
-    queries, total = (ops("Gather", ops("Shape", t), ops.scalar(2, np.int64), axis=0) for t in (q, keys))
-    rows = ops("Add", ops("Range", ops.scalar(0, np.int64), queries, ops.scalar(1, np.int64)),
-               ops("Sub", total, queries))
-    after = ops("Greater", ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64)),
-                ops.unsqueeze(rows, [1]))
+    queries, total = (ops.length(t, 2) for t in (q, keys))
+    rows = ops("Add", ops.arange(queries), ops("Sub", total, queries))
+    after = ops("Greater", ops.arange(total), ops.unsqueeze(rows, [1]))
     return ops("Where", after, ops.scalar(-np.inf), ops.scalar(0.0))

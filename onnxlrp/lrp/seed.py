@@ -148,12 +148,12 @@ def start_at_position(ctx: Context, logits: gs.Variable, target: Tensor, positio
                        f"takes --explain logit or onehot")
     ops = ctx.ops
     ops.scope = "lrp/top"
-    length = ops("Gather", ops("Shape", logits), ops.scalar(1, np.int64), axis=0)
-    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))  # [T]
+    length = ops.length(logits, 1)
+    steps = ops.arange(length)  # [T]
     if mask is None:
         last = ops("Sub", length, ops.scalar(1, np.int64))
     else:  # T - (M - m) for the largest index m with mask 1 of a mask of length M
-        masked = ops("Gather", ops("Shape", mask), ops.scalar(1, np.int64), axis=0)
+        masked = ops.length(mask, 1)
         marks = ops("Range", ops.scalar(1, np.int64), ops("Add", masked, ops.scalar(1, np.int64)),
                     ops.scalar(1, np.int64))
         filled = ops("Mul", ops("Cast", mask, to=onnx.TensorProto.INT64), marks)  # m + 1 where the mask is 1
