@@ -61,8 +61,7 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
         raise LrpError(f"{where}: needs static head counts and head sizes (query heads a multiple of key heads)")
     if split:
         q, k, v = (split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]  # the KV cache before the new keys and values
+    present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, heads, size) for t, size in zip(present, sizes[1:]))
     scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
     scores = softcapped(ops, ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale)),
@@ -76,12 +75,13 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
     y = ops("MatMul", probabilities, v)
     if split:
         y = ops("Reshape", ops("Transpose", y, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        if output.name:
-            graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+    ops.stand_in(node, [y, *present])
+
+
+def with_cache(ops: Ops, caches: tuple[Tensor | None, Tensor | None], new: tuple[Tensor, Tensor]
+               ) -> list[Tensor]:
+    """The present keys and values [N, heads, past + S, size]: the KV cache (None: none) before the new ones."""
+    return [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in zip(caches, new)]
 
 
 def softcapped(ops: Ops, scores: Tensor, cap: float) -> Tensor:

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import positions_allowed, repeat_heads, softcapped
+from .attention import positions_allowed, repeat_heads, softcapped, with_cache
 from .rotary import rotate
 
 # Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
@@ -54,8 +54,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
         q, k = (rotate(ops, t, size, cos, sin, positions, 2 * cos.shape[1], node.attrs.get("rotary_interleaved", 0))
                 for t in (q, k))
     q, k, v = (ops("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [N, heads, S, size]
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]
+    present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
@@ -63,11 +62,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)
     y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+    ops.stand_in(node, [y, *present])
 
 
 def _bias(ops: Ops, seqlens: Tensor, past: Tensor, steps: Tensor, keys: Tensor, window: int) -> Tensor:

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import split_heads
+from .attention import split_heads, with_cache
 
 # Inputs by position: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value; then what
 # this rewrite refuses when given.
@@ -48,8 +48,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
         query, key, value = (ops("Add", t, ops("Slice", bias, ops.ints([i * hidden]), ops.ints([(i + 1) * hidden]),
                                                    ops.ints([0]))) for i, t in enumerate((query, key, value)))
     q, k, v = (split_heads(ops, t, heads) for t in (query, key, value))  # [N, heads, S, size]
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]
+    present = with_cache(ops, (past_key, past_value), (k, v))
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
     scores = ops("Mul", ops("MatMul", q, ops("Transpose", present[0], perm=[0, 1, 3, 2])), ops.scalar(scale))
     if padding is not None:
@@ -63,11 +62,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     probabilities = ops("Softmax", scores, axis=-1)
     y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, present[1]), perm=[0, 2, 1, 3]),
             ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+    ops.stand_in(node, [y, *present])
 
 
 def _causal(ops: Ops, q: Tensor, keys: Tensor) -> Tensor:
