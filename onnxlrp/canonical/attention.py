@@ -64,8 +64,7 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
     present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, heads, size) for t, size in zip(present, sizes[1:]))
     scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
-    scores = softcapped(ops, ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale)),
-                        node.attrs.get("softcap", 0.0))
+    scores = softcapped(ops, scaled_scores(ops, q, k, scale), node.attrs.get("softcap", 0.0))
     windows = (node.attrs.get("left_window_size", -1), node.attrs.get("right_window_size", -1))
     bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), windows, lengths, q, past_key, k, where)
     probabilities = _softmax(ops, scores if bias is None else ops("Add", scores, bias), node.attrs)
@@ -74,7 +73,7 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
         probabilities = ops("Where", masked, ops.scalar(0.0), probabilities)
     y = ops("MatMul", probabilities, v)
     if split:
-        y = ops("Reshape", ops("Transpose", y, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+        y = merge_heads(ops, y)
     ops.stand_in(node, [y, *present])
 
 
@@ -119,6 +118,16 @@ def _head_size(tensor: gs.Tensor, heads: int | None) -> int | None:
 def split_heads(ops: Ops, tensor: Tensor, heads: int) -> Tensor:
     """[N, S, heads * size] -> [N, heads, S, size]."""
     return ops("Transpose", ops("Reshape", tensor, ops.ints([0, 0, heads, -1])), perm=[0, 2, 1, 3])
+
+
+def merge_heads(ops: Ops, tensor: Tensor) -> Tensor:
+    """[N, heads, S, size] -> [N, S, heads * size]: split_heads undone."""
+    return ops("Reshape", ops("Transpose", tensor, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+
+
+def scaled_scores(ops: Ops, q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """The attention scores Q K^T times `scale`, [N, heads, S, L]."""
+    return ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
 
 
 def repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) -> Tensor:

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import positions_allowed, repeat_heads, softcapped, with_cache
+from .attention import merge_heads, positions_allowed, repeat_heads, scaled_scores, softcapped, with_cache
 from .rotary import rotate
 
 # Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
@@ -57,11 +57,10 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
-    scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
-    scores = softcapped(ops, scores, node.attrs.get("softcap", 0.0))
+    scores = softcapped(ops, scaled_scores(ops, q, k, scale), node.attrs.get("softcap", 0.0))
     probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)
-    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+    y = merge_heads(ops, ops("MatMul", probabilities, v))
     ops.stand_in(node, [y, *present])
 
 

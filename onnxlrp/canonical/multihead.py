@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import split_heads, with_cache
+from .attention import merge_heads, scaled_scores, split_heads, with_cache
 
 # Inputs by position: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value; then what
 # this rewrite refuses when given.
@@ -50,7 +50,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     q, k, v = (split_heads(ops, t, heads) for t in (query, key, value))  # [N, heads, S, size]
     present = with_cache(ops, (past_key, past_value), (k, v))
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
-    scores = ops("Mul", ops("MatMul", q, ops("Transpose", present[0], perm=[0, 1, 3, 2])), ops.scalar(scale))
+    scores = scaled_scores(ops, q, present[0], scale)
     if padding is not None:
         kept = ops("Cast", ops("Unsqueeze", padding, ops.ints([1, 2])), to=onnx.TensorProto.BOOL)
         filtered = ops.scalar(node.attrs.get("mask_filter_value", -10000.0))
@@ -60,8 +60,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     if node.attrs.get("unidirectional", 0):
         scores = ops("Add", scores, _causal(ops, q, present[0]))
     probabilities = ops("Softmax", scores, axis=-1)
-    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, present[1]), perm=[0, 2, 1, 3]),
-            ops.ints([0, 0, -1]))
+    y = merge_heads(ops, ops("MatMul", probabilities, present[1]))
     ops.stand_in(node, [y, *present])
 
 
