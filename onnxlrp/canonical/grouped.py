@@ -24,7 +24,6 @@ def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
     return expand_each(graph, ("GroupQueryAttention",), _expand, strict)
 
 
-
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (GroupQueryAttention)"
     query, key, value, past_key, past_value, seqlens = (optional_input(node, i) for i in range(6))

@@ -23,7 +23,6 @@ def expand_multihead_attention(graph: gs.Graph, strict: bool = True) -> bool:
     return expand_each(graph, ("MultiHeadAttention",), _expand, strict)
 
 
-
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (MultiHeadAttention)"
     query, key, value, bias, padding, attention_bias, past_key, past_value = (

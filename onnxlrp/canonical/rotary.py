@@ -20,7 +20,6 @@ def expand_rotary(graph: gs.Graph, strict: bool = True) -> bool:
     return expand_each(graph, ("RotaryEmbedding",), _expand, strict)
 
 
-
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (RotaryEmbedding)"
     domain = node.domain if node.domain in INPUTS else ""
