@@ -157,12 +157,19 @@ def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, windows: tuple[i
         above = np.triu(np.ones(lengths, dtype=bool), k=1)
         terms.append(ops.const(np.where(above, -np.inf, 0.0)))
     elif causal or windows != (-1, -1):
-        steps = ops.arange(ops.length(q, 2))
-        past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
-        keys_at = ops.arange(ops.length(keys, 2))
-        allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, bool(causal), *windows)
-        terms.append(ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf)))
+        terms.append(order_bias(ops, q, past_key, keys, bool(causal), windows))
     return ops("Add", *terms) if len(terms) == 2 else (terms[0] if terms else None)
+
+
+def order_bias(ops: Ops, q: Tensor, past_key: Tensor | None, keys: Tensor, causal: bool, windows: tuple[int, int]
+               ) -> Tensor:
+    """0 where query i (at position past + i, after the KV cache `past_key`) may read key j of `keys` by the causal
+    order and the sliding window (positions_allowed), -inf elsewhere, [S, L]."""
+    steps = ops.arange(ops.length(q, 2))
+    past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+    keys_at = ops.arange(ops.length(keys, 2))
+    allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, causal, *windows)
+    return ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf))
 
 
 def _softmax(ops: Ops, scores: Tensor, attrs: dict) -> Tensor:

@@ -10,8 +10,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
-from ..ir.ops import Ops, Tensor
-from .attention import merge_heads, scaled_scores, split_heads, with_cache
+from ..ir.ops import Ops
+from .attention import merge_heads, order_bias, scaled_scores, split_heads, with_cache
 
 # Inputs by position: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value; then what
 # this rewrite refuses when given.
@@ -57,15 +57,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     if attention_bias is not None:
         scores = ops("Add", scores, attention_bias)
     if node.attrs.get("unidirectional", 0):
-        scores = ops("Add", scores, _causal(ops, q, present[0]))
+        scores = ops("Add", scores, order_bias(ops, q, past_key, present[0], True, (-1, -1)))
     probabilities = ops("Softmax", scores, axis=-1)
     y = merge_heads(ops, ops("MatMul", probabilities, present[1]))
     ops.stand_in(node, [y, *present])
-
-
-def _causal(ops: Ops, q: Tensor, keys: Tensor) -> Tensor:
-    """-inf where key j comes after query i (at position L - S + i), [S, L]."""
-    queries, total = (ops.length(t, 2) for t in (q, keys))
-    rows = ops("Add", ops.arange(queries), ops("Sub", total, queries))
-    after = ops("Greater", ops.arange(total), ops.unsqueeze(rows, [1]))
-    return ops("Where", after, ops.scalar(-np.inf), ops.scalar(0.0))
