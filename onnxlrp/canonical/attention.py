@@ -61,12 +61,10 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
         raise LrpError(f"{where}: needs static head counts and head sizes (query heads a multiple of key heads)")
     if split:
         q, k, v = (split_heads(ops, t, h) for t, h in ((q, heads[0]), (k, heads[1]), (v, heads[1])))
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]  # the KV cache before the new keys and values
+    present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, heads, size) for t, size in zip(present, sizes[1:]))
     scale = node.attrs.get("scale", 1.0 / np.sqrt(sizes[0]))
-    scores = softcapped(ops, ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale)),
-                        node.attrs.get("softcap", 0.0))
+    scores = softcapped(ops, scaled_scores(ops, q, k, scale), node.attrs.get("softcap", 0.0))
     windows = (node.attrs.get("left_window_size", -1), node.attrs.get("right_window_size", -1))
     bias = _attention_bias(ops, mask, node.attrs.get("is_causal", 0), windows, lengths, q, past_key, k, where)
     probabilities = _softmax(ops, scores if bias is None else ops("Add", scores, bias), node.attrs)
@@ -75,13 +73,14 @@ def _expand_attention(graph: gs.Graph, node: gs.Node) -> None:
         probabilities = ops("Where", masked, ops.scalar(0.0), probabilities)
     y = ops("MatMul", probabilities, v)
     if split:
-        y = ops("Reshape", ops("Transpose", y, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        if output.name:
-            graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+        y = merge_heads(ops, y)
+    ops.stand_in(node, [y, *present])
+
+
+def with_cache(ops: Ops, caches: tuple[Tensor | None, Tensor | None], new: tuple[Tensor, Tensor]
+               ) -> list[Tensor]:
+    """The present keys and values [N, heads, past + S, size]: the KV cache (None: none) before the new ones."""
+    return [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in zip(caches, new)]
 
 
 def softcapped(ops: Ops, scores: Tensor, cap: float) -> Tensor:
@@ -121,6 +120,16 @@ def split_heads(ops: Ops, tensor: Tensor, heads: int) -> Tensor:
     return ops("Transpose", ops("Reshape", tensor, ops.ints([0, 0, heads, -1])), perm=[0, 2, 1, 3])
 
 
+def merge_heads(ops: Ops, tensor: Tensor) -> Tensor:
+    """[N, heads, S, size] -> [N, S, heads * size]: split_heads undone."""
+    return ops("Reshape", ops("Transpose", tensor, perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
+
+
+def scaled_scores(ops: Ops, q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """The attention scores Q K^T times `scale`, [N, heads, S, L]."""
+    return ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
+
+
 def repeat_heads(ops: Ops, tensor: Tensor, heads: tuple[int, int], size: int) -> Tensor:
     """Grouped-query attention: each of the key/value heads repeated in place ([h0, h0, h1, h1, ...]) until there
     are as many as query heads (`heads`: query and key/value head counts)."""
@@ -148,17 +157,19 @@ def _attention_bias(ops: Ops, mask: Tensor | None, causal: int, windows: tuple[i
         above = np.triu(np.ones(lengths, dtype=bool), k=1)
         terms.append(ops.const(np.where(above, -np.inf, 0.0)))
     elif causal or windows != (-1, -1):
-        steps = ops("Range", ops.scalar(0, np.int64), _length(ops, q, 2), ops.scalar(1, np.int64))
-        past = _length(ops, past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
-        keys_at = ops("Range", ops.scalar(0, np.int64), _length(ops, keys, 2), ops.scalar(1, np.int64))
-        allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, bool(causal), *windows)
-        terms.append(ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf)))
+        terms.append(order_bias(ops, q, past_key, keys, bool(causal), windows))
     return ops("Add", *terms) if len(terms) == 2 else (terms[0] if terms else None)
 
 
-def _length(ops: Ops, tensor: Tensor, axis: int) -> Tensor:
-    """The size of one axis of a tensor, computed (a scalar int64)."""
-    return ops("Gather", ops("Shape", tensor), ops.scalar(axis, np.int64), axis=0)
+def order_bias(ops: Ops, q: Tensor, past_key: Tensor | None, keys: Tensor, causal: bool, windows: tuple[int, int]
+               ) -> Tensor:
+    """0 where query i (at position past + i, after the KV cache `past_key`) may read key j of `keys` by the causal
+    order and the sliding window (positions_allowed), -inf elsewhere, [S, L]."""
+    steps = ops.arange(ops.length(q, 2))
+    past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+    keys_at = ops.arange(ops.length(keys, 2))
+    allowed = positions_allowed(ops, ops.unsqueeze(ops("Add", steps, past), [1]), keys_at, causal, *windows)
+    return ops("Where", allowed, ops.scalar(0.0), ops.scalar(-np.inf))
 
 
 def _softmax(ops: Ops, scores: Tensor, attrs: dict) -> Tensor:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from ..errors import LrpError
 from ..ir.files import ir_version_for
-from ..ir.graph import constant
+from ..ir.graph import constant, scalar_constant
 from ..ir.names import Names, fresh_name, proto_names, renamed_graph
 from ..ir.ops import Ops
 
@@ -83,15 +83,9 @@ def _refuse(source: str, node: gs.Node, reason: str) -> LrpError:
                     f"known at build time is written out (at most {MAX_STEPS})")
 
 
-def _scalar(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant of one element, or None (computed, absent or larger)."""
-    values = constant(tensor) if tensor is not None and tensor.name else None
-    return values.reshape(()) if values is not None and values.size == 1 else None
-
-
 def inline_if(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     """An If whose condition is a constant becomes the nodes of the branch it takes."""
-    condition = _scalar(node.inputs[0])
+    condition = scalar_constant(node.inputs[0])
     if condition is None:
         return False
     branch = node.attrs[BRANCHES[bool(condition)]]
@@ -104,16 +98,16 @@ def unroll_loop(graph: gs.Graph, node: gs.Node, source: str) -> bool:
     outputs stacked on a new first axis."""
     body = node.attrs["body"]
     count, keep_going, *initial = node.inputs
-    steps = _scalar(count)
+    steps = scalar_constant(count)
     if steps is None:
         raise _refuse(source, node, f"its trip count '{count.name}' is not known at build time" if count.name
                       else "it has no trip count")
-    if keep_going.name and _scalar(keep_going) is None:
+    if keep_going.name and scalar_constant(keep_going) is None:
         raise _refuse(source, node, f"its first condition '{keep_going.name}' is computed from the data")
     stays = body.outputs[0]
-    steps = int(steps) if not keep_going.name or bool(_scalar(keep_going)) else 0
-    if not (stays is body.inputs[1] or _passes(stays, body.inputs[1]) or (_scalar(stays) is not None and
-                                                                          bool(_scalar(stays)))):
+    steps = int(steps) if not keep_going.name or bool(scalar_constant(keep_going)) else 0
+    if not (stays is body.inputs[1] or _passes(stays, body.inputs[1]) or (scalar_constant(stays) is not None and
+                                                                          bool(scalar_constant(stays)))):
         counted = counted_steps(graph, node, min(steps, MAX_STEPS + 1))
         if counted is None:
             raise _refuse(source, node, f"it stops on a condition '{stays.name}' computed at each step from the data")

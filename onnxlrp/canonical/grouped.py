@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
 from ..ir.ops import Ops, Tensor
-from .attention import positions_allowed, repeat_heads, softcapped
+from .attention import merge_heads, positions_allowed, repeat_heads, scaled_scores, softcapped, with_cache
 from .rotary import rotate
 
 # Inputs by position: query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
@@ -22,7 +22,6 @@ REFUSED_INPUTS = {9: "position_ids", 10: "attention_bias", 11: "head_sink"}
 def expand_grouped_attention(graph: gs.Graph, strict: bool = True) -> bool:
     """Write every GroupQueryAttention node out in plain ops (ir/graph.py expand_each); whether there was one."""
     return expand_each(graph, ("GroupQueryAttention",), _expand, strict)
-
 
 
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
@@ -45,40 +44,31 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
                                 axis=2, outputs=3)
     q, k, v = (ops("Reshape", t, ops.ints([0, 0, h, size])) for t, h in
                ((query, heads), (key, kv_heads), (value, kv_heads)))  # [N, S, heads, size]
-    past = ops("Gather", ops("Shape", past_key), ops.scalar(2, np.int64), axis=0) if past_key is not None \
-        else ops.scalar(0, np.int64)
-    length = ops("Gather", ops("Shape", q), ops.scalar(1, np.int64), axis=0)
-    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
+    past = ops.length(past_key, 2) if past_key is not None else ops.scalar(0, np.int64)
+    queries_at = ops("Add", ops.arange(ops.length(q, 1)), past)  # [S]: query i at position past + i
     if node.attrs.get("do_rotary", 0):
         if cos is None or cos.shape is None:
             raise LrpError(f"{where}: do_rotary needs cos_cache and sin_cache")
-        positions = ops.unsqueeze(ops("Add", steps, past), [0])
+        positions = ops.unsqueeze(queries_at, [0])
         q, k = (rotate(ops, t, size, cos, sin, positions, 2 * cos.shape[1], node.attrs.get("rotary_interleaved", 0))
                 for t in (q, k))
     q, k, v = (ops("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [N, heads, S, size]
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]
+    present = with_cache(ops, (past_key, past_value), (k, v))
     k, v = (repeat_heads(ops, t, (heads, kv_heads), size) for t in present)
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
-    scores = ops("Mul", ops("MatMul", q, ops("Transpose", k, perm=[0, 1, 3, 2])), ops.scalar(scale))
-    scores = softcapped(ops, scores, node.attrs.get("softcap", 0.0))
-    probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, past, steps, present[0],
+    scores = softcapped(ops, scaled_scores(ops, q, k, scale), node.attrs.get("softcap", 0.0))
+    probabilities = ops("Softmax", ops("Add", scores, _bias(ops, seqlens, queries_at, present[0],
                                                              node.attrs.get("local_window_size", -1))), axis=-1)
-    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, v), perm=[0, 2, 1, 3]), ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
+    y = merge_heads(ops, ops("MatMul", probabilities, v))
+    ops.stand_in(node, [y, *present])
 
 
-def _bias(ops: Ops, seqlens: Tensor, past: Tensor, steps: Tensor, keys: Tensor, window: int) -> Tensor:
-    """0 where query i (at position past + i) may read key j, -inf elsewhere, [N, 1, S, past + S]: j <= past + i
-    (causal), j <= seqlens_k of its sample (the keys of a right-padded prompt), and within the window."""
-    total = ops("Gather", ops("Shape", keys), ops.scalar(2, np.int64), axis=0)
-    keys_at = ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64))  # [L]
-    queries_at = ops.unsqueeze(ops("Add", steps, past), [1])  # [S, 1]
-    allowed = positions_allowed(ops, queries_at, keys_at, True, window - 1 if window > 0 else -1, -1)  # [S, L]
+def _bias(ops: Ops, seqlens: Tensor, queries_at: Tensor, keys: Tensor, window: int) -> Tensor:
+    """0 where query i (at position `queries_at` [S], past + i) may read key j, -inf elsewhere, [N, 1, S, past + S]:
+    j <= past + i (causal), j <= seqlens_k of its sample (the keys of a right-padded prompt), and within the window."""
+    keys_at = ops.arange(ops.length(keys, 2))  # [L]
+    left = window - 1 if window > 0 else -1
+    allowed = positions_allowed(ops, ops.unsqueeze(queries_at, [1]), keys_at, True, left, -1)  # [S, L]
     last = ops("Cast", seqlens, to=onnx.TensorProto.INT64)  # [N]
     valid = ops("Not", ops("Greater", ops.unsqueeze(keys_at, [0]), ops.unsqueeze(last, [1])))  # [N, L]
     allowed = ops("And", ops.unsqueeze(allowed, [0]), ops.unsqueeze(valid, [1]))  # [N, S, L]

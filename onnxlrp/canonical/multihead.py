@@ -10,8 +10,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
 from ..ir.graph import expand_each, optional_input
-from ..ir.ops import Ops, Tensor
-from .attention import split_heads
+from ..ir.ops import Ops
+from .attention import merge_heads, order_bias, scaled_scores, split_heads, with_cache
 
 # Inputs by position: query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value; then what
 # this rewrite refuses when given.
@@ -21,7 +21,6 @@ REFUSED_INPUTS = {8: "past_sequence_length", 9: "cache_indirection"}
 def expand_multihead_attention(graph: gs.Graph, strict: bool = True) -> bool:
     """Write every MultiHeadAttention node out in plain ops (ir/graph.py expand_each). Returns whether there was one."""
     return expand_each(graph, ("MultiHeadAttention",), _expand, strict)
-
 
 
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
@@ -48,10 +47,9 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
         query, key, value = (ops("Add", t, ops("Slice", bias, ops.ints([i * hidden]), ops.ints([(i + 1) * hidden]),
                                                    ops.ints([0]))) for i, t in enumerate((query, key, value)))
     q, k, v = (split_heads(ops, t, heads) for t in (query, key, value))  # [N, heads, S, size]
-    present = [ops("Concat", cache, t, axis=2) if cache is not None else t for cache, t in
-               ((past_key, k), (past_value, v))]
+    present = with_cache(ops, (past_key, past_value), (k, v))
     scale = node.attrs.get("scale", 0.0) or 1.0 / np.sqrt(size)
-    scores = ops("Mul", ops("MatMul", q, ops("Transpose", present[0], perm=[0, 1, 3, 2])), ops.scalar(scale))
+    scores = scaled_scores(ops, q, present[0], scale)
     if padding is not None:
         kept = ops("Cast", ops("Unsqueeze", padding, ops.ints([1, 2])), to=onnx.TensorProto.BOOL)
         filtered = ops.scalar(node.attrs.get("mask_filter_value", -10000.0))
@@ -59,22 +57,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     if attention_bias is not None:
         scores = ops("Add", scores, attention_bias)
     if node.attrs.get("unidirectional", 0):
-        scores = ops("Add", scores, _causal(ops, q, present[0]))
+        scores = ops("Add", scores, order_bias(ops, q, past_key, present[0], True, (-1, -1)))
     probabilities = ops("Softmax", scores, axis=-1)
-    y = ops("Reshape", ops("Transpose", ops("MatMul", probabilities, present[1]), perm=[0, 2, 1, 3]),
-            ops.ints([0, 0, -1]))
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, written in zip(outputs, [y, *present]):
-        graph.nodes.append(gs.Node("Identity", ops.fresh("output"), inputs=[written], outputs=[output]))
-
-
-def _causal(ops: Ops, q: Tensor, keys: Tensor) -> Tensor:
-    """-inf where key j comes after query i (at position L - S + i), [S, L]."""
-    queries, total = (ops("Gather", ops("Shape", t), ops.scalar(2, np.int64), axis=0) for t in (q, keys))
-    rows = ops("Add", ops("Range", ops.scalar(0, np.int64), queries, ops.scalar(1, np.int64)),
-               ops("Sub", total, queries))
-    after = ops("Greater", ops("Range", ops.scalar(0, np.int64), total, ops.scalar(1, np.int64)),
-                ops.unsqueeze(rows, [1]))
-    return ops("Where", after, ops.scalar(-np.inf), ops.scalar(0.0))
+    y = merge_heads(ops, ops("MatMul", probabilities, present[1]))
+    ops.stand_in(node, [y, *present])

@@ -59,12 +59,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     ops = Ops(graph, graph.opset, np.dtype(node.inputs[0].dtype))
     ops.scope = node.name
     written = NORMS[node.op](ops, node)
-    outputs = list(node.outputs)
-    node.outputs.clear()
-    node.inputs.clear()
-    for output, value in zip(outputs, written):
+    for output, value in zip(node.outputs, written):
         if value is None and (output.outputs or output in graph.outputs):
             raise LrpError(f"{where}: its output '{output.name}' (a statistic of the norm) is not supported")
-        if value is not None:  # an Identity: `value` may be read on inside the written-out ops
-            graph.nodes.append(gs.Node("Identity", ops.fresh(f"{node.name}/output"), inputs=[value],
-                                       outputs=[output]))
+    ops.stand_in(node, written)

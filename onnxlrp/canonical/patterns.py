@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ir.graph import constant, is_bias
+from ..ir.graph import constant, is_bias, scalar_constant
 
 CANONICAL = "onnxlrp.canonical"
 # Canonical op types (besides Softmax, LogSoftmax, MatMul and OneHot, which keep the meaning of the ONNX op).
@@ -276,7 +276,7 @@ def _times_scalar(node: gs.Node) -> tuple[gs.Tensor, float] | None:
     if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
     values = [constant(t) for t in node.inputs]
-    scalars = [None if v is None or v.size != 1 else float(v.reshape(())) for v in values]
+    scalars = [None if v is None else float(v) for v in map(scalar_constant, node.inputs)]
     if node.op == "Div":
         return (node.inputs[0], 1.0 / scalars[1]) if values[0] is None and scalars[1] else None
     side = next((i for i in (1, 0) if scalars[i] is not None and values[1 - i] is None), None)

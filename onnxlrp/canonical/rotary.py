@@ -20,7 +20,6 @@ def expand_rotary(graph: gs.Graph, strict: bool = True) -> bool:
     return expand_each(graph, ("RotaryEmbedding",), _expand, strict)
 
 
-
 def _expand(graph: gs.Graph, node: gs.Node) -> None:
     where = f"node '{node.name}' (RotaryEmbedding)"
     domain = node.domain if node.domain in INPUTS else ""
@@ -41,8 +40,7 @@ def _expand(graph: gs.Graph, node: gs.Node) -> None:
     if not isinstance(size, int) or not isinstance(rotated, int) or rotated % 2:
         raise LrpError(f"{where}: needs a static head size (and num_heads for an input of rank 3)")
     if positions is not None and positions.shape is not None and len(positions.shape) == 1:  # an offset
-        length = ops("Gather", ops("Shape", x), ops.scalar(1 if len(x.shape) == 3 else 2, np.int64), axis=0)
-        steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))
+        steps = ops.arange(ops.length(x, 1 if len(x.shape) == 3 else 2))
         positions = ops.unsqueeze(ops("Add", steps, positions), [0])
     turned = rotate(ops, split, size, cos, sin, positions, rotated, node.attrs.get("interleaved", 0))
     y = ops("Transpose", turned, perm=[0, 2, 1, 3]) if len(x.shape) == 4 else \

@@ -48,6 +48,12 @@ def constant(tensor: gs.Tensor) -> np.ndarray | None:
     return tensor.values if isinstance(tensor, gs.Constant) else None
 
 
+def scalar_constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant of one element, 0-d, or None (computed, absent or larger)."""
+    values = constant(tensor) if tensor is not None and tensor.name else None
+    return values.reshape(()) if values is not None and values.size == 1 else None
+
+
 def replace(tensors: list, items: list) -> None:
     """Replace the contents of a node's input or output list (graphsurgeon's lists take no slice assignment)."""
     items = list(items)

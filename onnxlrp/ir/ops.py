@@ -87,6 +87,25 @@ class Ops:
     def slice(self, x: Tensor, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int]) -> gs.Variable:
         return self("Slice", x, self.ints(starts), self.ints(ends), self.ints(axes))
 
+    def length(self, x: Tensor, axis: int) -> gs.Variable:
+        """The size of one axis of a tensor, computed (a scalar int64)."""
+        return self("Gather", self("Shape", x), self.scalar(axis, np.int64), axis=0)
+
+    def arange(self, n: Tensor) -> gs.Variable:
+        """0, 1, ..., n - 1 (int64) for a computed scalar n."""
+        return self("Range", self.scalar(0, np.int64), n, self.scalar(1, np.int64))
+
+    def stand_in(self, node: gs.Node, values: Sequence[Tensor | None]) -> None:
+        """Detach a node written out in plain ops and give its named outputs `values` (None: left unwritten), each
+        through an Identity, since a value may be read on inside the written-out ops."""
+        outputs = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        for output, value in zip(outputs, values):
+            if output.name and value is not None:
+                self.graph.nodes.append(gs.Node("Identity", self.fresh(f"{self.scope}/output"), inputs=[value],
+                                                outputs=[output]))
+
     def reshape_like(self, x: Tensor, like: Tensor) -> gs.Variable:
         return self("Reshape", x, self("Shape", like))
 

@@ -148,18 +148,16 @@ def start_at_position(ctx: Context, logits: gs.Variable, target: Tensor, positio
                        f"takes --explain logit or onehot")
     ops = ctx.ops
     ops.scope = "lrp/top"
-    length = ops("Gather", ops("Shape", logits), ops.scalar(1, np.int64), axis=0)
-    steps = ops("Range", ops.scalar(0, np.int64), length, ops.scalar(1, np.int64))  # [T]
-    if mask is None:
-        last = ops("Sub", length, ops.scalar(1, np.int64))
-    else:  # T - (M - m) for the largest index m with mask 1 of a mask of length M
-        masked = ops("Gather", ops("Shape", mask), ops.scalar(1, np.int64), axis=0)
+    length = ops.length(logits, 1)
+    steps = ops.arange(length)  # [T]
+    end = length  # one past each sample's last token: T, or T - (M - (m + 1)) for the largest index m with mask 1
+    if mask is not None:  # of a mask of length M
+        masked = ops.length(mask, 1)
         marks = ops("Range", ops.scalar(1, np.int64), ops("Add", masked, ops.scalar(1, np.int64)),
                     ops.scalar(1, np.int64))
         filled = ops("Mul", ops("Cast", mask, to=onnx.TensorProto.INT64), marks)  # m + 1 where the mask is 1
-        last = ops("Sub", ops("Add", length, ops.reduce_max(filled, [1], keepdims=False)),
-                   ops("Add", masked, ops.scalar(1, np.int64)))
-    counted = ops("Add", ops("Add", last, ops.scalar(1, np.int64)), position)
+        end = ops("Sub", ops("Add", length, ops.reduce_max(filled, [1], keepdims=False)), masked)
+    counted = ops("Add", end, position)
     at = ops("Where", ops("Less", position, ops.scalar(0, np.int64)), counted, position)
     chosen = ops("Cast", ops("Equal", ops.unsqueeze(steps, [0]), ops.unsqueeze(at, [-1])),
                  to=onnx.helper.np_dtype_to_tensor_dtype(ops.dtype))  # [N or 1, T]

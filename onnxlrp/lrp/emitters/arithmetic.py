@@ -21,7 +21,7 @@ from typing import Sequence
 import onnx_graphsurgeon as gs
 
 from ...canonical.patterns import GATES, is_activation
-from ...ir.graph import constant
+from ...ir.graph import scalar_constant
 from ...ir.ops import Ops, Tensor
 from ..facts import computed
 from ..families import Context, Unsupported, family
@@ -102,8 +102,8 @@ def is_gate(tensor: Tensor) -> bool:
     """Whether a tensor is a Sigmoid gate's output, or its complement 1 - gate (a GRU's h = (1 - z) n + z h)."""
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op == "Sub":
-        one = constant(producer.inputs[0])
-        return one is not None and one.size == 1 and float(one.reshape(())) == 1.0 and is_gate(producer.inputs[1])
+        one = scalar_constant(producer.inputs[0])
+        return one is not None and float(one) == 1.0 and is_gate(producer.inputs[1])
     return producer is not None and producer.op in GATES
 
 

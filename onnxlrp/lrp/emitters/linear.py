@@ -143,7 +143,7 @@ def linear(ctx: Context, node: gs.Node) -> Layer:
 def linear_model(ctx: Context, node: gs.Node) -> Layer:
     """A classic model's scores (canonical/classic.py): one dense layer, LRP-0 unless the composite names its op type,
     so that each feature gets its exact contribution w_ci x_i. It is not a `first_linear` layer of the presets."""
-    return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
+    return _scores(node)
 
 
 @family("centroids", (CENTROIDS,), ("midpoint", "zero", "epsilon"),
@@ -151,6 +151,11 @@ def linear_model(ctx: Context, node: gs.Node) -> Layer:
 def centroids(ctx: Context, node: gs.Node) -> Layer:
     """A k-means model's scores (canonical/classic.py), whose differences are the discriminants between clusters
     that its logit min-pools (lrp/seed.py); NEON's midpoint rule by default."""
+    return _scores(node)
+
+
+def _scores(node: gs.Node) -> Dense:
+    """A classic model's scores node (canonical/classic.py) as the dense layer of its weight and bias."""
     return Dense(node, constant(node.inputs[1]).T, constant(node.inputs[2]), rows=True)
 
 
