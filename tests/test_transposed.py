@@ -81,13 +81,14 @@ def resnet():
     return resnet18()
 
 
-@pytest.mark.parametrize("composite, passes", [("epsilon", 1), ("epsilon_plus_flat", 1), ("epsilon_gamma_box", 2)])
-def test_chosen_forms_give_the_relevance_of_conv_transpose(composite, passes, resnet, monkeypatch):
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus_flat", "epsilon_gamma_box"])
+def test_chosen_forms_give_the_relevance_of_conv_transpose(composite, resnet, monkeypatch):
     """ResNet-18 at 64x64: its three 3x3 stride-2 layers (on 16x16, 8x8, 4x4) run as phases, its stem and 1x1
-    downsamples as ConvTranspose, its stride-1 layers as flipped Convs; gamma has two transposed passes a layer."""
+    downsamples as ConvTranspose, its stride-1 layers as flipped Convs. Each of the three has one transposed pass
+    under gamma too: their outputs feed a ReLU, so gamma's group of negative outputs gets no relevance."""
     chosen = onnxlrp.build(resnet, composite, low=-3.0, high=3.0)
     ops = [n.op_type for n in chosen.graph.node]
-    assert ops.count("DepthToSpace") == 3 * passes and ops.count("ConvTranspose") > 0
+    assert ops.count("DepthToSpace") == 3 and ops.count("ConvTranspose") > 0
     monkeypatch.setattr(writer, "transposed_form", lambda g: "conv" if "conv" in g.forms() else "convtranspose")
     baseline = onnxlrp.build(resnet, composite, low=-3.0, high=3.0)
     assert "DepthToSpace" not in [n.op_type for n in baseline.graph.node]

@@ -58,3 +58,34 @@ def test_relu_denominators_keep_the_relevance(rng, tmp_path, conv1_rule):
     assert (logits != 0).all() and np.any(np.maximum(x, 0).sum() > 0)
     relevance = run(onnxlrp.build(source, composite), {"input": x, "target": target}, ["relevance"])[0]
     np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def convolutions(model, layer: str) -> int:
+    """The convolutions the relevance graph runs for `layer`: modified forward passes and transposed passes."""
+    return sum(node.op_type in ("Conv", "ConvTranspose") for node in model.graph.node
+               if node.name.startswith(f"lrp/{layer}/"))
+
+
+@pytest.mark.parametrize("layer", ["conv0", "conv1"])
+def test_gamma_on_a_relu_layer_leaves_out_the_group_of_negative_outputs(rng, tmp_path, layer):
+    """Gamma keeps relevance where z > 0 through W + gamma W+ and where z < 0 through W + gamma W-; a layer whose
+    output feeds only such a ReLU gets relevance only where z > 0, so the second group is left out: conv1 (a
+    non-negative input: z+ and one transposed pass, 2 convolutions where both groups took 3) and conv0 (x of both
+    signs: the group's two forward and two transposed passes, 4 where both took 8). The relevance is the numpy
+    reference's, which keeps both groups."""
+    source = chain(rng)
+    path = tmp_path / "composite.toml"
+    path.write_text(f'[params]\nepsilon = {EPSILON}\ngamma = 0.25\nstabilizer = {EPSILON}\n\n'
+                    f'[[layers]]\nnames = ["{layer}"]\nrule = "gamma"\n\n'
+                    '[[layers]]\nop_types = ["Conv", "Gemm"]\nrule = "epsilon"\n')
+    x = rng.normal(size=(2, 2, 6, 6)).astype(np.float32)
+    target = np.array([1, 2])
+    params = {"epsilon": EPSILON, "gamma": 0.25, "stabilizer": EPSILON}
+    rules = {"conv0": ("epsilon", params), "conv1": ("epsilon", params), "dense": ("epsilon", params),
+             "pool": ("wta", {}), layer: ("gamma", params)}
+    _, expected, _ = lrp_chain(source, x, target, rules)
+    built = onnxlrp.build(source, onnxlrp.load_composite(str(path)))
+    assert convolutions(built, layer) == {"conv0": 4, "conv1": 2}[layer]
+    relevance = run(built, {"input": x, "target": target}, ["relevance"])[0]
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+

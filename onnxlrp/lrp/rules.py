@@ -326,6 +326,8 @@ def _weighted(ops: Ops, layer: Weighted, relevance: Tensor, rule: Rule, params: 
     weight, bias = layer.parameters()
     contributions = []
     for group, terms in live:
+        if rectified is not None and group.gate == "neg":
+            continue  # relevance only where z > 0: none for a group kept where z < 0
         scale = _scale(group.scale, params)
         weights = [modified(weight, t.weight) for t in terms]
         z = ops.add_all([_signed(ops, t.sign, layer.forward(ops, inputs[t.input], w, modified(bias, t.bias)))
@@ -376,6 +378,11 @@ def _on_x(ops: Ops, layer: Weighted, x: Tensor, output: Tensor, relevance: Tenso
     if mirrored:
         # Gamma: z + t where z > 0 and -(A z - t) where z < 0 are one LeakyRelu of z plus t (t = c z+ + e > 0).
         (up, up_scale, up_a, up_b), (down, down_scale, down_a, down_b) = mirrored
+        if rectified is not None:
+            # Relevance only where z > 0: the down group gets none and the up gate keeps all. Its denominator
+            # z + t is ReLU(z) + t there, and > 0 everywhere, so no gate is needed against 0/0: one pass fewer.
+            q = ops("Div", relevance, ops("Add", rectified, positive_part))
+            return ops("Mul", x, backward(q, up_scale, up_a, up_b))
         q = ops("Div", relevance, ops("Add", ops("LeakyRelu", output, alpha=-down_a), positive_part))
         parts = [backward(_gated(ops, up, output, q), up_scale, up_a, up_b),
                  backward(_gated(ops, down, output, q), -down_scale, down_a, down_b)]
