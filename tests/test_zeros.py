@@ -9,7 +9,7 @@ from onnx import helper
 
 import onnxlrp
 from conftest import make_model, run
-from lrp_numpy import lrp_chain
+from lrp_numpy import Conv, lrp_chain
 from onnxlrp.lrp.walk import Walk as Builder
 from onnxlrp.ir.ops import Ops
 
@@ -89,3 +89,29 @@ def test_gamma_on_a_relu_layer_leaves_out_the_group_of_negative_outputs(rng, tmp
     relevance = run(built, {"input": x, "target": target}, ["relevance"])[0]
     np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
+
+def test_a_relevance_of_z_times_c_needs_no_sign_of_z(rng):
+    """conv0 feeds conv1 directly, so conv0's relevance is z0 * c (conv1's input times its transposed pass), and
+    z0 c / (z0 + epsilon sign0(z0)) is computed as c |z0| / (|z0| + epsilon): no comparison and Where for the
+    sign, and the relevance of the numpy reference, whose z0 takes both signs."""
+    init = {"w0": rng.normal(size=(3, 2, 3, 3)), "b0": rng.normal(size=3),
+            "w1": rng.normal(size=(4, 3, 3, 3)), "b1": rng.normal(size=4),
+            "wd": rng.normal(size=(3, 4 * 6 * 6)), "bd": rng.normal(size=3)}
+    nodes = [helper.make_node("Conv", ["input", "w0", "b0"], ["z0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["z0", "w1", "b1"], ["z1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z1"], ["a1"], name="relu1"),
+             helper.make_node("Flatten", ["a1"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wd", "bd"], ["logits"], name="dense", transB=1)]
+    source = make_model(nodes, [1, 2, 6, 6], [1, 3], init)
+    built = onnxlrp.build(source, "epsilon", epsilon=EPSILON)
+    ops = [node.op_type for node in built.graph.node if node.name.startswith("lrp/conv0/")]
+    assert "Abs" in ops and "Where" not in ops
+    x = rng.normal(size=(2, 2, 6, 6)).astype(np.float32)
+    target = np.array([0, 2])
+    params = {"epsilon": EPSILON}
+    z0 = Conv(init["w0"], init["b0"], 1).forward(x.astype(np.float64))
+    assert (z0 < -EPSILON).any() and (z0 > EPSILON).any()
+    rules = {name: ("epsilon", params) for name in ("conv0", "conv1", "dense")}
+    _, expected, _ = lrp_chain(source, x, target, rules)
+    relevance = run(built, {"input": x, "target": target}, ["relevance"])[0]
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

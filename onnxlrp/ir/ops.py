@@ -156,6 +156,11 @@ class Ops:
             return self.zero_where_zero(z, self("Div", numerator, z))
         if sign is not None:
             return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
+        factor = _other_factor(numerator, z)
+        if factor is not None:
+            # z c / (z + epsilon sign0(z)) = c |z| / (|z| + epsilon): the same quotient without the sign's Where.
+            magnitude = self("Abs", z)
+            return self("Mul", factor, self("Div", magnitude, self("Add", magnitude, self.scalar(epsilon))))
         shift = self("Where", self("Less", z, self.scalar(0.0)), self.scalar(-epsilon), self.scalar(epsilon))
         return self("Div", numerator, self("Add", z, shift))
 
@@ -335,6 +340,15 @@ class Geometry:
             if used and all(min(pad) >= 0 for axes in used for _, pad, _ in axes):
                 forms.append("phases")
         return forms
+
+
+def _other_factor(product: Tensor, factor: Tensor) -> Tensor | None:
+    """c where `product` is computed as factor * c (a Mul with `factor` as one input), else None."""
+    producers = product.inputs if isinstance(product, gs.Variable) else []
+    if len(producers) == 1 and producers[0].op == "Mul" and len(producers[0].inputs) == 2:
+        a, b = producers[0].inputs
+        return b if a is factor else a if b is factor else None
+    return None
 
 
 def transposed_form(geometry: Geometry) -> str:
