@@ -115,3 +115,35 @@ def test_a_relevance_of_z_times_c_needs_no_sign_of_z(rng):
     _, expected, _ = lrp_chain(source, x, target, rules)
     relevance = run(built, {"input": x, "target": target}, ["relevance"])[0]
     np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_gamma_on_a_relevance_of_z_times_c_gates_once(rng, tmp_path):
+    """conv1 (gamma, a non-negative input) feeds conv2 directly, so its relevance is z1 * c and 0 where z1 is 0:
+    the part for z1 < 0 is q less the part for z1 > 0 (a Sub), one gate fewer; the numpy reference gates both."""
+    init = {"w0": rng.normal(size=(3, 2, 3, 3)), "b0": rng.normal(size=3),
+            "w1": rng.normal(size=(4, 3, 3, 3)), "b1": rng.normal(size=4),
+            "w2": rng.normal(size=(4, 4, 3, 3)), "b2": rng.normal(size=4),
+            "wd": rng.normal(size=(3, 4 * 6 * 6)), "bd": rng.normal(size=3)}
+    nodes = [helper.make_node("Conv", ["input", "w0", "b0"], ["z0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z0"], ["a0"], name="relu0"),
+             helper.make_node("Conv", ["a0", "w1", "b1"], ["z1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["z1", "w2", "b2"], ["z2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z2"], ["a2"], name="relu2"),
+             helper.make_node("Flatten", ["a2"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wd", "bd"], ["logits"], name="dense", transB=1)]
+    source = make_model(nodes, [1, 2, 6, 6], [1, 3], init)
+    path = tmp_path / "composite.toml"
+    path.write_text(f'[params]\nepsilon = {EPSILON}\ngamma = 0.25\nstabilizer = {EPSILON}\n\n'
+                    '[[layers]]\nnames = ["conv1"]\nrule = "gamma"\n\n'
+                    '[[layers]]\nop_types = ["Conv", "Gemm"]\nrule = "epsilon"\n')
+    built = onnxlrp.build(source, onnxlrp.load_composite(str(path)))
+    ops = [node.op_type for node in built.graph.node if node.name.startswith("lrp/conv1/")]
+    assert ops.count("Where") == 1 and "Sub" in ops and "Less" not in ops
+    x = rng.normal(size=(2, 2, 6, 6)).astype(np.float32)
+    target = np.array([2, 0])
+    params = {"epsilon": EPSILON, "gamma": 0.25, "stabilizer": EPSILON}
+    rules = {"conv0": ("epsilon", params), "conv1": ("gamma", params), "conv2": ("epsilon", params),
+             "dense": ("epsilon", params)}
+    _, expected, _ = lrp_chain(source, x, target, rules)
+    relevance = run(built, {"input": x, "target": target}, ["relevance"])[0]
+    np.testing.assert_allclose(relevance, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -156,7 +156,7 @@ class Ops:
             return self.zero_where_zero(z, self("Div", numerator, z))
         if sign is not None:
             return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
-        factor = _other_factor(numerator, z)
+        factor = other_factor(numerator, z)
         if factor is not None:
             # z c / (z + epsilon sign0(z)) = c |z| / (|z| + epsilon): the same quotient without the sign's Where.
             magnitude = self("Abs", z)
@@ -342,7 +342,7 @@ class Geometry:
         return forms
 
 
-def _other_factor(product: Tensor, factor: Tensor) -> Tensor | None:
+def other_factor(product: Tensor, factor: Tensor) -> Tensor | None:
     """c where `product` is computed as factor * c (a Mul with `factor` as one input), else None."""
     producers = product.inputs if isinstance(product, gs.Variable) else []
     if len(producers) == 1 and producers[0].op == "Mul" and len(producers[0].inputs) == 2:

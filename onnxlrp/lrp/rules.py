@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import LrpError
-from ..ir.ops import Ops, Tensor
+from ..ir.ops import Ops, Tensor, other_factor
 from .families import Context, Unsupported
 
 Coefficient = Union[float, Callable[[Mapping[str, float]], float]]
@@ -384,8 +384,10 @@ def _on_x(ops: Ops, layer: Weighted, x: Tensor, output: Tensor, relevance: Tenso
             q = ops("Div", relevance, ops("Add", rectified, positive_part))
             return ops("Mul", x, backward(q, up_scale, up_a, up_b))
         q = ops("Div", relevance, ops("Add", ops("LeakyRelu", output, alpha=-down_a), positive_part))
-        parts = [backward(_gated(ops, up, output, q), up_scale, up_a, up_b),
-                 backward(_gated(ops, down, output, q), -down_scale, down_a, down_b)]
+        q_up = _gated(ops, up, output, q)
+        # A relevance computed as z * c is 0 where z is, so where z < 0 q is what the up gate leaves: one Sub.
+        q_down = ops("Sub", q, q_up) if other_factor(relevance, output) is not None else _gated(ops, down, output, q)
+        parts = [backward(q_up, up_scale, up_a, up_b), backward(q_down, -down_scale, down_a, down_b)]
         return ops("Mul", x, ops.add_all(parts))
     parts = []
     for group, scale, a, b in basis:
