@@ -9,6 +9,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ ort.set_default_logger_severity(3)
 
 
 def kernel_ms(model: onnx.ModelProto, x: np.ndarray, runs: int) -> collections.Counter:
-    """Milliseconds per run of each op type's kernels."""
+    """Milliseconds per run of each op type's kernels: per node, the median over the runs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.enable_profiling = True
@@ -38,10 +39,13 @@ def kernel_ms(model: onnx.ModelProto, x: np.ndarray, runs: int) -> collections.C
         session.run(None, {name: x})
     with open(session.end_profiling()) as file:
         events = json.load(file)
-    times = collections.Counter()
+    per_node = collections.defaultdict(list)
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            times[event["args"]["op_name"]] += event["dur"] / 1e3 / (runs + 1)
+            per_node[event["name"], event["args"]["op_name"]].append(event["dur"] / 1e3)
+    times = collections.Counter()
+    for (_, op), durations in per_node.items():
+        times[op] += statistics.median(durations)  # the warm-up run's allocations and first touches left out
     return times
 
 
