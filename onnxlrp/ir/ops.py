@@ -13,6 +13,15 @@ from .names import names_of
 Tensor = gs.Tensor
 
 
+def other_factor(product: Tensor, factor: Tensor) -> Tensor | None:
+    """c where `product` is computed as factor * c (a Mul with `factor` as one input), else None."""
+    producers = product.inputs if isinstance(product, gs.Variable) else []
+    if len(producers) == 1 and producers[0].op == "Mul" and len(producers[0].inputs) == 2:
+        a, b = producers[0].inputs
+        return b if a is factor else a if b is factor else None
+    return None
+
+
 class Ops:
     """Appends nodes to a graph; calling it with an op type adds one node and returns its output(s).
 
@@ -340,15 +349,6 @@ class Geometry:
             if used and all(min(pad) >= 0 for axes in used for _, pad, _ in axes):
                 forms.append("phases")
         return forms
-
-
-def other_factor(product: Tensor, factor: Tensor) -> Tensor | None:
-    """c where `product` is computed as factor * c (a Mul with `factor` as one input), else None."""
-    producers = product.inputs if isinstance(product, gs.Variable) else []
-    if len(producers) == 1 and producers[0].op == "Mul" and len(producers[0].inputs) == 2:
-        a, b = producers[0].inputs
-        return b if a is factor else a if b is factor else None
-    return None
 
 
 def transposed_form(geometry: Geometry) -> str:

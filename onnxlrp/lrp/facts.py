@@ -8,7 +8,7 @@
 - vanishing relevance: a tensor whose relevance is 0 wherever its value is 0. A layer whose output z feeds only a
   ReLU of that kind gets relevance only where z > 0, so its stabilized denominator z + epsilon sign0(z) may be
   ReLU(z) + epsilon, the ReLU the forward pass computes anyway: one Add in place of a comparison, a Where and an
-  Add, and the same relevance.
+  Add, and the same relevance; gamma's group of negative outputs gets none there and is left out.
 """
 from __future__ import annotations
 
