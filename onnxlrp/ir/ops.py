@@ -167,9 +167,10 @@ class Ops:
             return self("Div", numerator, self("Add", z, self.scalar(sign * epsilon)))
         factor = other_factor(numerator, z)
         if factor is not None:
-            # z c / (z + epsilon sign0(z)) = c |z| / (|z| + epsilon): the same quotient without the sign's Where.
+            # z c / (z + epsilon sign0(z)) = c |z| / (|z| + epsilon), without the sign's Where and rounded alike
+            # (the same magnitudes, each rounded once): the same quotient to the bit.
             magnitude = self("Abs", z)
-            return self("Mul", factor, self("Div", magnitude, self("Add", magnitude, self.scalar(epsilon))))
+            return self("Div", self("Mul", factor, magnitude), self("Add", magnitude, self.scalar(epsilon)))
         shift = self("Where", self("Less", z, self.scalar(0.0)), self.scalar(-epsilon), self.scalar(epsilon))
         return self("Div", numerator, self("Add", z, shift))
 
